@@ -1,0 +1,107 @@
+"""Dataclass configs: YAML files in configs/ map 1:1 onto fields, CLI flags override keys.
+
+Each field's `metadata["help"]` becomes its `--help` line, so the dataclass is the single
+place an option is declared."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import yaml
+
+from .atomic import atomic_write_text
+
+T = TypeVar("T")
+
+
+def field(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its help text (lists/dicts get a default_factory)."""
+    if isinstance(default, (list, dict)):
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+
+
+def _bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(scalar type, is_list) for an annotation such as `int | None` or `list[str]`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0])
+    if origin in (list, tuple, Sequence):
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with --config plus one flag per dataclass field."""
+    parser = argparse.ArgumentParser(description=description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", type=Path, default=None,
+                        help="YAML file whose keys are the options below; flags given here override it")
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp, is_list = _base_type(hints[f.name])
+        conv = _bool if tp is bool else tp
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
+                              "help": f"{f.metadata.get('help', '')} (default: {default!r})"}
+        if is_list:
+            kw.update(nargs="*", type=conv)
+        elif tp is bool:
+            kw.update(nargs="?", const=True, type=_bool, metavar="true|false")
+        else:
+            kw.update(type=conv)
+        parser.add_argument(flag, **kw)
+    return parser
+
+
+def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
+    """Build `cls` from a mapping, naming any unknown key and the source it came from."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
+    return cls(**data)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of option: value at the top level")
+    return data
+
+
+def parse_config(cls: type[T], argv: Sequence[str] | None, description: str) -> T:
+    """Defaults <- YAML (--config) <- CLI flags, returned as a `cls` instance."""
+    parser = build_parser(cls, description)
+    args = vars(parser.parse_args(argv))
+    config_path = args.pop("config")
+    data = load_yaml(config_path) if config_path else {}
+    data.update(args)
+    return from_dict(cls, data, source=str(config_path or "command line"))
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically) so a run can be reproduced."""
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
