@@ -27,6 +27,7 @@ _HEADER_NAMES = {
     "procedure": "examination", "type of examination": "examination",
     "wet read": "wet read", "final report": "final report", "addendum": "addendum",
     "recommendation": "recommendation", "recommendations": "recommendation",
+    "recommendation(s)": "recommendation",
     "notification": "notification", "conclusion": "conclusion", "conclusions": "conclusion",
 }
 _HEADER_RE = re.compile(
