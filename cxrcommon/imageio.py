@@ -243,6 +243,8 @@ def to_square(arr: np.ndarray, size: int, *, mode: str = "pad", pad_value: float
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     small = cv2.resize(arr, (nw, nh), interpolation=interp).reshape((nh, nw) + arr.shape[2:])
+    if small.dtype.kind == "f":  # float rounding in cv2 can step just outside [min, max]
+        np.clip(small, arr.min(), arr.max(), out=small)
     if mode == "crop":
         top, left = (nh - size) // 2, (nw - size) // 2
         return small[top:top + size, left:left + size]
