@@ -1,0 +1,238 @@
+"""textremoval: detection (real PP-OCR ONNX), masks (glyph, tiny SAM), inpainting, CLI, DICOM."""
+from __future__ import annotations
+
+import json
+import logging
+from functools import partial
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from textremoval import TextRemovalConfig, TextRemover
+from textremoval.clean import clean_file, main
+from textremoval.detect import TextRegion, build_detector, decide_action
+from textremoval.inpaint import OpenCVInpainter, SDInpainter, load_sd_pipe, windows
+from textremoval.segment import GlyphSegmenter, SamSegmenter, load_sam
+from textremoval.synth_text import font_files
+
+FONT = next(iter(font_files()), None)
+
+
+def draw(shape, items, seed=0):
+    """A smooth X-ray-like background with bright text items [(text, (x, y), size)]; returns (img, gt mask, boxes)."""
+    h, w = shape
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    bg = 60 + 50 * np.sin(xx / 37.0) * np.cos(yy / 53.0) + rng.normal(0, 2, shape)
+    layer = Image.new("L", (w, h), 0)
+    d = ImageDraw.Draw(layer)
+    boxes = []
+    for text, xy, size in items:
+        font = ImageFont.truetype(str(FONT), size) if FONT else ImageFont.load_default(size=size)
+        d.text(xy, text, font=font, fill=255)
+        boxes.append(d.textbbox(xy, text, font=font))
+    alpha = np.asarray(layer, np.float32) / 255
+    img = np.clip(bg * (1 - alpha) + 235 * alpha, 0, 255).astype(np.uint8)
+    return img, alpha > 0.5, boxes
+
+
+def overlaps(a, b) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+@pytest.fixture(scope="module")
+def scene():
+    return draw((256, 320), [("PORTABLE", (20, 20), 28), ("R", (250, 180), 44)])
+
+
+@pytest.fixture(scope="module")
+def keep_remover():
+    return TextRemover.from_config(TextRemovalConfig(keep_markers=True))
+
+
+def test_detector_finds_and_reads_rendered_text(scene):
+    img, _, (portable, marker) = scene
+    regions = build_detector(TextRemovalConfig())(img)
+    hits = {r.text.upper(): r for r in regions}
+    assert "PORTABLE" in hits and overlaps(hits["PORTABLE"].box, portable)
+    assert any(overlaps(r.box, marker) for r in regions)
+    assert all(r.action == "erased" for r in regions)  # default policy erases everything
+
+
+def test_keep_markers_keeps_R_and_erases_portable(scene, keep_remover):
+    img, gt, (portable, marker) = scene
+    res = keep_remover(img)
+    actions = {r.text.upper(): r.action for r in res.regions}
+    assert actions.get("R") == "kept" and actions.get("PORTABLE") == "erased"
+    x0, y0, x1, y1 = marker
+    assert np.array_equal(res.image[y0:y1, x0:x1], img[y0:y1, x0:x1])  # the marker is untouched
+    x0, y0, x1, y1 = portable
+    glyphs = gt[y0:y1, x0:x1]
+    assert res.mask[y0:y1, x0:x1][glyphs].mean() > 0.95
+    assert res.image[y0:y1, x0:x1][glyphs].mean() < img[y0:y1, x0:x1][glyphs].mean() - 80  # text gone
+    assert np.array_equal(res.image[~res.mask], img[~res.mask])
+
+
+def test_erase_pattern_and_marker_policy():
+    cfg = TextRemovalConfig(erase_pattern=r"\d{2}/\d{2}/\d{4}")
+    assert decide_action("12/03/2020", cfg) == "erased" and decide_action("PORTABLE", cfg) == "kept"
+    cfg = TextRemovalConfig(keep_markers=True)
+    assert [decide_action(t, cfg) for t in ("L", "r.", "Sx", "D", "LA", "AP")] == \
+        ["kept", "kept", "kept", "kept", "erased", "erased"]
+
+
+def test_glyph_mask_covers_glyphs_not_whole_box():
+    img, gt, (box,) = draw((96, 256), [("AP SUPINE", (10, 20), 30)])
+    region = TextRegion(box=(box[0] - 5, box[1] - 5, box[2] + 5, box[3] + 5),
+                        polygon=[(box[0] - 5, box[1] - 5), (box[2] + 5, box[1] - 5), (box[2] + 5, box[3] + 5),
+                                 (box[0] - 5, box[3] + 5)], score=1.0)
+    mask = GlyphSegmenter(TextRemovalConfig(dilate=0))(img, [region])
+    x0, y0, x1, y1 = region.box
+    assert mask[gt].mean() > 0.95                       # every glyph pixel found
+    assert mask[y0:y1, x0:x1].mean() < 0.6              # ... but not the whole box
+    assert not mask[:, x1:].any() and not mask[y1:].any()  # nothing outside the box
+    grown = GlyphSegmenter(TextRemovalConfig(dilate=3))(img, [region])
+    assert grown.sum() > mask.sum() and grown[mask].all()
+
+
+def tiny_sam(img_size: int = 128) -> torch.nn.Module:
+    from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
+
+    torch.manual_seed(0)
+    dim, grid = 32, img_size // 16
+    return Sam(image_encoder=ImageEncoderViT(img_size=img_size, patch_size=16, embed_dim=32, depth=1, num_heads=2,
+                                             out_chans=dim, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)),
+               prompt_encoder=PromptEncoder(embed_dim=dim, image_embedding_size=(grid, grid),
+                                            input_image_size=(img_size, img_size), mask_in_chans=4),
+               mask_decoder=MaskDecoder(transformer_dim=dim, num_multimask_outputs=3, iou_head_hidden_dim=32,
+                                        transformer=TwoWayTransformer(depth=1, embedding_dim=dim, mlp_dim=64,
+                                                                      num_heads=2))).eval()
+
+
+def test_sam_path_one_embedding_per_image_masks_within_boxes():
+    sam = tiny_sam()
+    calls = []
+    sam.image_encoder.register_forward_hook(lambda *a: calls.append(1))
+    seg = SamSegmenter(sam, TextRemovalConfig(dilate=0))
+    img, _, boxes = draw((150, 200), [("AP", (10, 10), 24), ("L", (150, 100), 30)])
+    regions = [TextRegion(box=tuple(int(v) for v in b), polygon=[], score=1.0) for b in boxes]
+    mask = seg(img, regions)
+    assert mask.shape == img.shape and mask.dtype == bool
+    assert len(calls) == 1                               # one embedding for both boxes
+    inside = np.zeros_like(mask)
+    for x0, y0, x1, y1 in (r.box for r in regions):
+        inside[y0:y1, x0:x1] = True
+    assert not mask[~inside].any()
+    seg(img, regions[:1])
+    assert len(calls) == 2                               # next image, next embedding
+
+
+def test_sam_checkpoint_loading_is_safe_and_checks_the_model_type(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--sam-checkpoint"):
+        load_sam(tmp_path / "missing.pth")
+    ckpt = tmp_path / "tiny.pth"
+    torch.save(tiny_sam().state_dict(), ckpt)
+    with pytest.raises(ValueError, match="sam-model-type"):
+        load_sam(ckpt, "vit_b")
+
+
+def _mask_case(dtype):
+    img, gt, _ = draw((120, 160), [("PA 12", (20, 40), 30)])
+    img = img.astype(dtype) * (257 if dtype == np.uint16 else 1)
+    img = img / 255.0 if dtype == np.float32 else img
+    mask = cv2.dilate(gt.astype(np.uint8), np.ones((5, 5), np.uint8)).astype(bool)
+    return img.astype(dtype), mask, gt
+
+
+@pytest.mark.parametrize("method", ["telea", "ns"])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16, np.float32])
+def test_opencv_inpainting_only_touches_the_mask(method, dtype):
+    img, mask, gt = _mask_case(dtype)
+    out = OpenCVInpainter(method, 5)(img, mask)
+    assert out.dtype == img.dtype and out.shape == img.shape
+    assert np.array_equal(out[~mask], img[~mask])
+    assert out[gt].mean() < img[gt].mean() * 0.75      # bright glyphs replaced by darker background
+
+
+@pytest.fixture(scope="module")
+def sd_inpainter(tiny_inpaint_dir):
+    cfg = TextRemovalConfig(inpainter="sd", sd_model=str(tiny_inpaint_dir), sd_steps=2, device="cpu")
+    return SDInpainter(load_sd_pipe(cfg), cfg)
+
+
+def test_sd_inpainting_crops_at_model_resolution_and_pastes(sd_inpainter):
+    img, mask, _ = _mask_case(np.uint8)
+    img = np.pad(img, ((0, 80), (0, 60)), mode="reflect")   # 200×220, bigger than the 64² model
+    mask = np.pad(mask, ((0, 80), (0, 60)))
+    mask[170:180, 200:210] = True                          # a second, far-away component
+    sizes = []
+    pipe = sd_inpainter.pipe
+    sd_inpainter.pipe = lambda **kw: sizes.append((kw["height"], kw["width"], kw["image"].shape)) or pipe(**kw)
+    try:
+        out = sd_inpainter(img, mask)
+    finally:
+        sd_inpainter.pipe = pipe
+    assert sd_inpainter.size == 64
+    assert len(sizes) >= 2 and all(s[:2] == (64, 64) for s in sizes)
+    assert out.shape == img.shape and out.dtype == img.dtype
+    assert np.array_equal(out[~mask], img[~mask])
+    assert not np.array_equal(out[mask], img[mask])
+    wins = windows(mask, 64, margin=4)
+    covered = np.zeros_like(mask)
+    for (x0, y0, x1, y1), _ in wins:
+        covered[y0:y1, x0:x1] = True
+    assert covered[mask].all()
+
+
+def test_cli_folder_writes_outputs_resumes_and_skips_corrupt(tmp_path, caplog):
+    src, out = tmp_path / "in", tmp_path / "out"
+    (src / "sub").mkdir(parents=True)
+    img, _, _ = draw((200, 256), [("PORTABLE", (16, 16), 26)])
+    cv2.imwrite(str(src / "a.png"), img)
+    cv2.imwrite(str(src / "sub" / "b.jpg"), img)
+    (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with caplog.at_level(logging.ERROR):
+        assert main([str(src), "--out", str(out)]) == 1
+    assert "broken.png" in caplog.text
+    rec = json.loads((out / "a.regions.json").read_text())
+    assert any(r["text"].upper() == "PORTABLE" and r["action"] == "erased" for r in rec["regions"])
+    cleaned, mask = cv2.imread(str(out / "a.png"), 0), cv2.imread(str(out / "a.mask.png"), 0) > 0
+    assert mask.any() and np.array_equal(cleaned[~mask], img[~mask])
+    assert (out / "sub" / "b.jpg").is_file() and (out / "sub" / "b.regions.json").is_file()
+    assert not list(out.rglob("*.tmp*"))
+    stamp = (out / "a.regions.json").stat().st_mtime_ns
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main([str(src / "*.png"), "--out", str(out)]) == 1   # glob; broken.png fails again
+    assert "already done" in caplog.text
+    assert (out / "a.regions.json").stat().st_mtime_ns == stamp
+
+
+def test_dicom_in_dicom_out_keeps_tags(tmp_path):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    img, gt, _ = draw((192, 256), [("AP SUPINE", (20, 20), 26)])
+    stored = img.astype(np.uint16) * 16                       # 12-bit values
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = SecondaryCaptureImageStorage
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.PatientID, ds.StudyDescription, ds.Modality, ds.BurnedInAnnotation = "TEST123", "CHEST AP", "CR", "YES"
+    ds.set_pixel_data(stored, "MONOCHROME2", 12)
+    path = tmp_path / "x.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    rec = clean_file(path, tmp_path / "out")
+    import pydicom
+    out = pydicom.dcmread(tmp_path / "out" / "x.dcm")
+    assert out.PatientID == "TEST123" and out.StudyDescription == "CHEST AP" and out.Modality == "CR"
+    assert out.BurnedInAnnotation == "NO" and "text removed" in out.DerivationDescription
+    mask = cv2.imread(str(tmp_path / "out" / "x.mask.png"), 0) > 0
+    assert rec["masked_pixels"] == mask.sum() > 0 and mask[gt].mean() > 0.9
+    assert np.array_equal(out.pixel_array[~mask], stored[~mask])   # stored values kept outside the mask
+    assert out.pixel_array[gt].mean() < stored[gt].mean() - 1000

@@ -1,0 +1,45 @@
+"""Options of the text-removal pipeline: one dataclass, mirrored 1:1 by configs/textremoval.yaml."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cxrcommon.config import field
+from cxrcommon.models import DEFAULT_INPAINT_MODEL
+
+# Single-letter (and short) laterality markers: English L/R, Spanish D/I (derecha/izquierda), Italian Sx/Dx.
+MARKER_PATTERN = r"^(L|R|D|I|SX|DX|LT|RT)$"
+
+
+@dataclass
+class TextRemovalConfig:
+    # detect
+    detector: str = field("rapidocr", "text detector; 'rapidocr' = PP-OCR ONNX models shipped in the rapidocr wheel")
+    det_max_side: int = field(640, "detect on a copy whose longest side is at most this (px); 0 = full size. "
+                                   "Smaller is faster; 640 keeps recall on 1024² CXRs (docs/BENCHMARKS.md)")
+    det_box_thresh: float = field(0.5, "DBNet box score below which a detection is dropped")
+    det_unclip_ratio: float = field(1.6, "how far DBNet grows each text kernel into a box")
+    recognize: bool = field(True, "read the text in each box (needed for --keep-markers / --erase-pattern)")
+    ocr_threads: int = field(0, "onnxruntime threads per process; 0 = library default (all cores)")
+    keep_markers: bool = field(False, "keep laterality markers (L/R, D/I, Sx/Dx) and erase everything else")
+    marker_pattern: str = field(MARKER_PATTERN, "regex (case-insensitive, on the stripped text) that counts as a "
+                                                "marker for --keep-markers")
+    erase_pattern: str | None = field(None, "if set, erase only boxes whose recognised text matches this regex "
+                                            "(case-insensitive search); others are kept")
+    # segment
+    segmenter: str = field("auto", "auto (sam if --sam-checkpoint else glyph) | glyph (threshold inside box) | "
+                                   "box (whole box) | sam (Segment Anything box prompts)")
+    sam_checkpoint: str | None = field(None, "SAM weights (.pth loaded with weights_only=True, or .safetensors)")
+    sam_model_type: str = field("vit_b", "SAM size matching the checkpoint: vit_b | vit_l | vit_h")
+    dilate: int = field(3, "grow the mask by this many pixels so glyph edges and halos are covered")
+    # inpaint
+    inpainter: str = field("telea", "telea | ns (OpenCV, fast, offline) | sd (Stable Diffusion inpainting)")
+    inpaint_radius: int = field(5, "OpenCV inpainting neighbourhood radius (px)")
+    sd_model: str = field(DEFAULT_INPAINT_MODEL, "diffusers inpainting model: hub id or local folder")
+    sd_lora: str | None = field(None, "optional CXR LoRA folder (safetensors) loaded into the inpainting model")
+    sd_prompt: str = field("chest x-ray, no text", "prompt for SD inpainting")
+    sd_steps: int = field(25, "SD inpainting denoising steps")
+    sd_guidance: float = field(7.5, "SD classifier-free guidance scale")
+    sd_resolution: int = field(0, "SD crop size (px); 0 = the model's native resolution")
+    seed: int = field(0, "random seed for SD inpainting")
+    device: str = field("auto", "torch device for SAM/SD: auto | cpu | cuda | mps | xpu")
+    precision: str = field("auto", "torch dtype for SAM/SD: auto | fp32 | fp16 | bf16")
