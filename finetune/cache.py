@@ -1,0 +1,103 @@
+"""On-disk caches of VAE latent moments and caption embeddings (safetensors), keyed by content.
+
+The key hashes everything the cached tensors depend on (model weights' identity, image files,
+resolution, resize mode, captions), so changing any of them makes a new cache instead of silently
+training on stale latents."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from cxrcommon.atomic import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+def model_identity(module: Any) -> str:
+    """Where a sub-model's weights came from plus their files' sizes and mtimes (a hub snapshot path
+    already contains the commit hash); a weight hash for in-memory models."""
+    source = str(getattr(module.config, "_name_or_path", "") or "")
+    path = Path(source)
+    if source and path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file())
+        return source + "|" + "|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+    h = hashlib.sha256(source.encode())
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).numpy().tobytes())
+    return "weights:" + h.hexdigest()
+
+
+def cache_key(**parts: Any) -> str:
+    """A short hex digest of the given parts (JSON-encoded, sorted keys)."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+class LatentCache:
+    """Lazy reader of a latent-moment cache, safe to use from dataloader workers."""
+
+    def __init__(self, path: Path):
+        self.path, self._fh = path, None
+
+    def __call__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._fh is None:
+            self._fh = safe_open(str(self.path), framework="pt")
+        return self._fh.get_slice("mean")[index], self._fh.get_slice("std")[index]
+
+    def __getstate__(self) -> dict:
+        return {"path": self.path, "_fh": None}
+
+
+def build_latent_cache(path: Path, n: int, pixels: Callable[[int], torch.Tensor], vae: Any,
+                       device: torch.device, dtype: torch.dtype, batch_size: int) -> LatentCache:
+    """Encode every image once (mean and std of the VAE posterior, fp32) unless `path` exists."""
+    if not path.is_file():
+        means, stds = [], []
+        for lo in tqdm(range(0, n, batch_size), desc="caching latents", unit="batch"):
+            batch = torch.stack([pixels(i) for i in range(lo, min(n, lo + batch_size))])
+            with torch.no_grad():
+                dist = vae.encode(batch.to(device, dtype)).latent_dist
+            means.append(dist.mean.float().cpu())
+            stds.append(dist.std.float().cpu())
+        with atomic_path(path) as tmp:
+            save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}, str(tmp))
+        log.info("cached %d latents in %s", n, path)
+    else:
+        log.info("using cached latents %s", path)
+    return LatentCache(path)
+
+
+def build_text_cache(path: Path, input_ids: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor],
+                     batch_size: int) -> torch.Tensor:
+    """Encoder hidden states for every row of `input_ids` (fp32), computed once."""
+    if not path.is_file():
+        out = []
+        for lo in tqdm(range(0, len(input_ids), batch_size), desc="caching captions", unit="batch"):
+            with torch.no_grad():
+                out.append(encode(input_ids[lo:lo + batch_size]).float().cpu())
+        with atomic_path(path) as tmp:
+            save_file({"hidden": torch.cat(out).contiguous()}, str(tmp))
+        log.info("cached %d caption embeddings in %s", len(input_ids), path)
+    return load_file(str(path))["hidden"]
+
+
+def cache_dir(cfg: Any) -> Path:
+    return Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output_dir) / "cache"
+
+
+def latent_key(vae: Any, images: Sequence[str], cfg: Any) -> str:
+    return cache_key(kind="latents", vae=model_identity(vae), images=list(images), resolution=cfg.resolution,
+                     resize_mode=cfg.resize_mode, clip_percentile=cfg.clip_percentile)
+
+
+def text_key(text_encoder: Any, captions: Sequence[str]) -> str:
+    return cache_key(kind="text", text_encoder=model_identity(text_encoder), captions=list(captions))

@@ -1,0 +1,105 @@
+"""TrainConfig: every fine-tuning option in one dataclass (YAML keys == fields == --flags).
+
+Names follow diffusers' train_text_to_image_lora.py where an option exists there, so a user of the
+stock script finds the same knobs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cxrcommon.config import field
+from cxrcommon.models import DEFAULT_MODEL
+
+TRAIN_MODES = ("lora", "lora+text_encoder", "unet", "unet+text_encoder")
+
+
+@dataclass
+class TrainConfig:
+    # --- model and output
+    model: str = field(DEFAULT_MODEL, "base model: hub id, local diffusers folder, or 'embedded'")
+    output_dir: str = field("outputs/finetune", "where the LoRA, model card, checkpoints, logs and cache go")
+    train: str = field("lora", "what is trained: lora (UNet attention LoRA), lora+text_encoder (LoRA on both), "
+                               "unet (full UNet fine-tune, for small models), unet+text_encoder (both in full)")
+    seed: int = field(0, "seed for data order, noise and timesteps; the same seed gives the same run")
+    # --- data
+    train_data: str = field("", "manifest: a CSV, a JSONL, or an imagefolder with metadata.jsonl")
+    image_column: str = field("image", "manifest column holding the image path (imagefolder: file_name)")
+    caption_column: str = field("text", "manifest column holding the report text")
+    patient_column: str | None = field(None, "manifest column with the patient id, for the patient-level split")
+    on_error: str = field("fail", "bad manifest rows/images: fail (stop, listing every bad line) or skip (log them)")
+    sections: list[str] = field(["findings", "impression"], "report sections kept as the caption (whole text "
+                                "when a report has no headers)")
+    token_policy: str = field("sentence", "reports longer than CLIP's 77 tokens: sentence (drop whole trailing "
+                                          "sentences), hard (cut at 77 tokens), error (stop)")
+    val_fraction: float = field(0.05, "fraction of PATIENTS held out for validation (never in training)")
+    max_train_samples: int | None = field(None, "use only the first N training rows (debugging)")
+    resolution: int = field(512, "training image size (square); SD 2.1-base was trained at 512")
+    resize_mode: str = field("pad", "make images square by: pad (keeps the whole chest, incl. costophrenic "
+                                    "angles) or crop (centre-crop, loses apices/bases on tall films)")
+    clip_percentile: float | None = field(None, "clip the brightest p%% of pixels before normalising (burnt-in "
+                                                "labels); None keeps the full range")
+    random_flip: bool = field(False, "randomly mirror images left-right. OFF by default: laterality matters in "
+                                     "chest X-rays (heart on the left, 'left effusion' in the report) and a "
+                                     "mirrored image contradicts its report")
+    caption_dropout: float = field(0.0, "probability of training on an empty caption, so classifier-free "
+                                        "guidance works better (0.05-0.1 is common)")
+    dataloader_num_workers: int = field(0, "data-loading worker processes (0 = load in the main process)")
+    cache_latents: bool = field(False, "encode every image with the VAE once and cache the latent "
+                                       "distribution on disk (safetensors); faster epochs")
+    cache_text: bool = field(False, "encode every caption once and cache the embeddings (not with a trained "
+                                    "text encoder)")
+    cache_dir: str | None = field(None, "cache folder (default: <output_dir>/cache); the key changes with "
+                                        "data, resolution and model")
+    # --- LoRA
+    lora_rank: int = field(4, "LoRA rank (size of the update matrices)")
+    lora_alpha: float | None = field(None, "LoRA alpha (scale = alpha / rank); None means alpha = rank")
+    lora_dropout: float = field(0.0, "dropout on the LoRA branch")
+    lora_target_modules: list[str] = field(["to_k", "to_q", "to_v", "to_out.0"],
+                                           "UNet modules that get LoRA (attention projections)")
+    text_encoder_target_modules: list[str] = field(["q_proj", "k_proj", "v_proj", "out_proj"],
+                                                   "text-encoder modules that get LoRA (lora+text_encoder)")
+    # --- optimisation
+    train_batch_size: int = field(16, "images per device per micro-batch")
+    gradient_accumulation_steps: int = field(1, "micro-batches per optimizer step")
+    max_train_steps: int | None = field(None, "optimizer steps to run; overrides num_train_epochs")
+    num_train_epochs: int = field(100, "epochs to run when max_train_steps is not set")
+    learning_rate: float = field(1e-4, "peak learning rate (after warm-up)")
+    scale_lr: bool = field(False, "multiply the learning rate by batch size x accumulation x processes")
+    lr_scheduler: str = field("constant", "diffusers scheduler: linear, cosine, cosine_with_restarts, "
+                                          "polynomial, constant, constant_with_warmup")
+    lr_warmup_steps: int = field(500, "linear warm-up optimizer steps")
+    optimizer: str = field("auto", "adamw, adamw8bit (bitsandbytes), or auto (8-bit when bitsandbytes is "
+                                   "importable and training on a GPU)")
+    adam_beta1: float = field(0.9, "Adam beta1")
+    adam_beta2: float = field(0.999, "Adam beta2")
+    adam_weight_decay: float = field(1e-2, "AdamW weight decay")
+    adam_epsilon: float = field(1e-8, "Adam epsilon")
+    max_grad_norm: float = field(1.0, "clip the gradient norm to this (0 disables)")
+    snr_gamma: float | None = field(None, "min-SNR loss weighting gamma (5.0 is recommended; "
+                                          "arXiv:2303.09556); None disables")
+    noise_offset: float = field(0.0, "offset-noise scale (helps very dark/bright images; 0.05-0.1)")
+    prediction_type: str | None = field(None, "epsilon or v_prediction; None takes it from the model's "
+                                              "scheduler config (SD 2.1-base: epsilon)")
+    # --- speed and precision
+    mixed_precision: str = field("auto", "no, fp16, bf16, or auto (bf16 where supported, fp16 on older "
+                                         "GPUs, no on CPU)")
+    device: str = field("auto", "auto (Accelerate picks CUDA/XPU/MPS/CPU) or cpu (force CPU)")
+    gradient_checkpointing: bool = field(False, "recompute activations in backward: less memory, slower")
+    channels_last: bool = field(False, "channels-last memory format for the UNet (faster convs on GPUs)")
+    sdpa: bool = field(True, "PyTorch scaled-dot-product attention (flash/memory-efficient kernels)")
+    allow_tf32: bool = field(True, "allow TF32 matmuls on Ampere+ NVIDIA GPUs")
+    # --- checkpoints, validation, logging
+    checkpointing_steps: int = field(500, "save a resumable checkpoint every N optimizer steps (0: never)")
+    checkpoints_total_limit: int | None = field(3, "keep only the newest K checkpoints (None keeps all)")
+    resume: str | None = field(None, "'latest' or a checkpoint folder to resume from; None starts fresh")
+    validation_steps: int = field(500, "generate the validation grid every N steps (0: only at the end)")
+    validation_prompts: list[str] = field([], "validation prompts; empty takes the first captions of the "
+                                              "validation split")
+    num_validation_prompts: int = field(4, "how many validation-split captions to use when no prompts are given")
+    validation_seeds: list[int] = field([0, 1], "one image per prompt per seed (fixed, so grids compare "
+                                                "across steps)")
+    validation_inference_steps: int = field(25, "denoising steps for validation images")
+    validation_guidance_scale: float = field(7.5, "classifier-free guidance for validation images")
+    report_to: str = field("tensorboard", "tracker: tensorboard, wandb, all, or none")
+    logging_dir: str = field("logs", "tracker folder, relative to output_dir")
+    save_merged: bool = field(False, "also save a full pipeline with the LoRA merged in (<output_dir>/merged)")
+    verbose: bool = field(False, "debug logging")

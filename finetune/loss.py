@@ -1,0 +1,37 @@
+"""The denoising loss: noise (with optional offset), a random timestep, epsilon or v target, min-SNR."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def diffusion_loss(unet: torch.nn.Module, scheduler: object, latents: torch.Tensor, hidden: torch.Tensor, *,
+                   snr_gamma: float | None = None, noise_offset: float = 0.0) -> torch.Tensor:
+    """Mean (optionally min-SNR-weighted) MSE between the UNet output and the scheduler's target.
+
+    Random draws use the global RNG, which the trainer reseeds every step (exact resume)."""
+    from diffusers.training_utils import compute_snr
+
+    noise = torch.randn_like(latents)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
+                                                   device=latents.device, dtype=latents.dtype)
+    bsz = latents.shape[0]
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (bsz,), device=latents.device).long()
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"prediction type {kind!r} is not supported; use epsilon or v_prediction")
+    pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
+    if snr_gamma is None:
+        return F.mse_loss(pred.float(), target.float(), reduction="mean")
+    # Min-SNR-gamma (arXiv:2303.09556, sec. 3.4/4.2), as in the current diffusers examples:
+    # weight = min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v-prediction.
+    snr = compute_snr(scheduler, timesteps)
+    weights = torch.clamp(snr, max=snr_gamma) / (snr + 1 if kind == "v_prediction" else snr)
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none")
+    return (loss.mean(dim=list(range(1, loss.ndim))) * weights).mean()
