@@ -87,10 +87,10 @@ def _rows(path: Path, fatal: list[str]) -> Iterator[tuple[int, dict[str, Any] | 
             yield n, row
 
 
-def _image_problem(p: Path) -> str | None:
+def _image_problem(p: Path, root: Path) -> str | None:
     """Cheap readability check: the file exists, is non-empty and its header opens (no pixel decode)."""
     if not p.is_file():
-        return f"image {p} not found — fix the path (relative paths are relative to the manifest's folder)"
+        return f"image {p} not found — fix the path (relative paths start at {root})"
     if p.stat().st_size == 0:
         return f"image {p} is empty (0 bytes) — re-export or remove the row"
     try:
@@ -133,6 +133,8 @@ def read_manifest(path: str | Path, columns: Columns | None = None, *, on_error:
         cols = dataclasses.replace(cols, image="file_name")
     root = Path(image_root) if image_root is not None else path.parent
     wanted = [c for c in (cols.image, cols.text, cols.patient, cols.label) if c]
+    required = [c for c in (cols.image, cols.text) if c]
+    is_csv = path.suffix.lower() == ".csv"
 
     fatal: list[str] = []
     problems: list[str] = []
@@ -145,11 +147,12 @@ def read_manifest(path: str | Path, columns: Columns | None = None, *, on_error:
             problems.append(f"{where} {row}")
             continue
         missing = [c for c in wanted if c not in row]
-        if missing and path.suffix.lower() == ".csv" and not header_checked:
+        if missing and is_csv and not header_checked:
             fatal.append(f"{path}:1: missing column(s) {', '.join(map(repr, missing))} (header has "
                          f"{', '.join(row)}) — rename the header or set the column names")
             break
         header_checked = True
+        missing = [c for c in missing if c in required]  # a JSONL row may leave out patient/label
         if missing:
             problems.append(f"{where} missing column(s) {', '.join(map(repr, missing))} — add the key(s) to this row")
             continue
@@ -163,7 +166,7 @@ def read_manifest(path: str | Path, columns: Columns | None = None, *, on_error:
             key = img.resolve()
             if key in seen:
                 row_problems.append(f"{where} duplicate image {image} (also on line {seen[key]}) — remove one of the rows")
-            elif check_images and (bad := _image_problem(img)):
+            elif check_images and (bad := _image_problem(img, root)):
                 row_problems.append(f"{where} {bad}")
             seen.setdefault(key, line)
         if cols.text and not text:
