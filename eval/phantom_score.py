@@ -1,0 +1,210 @@
+"""Analytic attribute scorer for chest phantoms: does a generated image show what its prompt asked?
+
+Why: proving that the embedded model learns needs a judge that is independent of the model. The
+phantom generator (finetune.phantoms) draws findings in known places, so simple region statistics
+read them back: brightness of each costophrenic region (pleural effusion), heart width over chest width
+(cardiomegaly), darkness of the lateral lung (pneumothorax). Works on any size; image RIGHT is the
+patient's LEFT. Thresholds are calibrated on phantoms from one seed range (`calibrate`) and tested on
+another; rerun `python -m eval.phantom_score --calibrate` after changing the generator.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+import numpy as np
+
+from cxrcommon.imageio import read_image
+
+WORK = 128                 # every image is scored at this size
+CALIBRATION_SEED = 1_000_000  # calibration phantoms use seeds from here; tests use other seeds
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Decision thresholds; defaults are the output of `calibrate()` (see module docstring)."""
+    effusion: float = 0.285       # costophrenic minus darkest mid-lung brightness (normalised units)
+    bilateral_margin: float = 0.5  # both sides above threshold and within this ratio -> bilateral
+    cardiomegaly_ctr: float = 0.55
+
+
+THRESHOLDS = Thresholds()
+
+
+def _gray(img) -> np.ndarray:
+    """Any image (path, PIL, HxW or HxWxC array in 0-1 or 0-255) -> float32 WORK x WORK in [0, 1]."""
+    arr = read_image(img) if isinstance(img, (str, Path)) else np.asarray(img)
+    if arr.ndim == 3:
+        arr = arr[..., :3].mean(axis=2) if arr.shape[2] in (3, 4) else arr.mean(axis=0)
+    if arr.ndim != 2 or min(arr.shape) < 16:
+        raise ValueError(f"expected a grayscale or RGB image of at least 16x16, got shape {arr.shape}")
+    arr = arr.astype(np.float32)
+    if arr.max() > 1.0:
+        arr /= 65535.0 if arr.max() > 255 else 255.0
+    if arr.shape != (WORK, WORK):
+        arr = cv2.resize(arr, (WORK, WORK), interpolation=cv2.INTER_AREA if arr.shape[0] > WORK else cv2.INTER_LINEAR)
+    lo, hi = np.percentile(arr, [2, 98])
+    return np.clip((arr - lo) / max(hi - lo, 1e-3), 0, 1)
+
+
+def _roi(a: np.ndarray, u0: float, u1: float, v0: float, v1: float) -> np.ndarray:
+    n = a.shape[0]
+    return a[int(v0 * n):int(v1 * n), int(u0 * n):int(u1 * n)]
+
+
+def _midline(a: np.ndarray) -> float:
+    """Column of the bright mediastinum in the upper chest (u), so ROIs follow a shifted patient."""
+    band = _roi(a, 0.3, 0.7, 0.2, 0.45).mean(axis=0)
+    band = np.convolve(band, np.ones(9) / 9, mode="same")
+    return 0.3 + (int(np.argmax(band[4:-4])) + 4 + 0.5) / a.shape[0]
+
+
+def _side_features(a: np.ndarray, c: float, s: float) -> dict[str, float]:
+    """Region means for one hemithorax; s=+1 is image right (patient's left)."""
+    def band(d0: float, d1: float, v0: float, v1: float, q: float = 25) -> float:
+        """A low percentile: the aerated lung in the box, ignoring heart, ribs and wall that intrude."""
+        u0, u1 = sorted((c + s * d0, c + s * d1))
+        return float(np.percentile(_roi(a, max(u0, 0), min(u1, 1), v0, v1), q))
+    return {"mid": band(0.12, 0.30, 0.28, 0.48),
+            "costophrenic": band(0.24, 0.36, 0.60, 0.72),
+}
+
+
+def measure(img) -> dict:
+    """Measured attributes of one image (patient sides: 'left' = image right)."""
+    a = _gray(img)
+    c = _midline(a)
+    left, right = _side_features(a, c, +1.0), _side_features(a, c, -1.0)
+    ref = min(left["mid"], right["mid"])
+    out = {"midline": c,
+           "effusion_score_left": left["costophrenic"] - ref,
+           "effusion_score_right": right["costophrenic"] - ref,
+           "ctr": _ctr(a, c)}
+    return out
+
+
+def _ctr(a: np.ndarray, c: float) -> float:
+    """Widest heart over widest lungs, in the rows between the aortic knob and the diaphragm domes.
+
+    Each row is thresholded halfway between lung and heart brightness: the bright run through the centre
+    is the heart, the dark runs beside it are the lungs, reaching out to the chest wall. The domes are where
+    the lung columns at +-0.19 from the midline turn bright; rows from there down are left out."""
+    n = a.shape[0]
+    b = cv2.GaussianBlur(a, (0, 0), 1.0)
+    band = b[int(0.4 * n):int(0.8 * n)]
+    t = (np.percentile(band, 10) + np.percentile(band[:, int((c - 0.05) * n):int((c + 0.1) * n)], 50)) / 2
+    v_lo, v_hi = int(0.35 * n), int(0.85 * n)
+    for d in (-0.19, 0.19):
+        col = b[:, int((c + d - 0.03) * n):int((c + d + 0.03) * n)].mean(axis=1)
+        below = np.flatnonzero(col[int(0.5 * n):v_hi] > t)
+        if below.size:
+            v_hi = min(v_hi, int(0.5 * n) + int(below[0]) - 1)
+    heart_w, chest_w = 0, 0
+    for r in b[v_lo:v_hi] > t:
+        centre = int(c * n) + int(np.argmax(r[int(c * n):int((c + 0.08) * n)]))
+        if not r[centre]:
+            continue
+        lo, hi = centre, centre
+        while lo > 0 and r[lo - 1]:
+            lo -= 1
+        while hi < n - 1 and r[hi + 1]:
+            hi += 1
+        left, right = lo - 1, hi + 1  # walk out through the lungs to the chest wall
+        while left > 0 and not r[left - 1]:
+            left -= 1
+        while right < n - 1 and not r[right + 1]:
+            right += 1
+        if lo == 0 or hi == n - 1 or left == 0 or right == n - 1:
+            continue  # a lung is missing on this row, or the run leaks out of the body
+        heart_w = max(heart_w, hi - lo + 1)
+        chest_w = max(chest_w, right - left + 1)
+    return float(heart_w / chest_w) if chest_w else float("nan")
+
+
+def classify_effusion(img, thresholds: Thresholds | None = None) -> str:
+    """'left' | 'right' | 'none' (or 'bilateral' when both sides are bright alike)."""
+    return _effusion_from(measure(img), thresholds or THRESHOLDS)
+
+
+def _effusion_from(m: dict, t: Thresholds) -> str:
+    sl, sr = m["effusion_score_left"], m["effusion_score_right"]
+    if max(sl, sr) < t.effusion:
+        return "none"
+    if min(sl, sr) >= t.effusion and min(sl, sr) >= (1 - t.bilateral_margin) * max(sl, sr):
+        return "bilateral"
+    return "left" if sl > sr else "right"
+
+
+def effusion_set(n: int, size: int, seed: int, sizes: Sequence[str] = ("moderate", "large")):
+    """n phantoms per class none/left/right (other findings random), for calibration and tests.
+
+    Yields (image, expected side). Seeds are `seed + i`, so disjoint ranges give disjoint sets."""
+    from finetune.phantoms import render, sample_spec  # the scorer itself needs no generator
+    for i in range(n):
+        rng = np.random.default_rng(seed + i)
+        spec = sample_spec(rng, exclude=("effusion",))
+        for side in ("none", "left", "right"):
+            s = spec if side == "none" else dataclasses.replace(
+                spec, effusion=side, effusion_size=str(rng.choice(list(sizes))))
+            yield render(s, size)[0], side
+
+
+def calibrate(n: int = 200, size: int = 128, seed: int = CALIBRATION_SEED) -> Thresholds:
+    """Pick the effusion threshold that best separates none/left/right on phantoms from `seed` on.
+
+    The cardiomegaly threshold is the generator's own CTR cut-off (the CTR is measured directly)."""
+    scores = [(measure(img), side) for img, side in effusion_set(n, size, seed)]
+    grid = np.linspace(0.02, 0.5, 97)
+    acc = [np.mean([_effusion_from(m, Thresholds(effusion=float(t))) == side for m, side in scores]) for t in grid]
+    best = np.flatnonzero(np.asarray(acc) >= max(acc) - 1e-9)
+    return Thresholds(effusion=round(float(grid[best].mean()), 3))  # middle of the best plateau
+
+
+def has_cardiomegaly(img, thresholds: Thresholds | None = None) -> bool:
+    return measure(img)["ctr"] > (thresholds or THRESHOLDS).cardiomegaly_ctr
+
+
+def prompt_adherence(images: Sequence, expected_labels: Sequence, attribute: str = "effusion",
+                     thresholds: Thresholds | None = None) -> float:
+    """Fraction of images whose measured `attribute` equals the expected one.
+
+    expected_labels: strings ('left'/'right'/'none'), bools for cardiomegaly, or label dicts
+    (as in the phantom metadata) from which `attribute` is taken."""
+    if len(images) != len(expected_labels):
+        raise ValueError(f"{len(images)} images but {len(expected_labels)} expected labels")
+    if not images:
+        raise ValueError("no images to score")
+    judge = {"effusion": classify_effusion, "cardiomegaly": has_cardiomegaly}.get(attribute)
+    if judge is None:
+        raise ValueError(f"unknown attribute {attribute!r}; use effusion or cardiomegaly")
+    hits = 0
+    for img, exp in zip(images, expected_labels):
+        exp = exp[attribute] if isinstance(exp, dict) else exp
+        hits += judge(img, thresholds) == exp
+    return hits / len(images)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Score images (paths) or recalibrate the thresholds on fresh phantoms."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("images", nargs="*", type=Path, help="image files to measure (PNG/JPEG/TIFF/DICOM)")
+    p.add_argument("--calibrate", action="store_true", help="recompute thresholds on phantoms and print them")
+    p.add_argument("--n", type=int, default=200, help="phantoms per class for --calibrate")
+    p.add_argument("--size", type=int, default=128, help="phantom size for --calibrate")
+    args = p.parse_args(argv)
+    if args.calibrate:
+        print(json.dumps(asdict(calibrate(args.n, args.size)), indent=1))
+    for path in args.images:
+        m = measure(path)
+        m["effusion"] = _effusion_from(m, THRESHOLDS)
+        m["cardiomegaly"] = m["ctr"] > THRESHOLDS.cardiomegaly_ctr
+        print(json.dumps({"file": str(path), **m}))
+
+
+if __name__ == "__main__":
+    main()
