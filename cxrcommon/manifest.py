@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from tqdm import tqdm
+
 log = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ""}
@@ -141,7 +143,8 @@ def read_manifest(path: str | Path, columns: Columns | None = None, *, on_error:
     records: list[Record] = []
     seen: dict[Path, int] = {}
     header_checked = False
-    for line, row in _rows(path, fatal):
+    for line, row in tqdm(_rows(path, fatal), desc=f"checking {path.name}", unit=" rows", disable=None,
+                          leave=False):
         where = f"{path}:{line}:"
         if isinstance(row, str):
             problems.append(f"{where} {row}")

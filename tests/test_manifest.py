@@ -34,7 +34,9 @@ def data(tmp_path: Path) -> Path:
         png(tmp_path / "img" / f"ok{i}.png", 40 * i)
     (tmp_path / "img" / "empty.png").write_bytes(b"")
     (tmp_path / "img" / "garbage.png").write_bytes(b"this is not a PNG at all" * 10)
-    good = (tmp_path / "img" / "ok0.png").read_bytes()
+    noise = png(tmp_path / "noise.png", 0)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 32), dtype=np.uint8)).save(noise)
+    good = noise.read_bytes()  # noise keeps the header intact and cuts the pixel data
     (tmp_path / "img" / "truncated.png").write_bytes(good[: len(good) // 2])
     (tmp_path / "img" / "bad.dcm").write_bytes(b"\0" * 200)
     return tmp_path
@@ -81,7 +83,7 @@ def test_every_bad_row_reported_with_line_and_fix(data):
         (2, rf"image .*missing\.png not found — fix the path \(relative paths start at {re.escape(str(data))}\)$"),
         (3, r"image .*empty\.png is empty \(0 bytes\) — re-export or remove the row"),
         (4, r"image .*garbage\.png is unreadable \(UnidentifiedImageError.*\) — re-export it"),
-        (5, r"image .*truncated\.png is unreadable \(.*\) — re-export it"),
+        (5, r"image .*truncated\.png is unreadable \(OSError: Truncated File Read\) — re-export it"),
         (6, r"empty text in column 'text' — fill in the report or remove the row"),
         (7, r"duplicate image img/ok0\.png \(also on line 1\) — remove one of the rows"),
         (8, r"bad JSON \(Unterminated string.*\) — write one JSON object per line"),
@@ -134,6 +136,10 @@ def test_check_images_off_and_image_root(data):
     assert [r.image for r in recs] == [data / "ok0.png", data / "not-there.png"]
     m = write_csv(data / "m.csv", ["image", "text"], [["ok0.png", "Clear."], ["ok1.png", "Edema."]])
     assert len(read_manifest(m, image_root=data / "img")) == 2
+    # text=None: an images-only manifest (e.g. real images for FID) needs no text column
+    m = write_csv(data / "m.csv", ["image"], [["ok0.png"], ["ok1.png"]])
+    recs = read_manifest(m, Columns(text=None), image_root=data / "img")
+    assert [(r.image.name, r.text) for r in recs] == [("ok0.png", ""), ("ok1.png", "")]
 
 
 def test_unreadable_manifests(data):
