@@ -361,7 +361,9 @@ def render(spec: PhantomSpec, size: int = 128, seed: int | None = None) -> tuple
     `seed` overrides `spec.seed` for the fine detail (ribs, markings, noise); same inputs, same pixels."""
     if size < 16:
         raise ValueError(f"size {size} is too small to draw a chest; use 16 or more")
-    rng = np.random.default_rng(spec.seed if seed is None else seed)
+    base = spec.seed if seed is None else seed
+    # separate streams, so adding a finding never changes the anatomy or the noise elsewhere
+    rng, frng, nrng = (np.random.default_rng([base, k]) for k in range(3))
     cv = _Canvas(size)
     c, hw, top = spec.cx, spec.half_width, spec.lung_top
     cp_mean = (spec.cp_left + spec.cp_right) / 2
@@ -421,15 +423,15 @@ def render(spec: PhantomSpec, size: int = 128, seed: int | None = None) -> tuple
             fluid = np.maximum(fluid, _effusion_mask(spec, side, lungs[side], cv))
     if spec.consolidation != "none":
         side = spec.consolidation.split("_")[0]
-        u0, v0 = _zone_center(spec, spec.consolidation, rng)
+        u0, v0 = _zone_center(spec, spec.consolidation, frng)
         blob = np.zeros_like(D)
         for _ in range(5):
-            blob = np.maximum(blob, cv.disc(u0 + rng.normal(0, 0.03), v0 + rng.normal(0, 0.03),
-                                            rng.uniform(0.035, 0.065)))
-        blob = cv.blur(blob, 0.018) * lungs[side] * rng.uniform(0.6, 0.8)
+            blob = np.maximum(blob, cv.disc(u0 + frng.normal(0, 0.03), v0 + frng.normal(0, 0.03),
+                                            frng.uniform(0.035, 0.065)))
+        blob = cv.blur(blob, 0.018) * lungs[side] * frng.uniform(0.6, 0.8)
         fluid = np.maximum(fluid, blob * (1 - 0.5 * cv.blur(markings, 0.003)))
     if spec.nodule != "none":
-        u0, v0 = _zone_center(spec, spec.nodule, rng)
+        u0, v0 = _zone_center(spec, spec.nodule, frng)
         D += 0.45 * cv.blur(cv.disc(u0, v0, spec.nodule_radius), 0.004)
     D = D * (1 - fluid) + 1.05 * fluid
 
@@ -475,8 +477,8 @@ def render(spec: PhantomSpec, size: int = 128, seed: int | None = None) -> tuple
     # film: blur, tone curve, low-frequency unevenness, grain
     D = cv.blur(D, 0.004)
     img = 1.0 - np.exp(-spec.gain * np.clip(D, 0, None))
-    low = cv2.resize(rng.standard_normal((6, 6)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC)
-    img = np.clip(img + 0.025 * low + 0.018 * rng.standard_normal((size, size), dtype=np.float32), 0, 1)
+    low = cv2.resize(nrng.standard_normal((6, 6)).astype(np.float32), (size, size), interpolation=cv2.INTER_CUBIC)
+    img = np.clip(img + 0.025 * low + 0.018 * nrng.standard_normal((size, size), dtype=np.float32), 0, 1)
     img = img ** spec.gamma
     mask = None
     if spec.text:

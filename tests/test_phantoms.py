@@ -1,0 +1,207 @@
+"""Phantom generator and its analytic scorer: findings land where they should and read back."""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from cxrcommon.imageio import read_image, read_png_text
+from cxrcommon.manifest import read_manifest
+from cxrcommon.tokenizer import clip_tokenizer
+from eval import phantom_score as ps
+from finetune import phantoms as ph
+
+NONE = {k: 0.0 for k in ph.DEFAULT_PROBS}
+
+
+@pytest.fixture(scope="module")
+def clean() -> ph.PhantomSpec:
+    """A phantom with no findings, no devices, no text."""
+    return ph.sample_spec(np.random.default_rng(11), finding_probs=NONE)
+
+
+def _region(img: np.ndarray, spec: ph.PhantomSpec, side: str) -> float:
+    """Mean of the lower lateral lung of one patient side (patient's left = image right)."""
+    n = img.shape[0]
+    s = 1 if side == "left" else -1
+    u0, u1 = sorted((spec.cx + s * 0.22, spec.cx + s * 0.32))
+    return float(img[int(0.6 * n):int(0.72 * n), int(u0 * n):int(u1 * n)].mean())
+
+
+def test_render_is_deterministic_by_seed(clean):
+    spec = dataclasses.replace(clean, text=(("PORTABLE", 0.05, 0.05, 0.04),))
+    a, ma = ph.render(spec, 64)
+    b, mb = ph.render(spec, 64)
+    c, _ = ph.render(spec, 64, seed=spec.seed + 1)
+    assert a.dtype == np.float32 and a.shape == (64, 64) and 0 <= a.min() and a.max() <= 1
+    assert np.array_equal(a, b) and np.array_equal(ma, mb)
+    assert not np.array_equal(a, c)
+    s1 = ph.sample_spec(np.random.default_rng(3))
+    assert s1 == ph.sample_spec(np.random.default_rng(3)) != ph.sample_spec(np.random.default_rng(4))
+
+
+def test_looks_like_a_chest(clean):
+    img, mask = ph.render(clean, 128)
+    n = 128
+    lung = img[int(0.35 * n):int(0.5 * n), int((clean.cx + 0.18) * n):int((clean.cx + 0.26) * n)].mean()
+    heart = img[int(0.55 * n):int(0.62 * n), int((clean.cx - 0.02) * n):int((clean.cx + 0.08) * n)].mean()
+    air = img[int(0.5 * n):, :3].mean()
+    assert mask is None
+    assert heart > lung + 0.2 and lung > air
+
+
+@pytest.mark.parametrize("side,bright,dark", [("left", "left", "right"), ("right", "right", "left")])
+def test_effusion_brightens_its_own_costophrenic_region(clean, side, bright, dark):
+    base = ph.render(clean, 96)[0]
+    eff = ph.render(dataclasses.replace(clean, effusion=side, effusion_size="large"), 96)[0]
+    assert _region(eff, clean, bright) - _region(base, clean, bright) > 0.15
+    assert abs(_region(eff, clean, dark) - _region(base, clean, dark)) < 0.02
+    # the patient's left is the image right
+    n = eff.shape[1]
+    right_half = (eff - base)[:, n // 2:].sum()
+    left_half = (eff - base)[:, :n // 2].sum()
+    assert (right_half > 5 * left_half) if side == "left" else (left_half > 5 * right_half)
+
+
+def test_findings_change_the_image_where_they_should(clean):
+    n = 96
+    base = ph.render(clean, n)[0]
+
+    def diff(**kw):
+        return np.abs(ph.render(dataclasses.replace(clean, **kw), n)[0] - base)
+
+    # cardiomegaly widens the heart into the image-right lower lung
+    d = diff(ctr=0.66)
+    assert d[:, n // 2:].sum() > 2 * d[:, :n // 2].sum() and d.sum() > 20
+    # pneumothorax on the right: changes confined to the image-left lung
+    d = diff(pneumothorax="right", pneumothorax_size=0.35)
+    assert d[:, :n // 2].sum() > 5 * d[:, n // 2:].sum() and d.sum() > 10
+    # consolidation in the left upper zone: upper image-right quadrant
+    d = diff(consolidation="left_upper")
+    assert d[:n // 2, n // 2:].sum() > 3 * (d.sum() - d[:n // 2, n // 2:].sum())
+    # a pacemaker is metal: a near-white blob in the image-right upper chest
+    img = ph.render(dataclasses.replace(clean, devices=("pacemaker",)), n)[0]
+    assert img[:n // 3, n // 2:].max() > 0.95 > base[:n // 3, n // 2:].max()
+    # an ET tube is a bright line on the midline in the neck
+    d = diff(devices=("et_tube",))
+    col = int(clean.cx * n)
+    assert d[:int(0.2 * n), col - 2:col + 3].mean() > 0.1
+
+
+def test_text_mask_covers_the_rendered_text(clean):
+    spec = dataclasses.replace(clean, text=(("L", 0.85, 0.06, 0.06), ("PORTABLE", 0.03, 0.9, 0.04),
+                                            ("03/14/2019", 0.5, 0.04, 0.03)))
+    with_text, mask = ph.render(spec, 128)
+    without, none = ph.render(clean, 128)
+    changed = np.abs(with_text - without) > 0.02
+    assert none is None and mask.dtype == bool and changed.sum() > 50
+    assert changed[~mask].sum() == 0          # every changed pixel is inside the mask
+    assert mask.sum() < 0.06 * mask.size       # and it is text-sized, not a blanket
+    rows = np.flatnonzero(mask.any(axis=1))
+    assert rows.min() < 0.15 * 128 and rows.max() > 0.85 * 128  # top markers and bottom PORTABLE
+
+
+def test_sampler_honours_exclude_and_probabilities():
+    rng = np.random.default_rng(0)
+    specs = [ph.sample_spec(rng, exclude=("pneumothorax",), finding_probs={"effusion": 1.0}) for _ in range(100)]
+    assert all(s.pneumothorax == "none" for s in specs)
+    assert all(s.effusion in ("left", "right", "bilateral") for s in specs)
+    assert {s.effusion for s in specs} == {"left", "right", "bilateral"}
+    with pytest.raises(ValueError, match="pneumothroax"):
+        ph.sample_spec(rng, exclude=("pneumothroax",))
+
+
+def test_captions_mention_findings_vary_and_fit_clip(clean):
+    rng = np.random.default_rng(0)
+    spec = dataclasses.replace(clean, effusion="left", effusion_size="moderate", ctr=0.62)
+    caps = {ph.caption(spec, rng) for _ in range(40)}
+    assert len(caps) >= 8
+    for c in caps:
+        low = c.lower()
+        assert "left" in low and "effusion" in low and "moderate" in low and "right" not in low
+        assert any(w in low for w in ("cardiomegaly", "enlarged"))
+    normal = {ph.caption(clean, rng) for _ in range(30)}
+    assert len(normal) >= 3 and not any("left" in c.lower() or "right" in c.lower() for c in normal)
+    ptx = ph.caption(dataclasses.replace(clean, pneumothorax="right", pneumothorax_size=0.3), rng)
+    assert "right" in ptx.lower() and "pneumothorax" in ptx.lower()
+    tok = clip_tokenizer()
+    longest = max(len(tok(ph.caption(ph.sample_spec(rng), rng)).input_ids) for _ in range(300))
+    assert longest <= 77
+
+
+def test_labels_follow_the_spec(clean):
+    lab = ph.labels(clean)
+    assert lab["normal"] and not lab["cardiomegaly"] and lab["effusion"] == "none"
+    lab = ph.labels(dataclasses.replace(clean, ctr=0.6, devices=("et_tube",), effusion="right",
+                                        effusion_size="small"))
+    assert lab["cardiomegaly"] and lab["et_tube"] and not lab["pacemaker"] and not lab["normal"]
+    assert lab["effusion"] == "right" and lab["effusion_size"] == "small"
+
+
+@pytest.mark.parametrize("size", [128, 64])
+def test_scorer_classifies_effusion_on_held_out_phantoms(size):
+    """Thresholds come from seeds >= CALIBRATION_SEED; these phantoms use seeds 0..99."""
+    assert ps.CALIBRATION_SEED > 1000
+    hits: dict[str, list[bool]] = {}
+    for img, side in ps.effusion_set(100, size, seed=0):
+        hits.setdefault(side, []).append(ps.classify_effusion(img) == side)
+    acc = {k: float(np.mean(v)) for k, v in hits.items()}
+    assert set(acc) == {"none", "left", "right"} and all(len(v) == 100 for v in hits.values())
+    assert min(acc.values()) >= 0.95, acc
+
+
+def test_scorer_ctr_rises_with_the_cardiomegaly_parameter(clean):
+    ctrs = [0.40, 0.48, 0.56, 0.64]
+    measured = [np.mean([ps.measure(ph.render(dataclasses.replace(clean, ctr=c), 128, seed=s)[0])["ctr"]
+                         for s in range(3)]) for c in ctrs]
+    assert all(b > a for a, b in zip(measured, measured[1:])), measured
+    assert abs(measured[-1] - 0.64) < 0.08 and abs(measured[1] - 0.48) < 0.08
+
+
+def test_prompt_adherence_and_input_forms(clean, tmp_path):
+    imgs = [ph.render(dataclasses.replace(clean, effusion=s, effusion_size="large"), 128)[0]
+            for s in ("left", "right")] + [ph.render(clean, 128)[0]]
+    assert ps.prompt_adherence(imgs, ["left", "right", "none"]) == 1.0
+    assert ps.prompt_adherence(imgs, [{"effusion": "right"}, {"effusion": "left"}, {"effusion": "none"}]) == \
+        pytest.approx(1 / 3)
+    # uint8 RGB at another size, and a file path, read the same
+    rgb = np.repeat((imgs[0] * 255).astype(np.uint8)[..., None], 3, axis=2)
+    assert ps.classify_effusion(rgb) == "left"
+    from cxrcommon.imageio import write_png
+    path = write_png(tmp_path / "x.png", ph.render(dataclasses.replace(clean, effusion="right",
+                                                                        effusion_size="large"), 200)[0])
+    assert ps.classify_effusion(path) == "right"
+    with pytest.raises(ValueError, match="2 images but 1"):
+        ps.prompt_adherence(imgs[:2], ["left"])
+    with pytest.raises(ValueError, match="unknown attribute"):
+        ps.prompt_adherence(imgs, ["left"] * 3, attribute="nodule")
+
+
+def test_dataset_writer_is_imagefolder_and_resumes(tmp_path):
+    out = tmp_path / "ph"
+    meta = ph.make_dataset(out, 12, size=48, seed=5, exclude=("pneumothorax",), progress=False)
+    rows = [json.loads(line) for line in meta.read_text().splitlines()]
+    assert len(rows) == 12 and all(r["pneumothorax"] == "none" for r in rows)
+    assert {"file_name", "text", "patient_id", "effusion", "cardiomegaly"} <= set(rows[0])
+    assert len({r["patient_id"] for r in rows}) == 12
+    for r in rows:
+        img = read_image(out / r["file_name"])
+        assert img.shape == (48, 48)
+        assert bool(r["text_mask"]) == r["burnt_in_text"]
+    tags = read_png_text(out / rows[0]["file_name"])
+    assert tags["synthetic"] == "true" and tags["caption"] == rows[0]["text"]
+    records = read_manifest(meta)
+    assert len(records) == 12 and records[3].text == rows[3]["text"]
+    # resume: delete one image, touch nothing else; only that one is redrawn, identically
+    victim = out / rows[4]["file_name"]
+    before = read_image(victim)
+    victim.unlink()
+    keep = out / rows[5]["file_name"]
+    mtime = keep.stat().st_mtime_ns
+    meta2 = ph.make_dataset(out, 12, size=48, seed=5, exclude=("pneumothorax",), progress=False)
+    assert meta2.read_text() == meta.read_text()
+    assert np.array_equal(read_image(victim), before) and keep.stat().st_mtime_ns == mtime
+    with pytest.raises(ValueError, match="another --out folder"):
+        ph.make_dataset(out, 12, size=64, seed=5, progress=False)
