@@ -18,6 +18,8 @@ class TextRemovalConfig:
                                    "Smaller is faster; 640 keeps recall on 1024² CXRs (docs/BENCHMARKS.md)")
     det_box_thresh: float = field(0.5, "DBNet box score below which a detection is dropped")
     det_unclip_ratio: float = field(1.6, "how far DBNet grows each text kernel into a box")
+    max_box_fraction: float = field(0.25, "drop boxes larger than this fraction of the image in both width and "
+                                          "height (DBNet sometimes boxes the whole film)")
     recognize: bool = field(True, "read the text in each box (needed for --keep-markers / --erase-pattern)")
     ocr_threads: int = field(0, "onnxruntime threads per process; 0 = library default (all cores)")
     keep_markers: bool = field(False, "keep laterality markers (L/R, D/I, Sx/Dx) and erase everything else")

@@ -80,12 +80,13 @@ class RapidOCRDetector:
             x0, y0 = np.floor(pts.min(axis=0)).astype(int)
             x1, y1 = np.ceil(pts.max(axis=0)).astype(int) + 1
             box = (max(0, x0), max(0, y0), min(w, x1), min(h, y1))
-            if box[2] <= box[0] or box[3] <= box[1]:
+            bw, bh = box[2] - box[0], box[3] - box[1]
+            if bw <= 0 or bh <= 0 or min(bw / w, bh / h) > self.cfg.max_box_fraction:
                 continue
             regions.append(TextRegion(box=tuple(int(v) for v in box),
                                       polygon=[(int(round(x)), int(round(y))) for x, y in pts],
                                       score=round(float(score), 4)))
-        if self.rec is not None:
+        if self.rec is not None and regions:
             self._read(gray, regions)
         for r in regions:
             r.action = decide_action(r.text, self.cfg)

@@ -23,7 +23,7 @@ LINES = ["PORTABLE", "AP SUPINE", "AP ERECT", "SEMI-SENTADO", "PA", "UPRIGHT", "
 class SynthSample:
     image: np.ndarray                       # uint8 with text
     original: np.ndarray                    # uint8 without text
-    boxes: list[tuple[int, int, int, int]]  # x0, y0, x1, y1 (exclusive) of each rendered item
+    boxes: list[tuple[int, int, int, int]]  # x0, y0, x1, y1 (exclusive): every pixel an item changed
     texts: list[str]
     mask: np.ndarray                        # bool, glyph pixels (alpha > 0.1)
 
@@ -90,8 +90,9 @@ def render(original: np.ndarray, rng: np.random.Generator, n_items: tuple[int, i
         alpha = np.asarray(layer, np.float32) / 255.0
         if rng.random() < 0.5:
             alpha = cv2.GaussianBlur(alpha, (0, 0), rng.uniform(0.4, 1.0))
+        alpha[alpha < 0.01] = 0  # so the box below bounds every changed pixel
         glyph = alpha > 0.1
-        ys, xs = np.nonzero(glyph)
+        ys, xs = np.nonzero(alpha)
         if not len(xs):
             continue
         region = out[glyph]
