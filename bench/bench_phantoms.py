@@ -1,0 +1,81 @@
+"""Phantom generator speed and analytic-scorer accuracy; prints a Markdown table for docs/BENCHMARKS.md.
+
+    python bench/bench_phantoms.py [--n 300]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from eval import phantom_score as ps  # noqa: E402
+from finetune import phantoms as ph  # noqa: E402
+
+
+def speed(n: int, size: int) -> float:
+    specs = [ph.sample_spec(np.random.default_rng(i)) for i in range(n)]
+    t = time.perf_counter()
+    for s in specs:
+        ph.render(s, size)
+    return n / (time.perf_counter() - t)
+
+
+def writer_speed(n: int, size: int) -> float:
+    with tempfile.TemporaryDirectory() as d:
+        t = time.perf_counter()
+        ph.make_dataset(d, n, size, seed=0, progress=False)
+        return n / (time.perf_counter() - t)
+
+
+def accuracy(n: int, size: int, sizes: tuple[str, ...]) -> dict[str, float]:
+    hits: dict[str, list[bool]] = {}
+    for img, side in ps.effusion_set(n, size, seed=0, sizes=sizes):  # held out: calibration uses 1e6+
+        hits.setdefault(side, []).append(ps.classify_effusion(img) == side)
+    return {k: float(np.mean(v)) for k, v in hits.items()}
+
+
+def ctr_corr(n: int) -> tuple[float, float]:
+    meas, true, clean_m, clean_t = [], [], [], []
+    for i in range(n):
+        s = ph.sample_spec(np.random.default_rng(50_000 + i))
+        m = ps.measure(ph.render(s, 128)[0])["ctr"]
+        meas.append(m)
+        true.append(s.ctr)
+        if s.effusion == "none" and s.consolidation == "none":
+            clean_m.append(m)
+            clean_t.append(s.ctr)
+    return float(np.corrcoef(meas, true)[0, 1]), float(np.corrcoef(clean_m, clean_t)[0, 1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=300, help="phantoms per class / per timing run")
+    n = ap.parse_args().n
+    print(f"command: python bench/bench_phantoms.py --n {n}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
+          f"Python {platform.python_version()}\n")
+    print("| measure | value |\n|---|---|")
+    for size in (64, 128, 256):
+        print(f"| render speed {size}² | {speed(n, size):.0f} images/s |")
+    print(f"| make_dataset 128² (render + atomic fsynced PNG) | {writer_speed(n, 128):.0f} images/s |")
+    for size in (128, 64):
+        acc = accuracy(n, size, ("moderate", "large"))
+        print(f"| effusion accuracy {size}², moderate/large, n={n}/class | "
+              + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + " |")
+    acc = accuracy(n, 128, ("small",))
+    print(f"| effusion accuracy 128², small only, n={n}/class | "
+          + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + " |")
+    r_all, r_clean = ctr_corr(n)
+    print(f"| CTR measured vs true, Pearson r (all / no effusion+consolidation), n={n} | "
+          f"{r_all:.2f} / {r_clean:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
