@@ -2,8 +2,8 @@
 
 Why: proving that the embedded model learns needs a judge that is independent of the model. The
 phantom generator (finetune.phantoms) draws findings in known places, so simple region statistics
-read them back: brightness of each costophrenic region (pleural effusion), heart width over chest width
-(cardiomegaly), darkness of the lateral lung (pneumothorax). Works on any size; image RIGHT is the
+read them back: brightness of each costophrenic region (pleural effusion) and heart width over chest
+width (cardiomegaly). Pneumothorax is not scored yet. Works on any size; image RIGHT is the
 patient's LEFT. Thresholds are calibrated on phantoms from one seed range (`calibrate`) and tested on
 another; rerun `python -m eval.phantom_score --calibrate` after changing the generator.
 """
