@@ -1,0 +1,1 @@
+"""Realism evaluation: FID/KID/PRDC, diversity, memorisation, reader studies, downstream utility."""

@@ -1,0 +1,205 @@
+"""Downstream utility: does adding synthetic images to the real training set help a classifier?
+
+Trains the same small classifier (torchvision resnet18, random init) twice, on real and on real+synthetic,
+and compares AUC/accuracy on a held-out real test set with bootstrap CIs (paired, so the difference has a
+CI too). Metrics are sklearn's; predictions are saved so anyone can recompute them."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cxrcommon.atomic import atomic_write_text
+from cxrcommon.config import field
+from cxrcommon.device import pick_device
+from cxrcommon.logs import setup_logging
+
+from .cli import parse
+from .features import to_square_tensor
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class AugmentConfig:
+    real_train: str = field("", "manifest (.csv/.jsonl) of real training images with a label column")
+    synthetic: str = field("", "manifest of synthetic images with the same label column")
+    test: str = field("", "manifest of held-out REAL test images (patients not in real_train)")
+    image_column: str = field("image", "manifest column holding image paths")
+    label_column: str = field("label", "manifest column holding the class label")
+    arch: str = field("resnet18", "torchvision classifier, random init (weights=None)")
+    size: int = field(128, "square input side")
+    epochs: int = field(10, "training epochs (same for both runs)")
+    batch_size: int = field(32, "batch size")
+    lr: float = field(1e-3, "AdamW learning rate")
+    seed: int = field(0, "seed for initialisation, shuffling and bootstrap")
+    n_boot: int = field(1000, "bootstrap resamples of the test set for CIs")
+    device: str = field("auto", "cpu, cuda, mps, xpu or auto")
+    out: str = field("eval_out/augment", "folder for augment.json, .md, predictions.csv and plots")
+    verbose: bool = field(False, "debug logging")
+
+
+def load_set(manifest: str | Path, size: int, image_column: str = "image",
+             label_column: str = "label") -> tuple[torch.Tensor, list[str], list[Path]]:
+    """(N, 1, size, size) images in [0, 1], their labels and paths; unreadable or unlabeled rows are skipped."""
+    from cxrcommon.imageio import ImageReadError, read_image
+    from cxrcommon.manifest import Columns, read_manifest
+    records = read_manifest(manifest, Columns(image=image_column, text=None, label=label_column), on_error="skip")
+    imgs, labels, paths = [], [], []
+    for r in records:
+        if not r.label:
+            log.warning("%s:%d: no %r; skipped", manifest, r.line, label_column)
+            continue
+        try:
+            imgs.append(to_square_tensor(read_image(r.image), size))
+        except (ImageReadError, OSError) as exc:
+            log.warning("%s:%d: skipping %s: %s", manifest, r.line, r.image, exc)
+            continue
+        labels.append(r.label)
+        paths.append(r.image)
+    if not imgs:
+        raise ValueError(f"{manifest}: no readable, labelled images (columns {image_column!r}, {label_column!r})")
+    return torch.cat(imgs), labels, paths
+
+
+def train_classifier(x: torch.Tensor, y: torch.Tensor, n_classes: int, *, arch: str = "resnet18", epochs: int = 10,
+                     batch_size: int = 32, lr: float = 1e-3, seed: int = 0, device: str = "auto",
+                     desc: str = "train") -> torch.nn.Module:
+    """A randomly initialised torchvision classifier trained with AdamW + cross-entropy."""
+    import torchvision
+    dev = pick_device(device)
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(arch, weights=None, num_classes=n_classes).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    model.train()
+    for _ in tqdm(range(epochs), desc=desc, leave=False):
+        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
+            if len(idx) < 2:  # BatchNorm cannot train on one image
+                continue
+            loss = F.cross_entropy(model(x[idx].expand(-1, 3, -1, -1).to(dev)), y[idx].to(dev))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, x: torch.Tensor, batch_size: int = 64) -> np.ndarray:
+    dev = next(model.parameters()).device
+    out = [model(part.expand(-1, 3, -1, -1).to(dev)).softmax(1).cpu() for part in x.split(batch_size)]
+    return torch.cat(out).double().numpy()
+
+
+def auc(y: np.ndarray, probs: np.ndarray) -> float:
+    """sklearn ROC AUC: binary on the second class, else macro one-vs-rest."""
+    from sklearn.metrics import roc_auc_score
+    if probs.shape[1] == 2:
+        return float(roc_auc_score(y == 1, probs[:, 1]))
+    return float(roc_auc_score(y, probs, multi_class="ovr", average="macro", labels=list(range(probs.shape[1]))))
+
+
+def accuracy(y: np.ndarray, probs: np.ndarray) -> float:
+    from sklearn.metrics import accuracy_score
+    return float(accuracy_score(y, probs.argmax(1)))
+
+
+def bootstrap(y: np.ndarray, a: np.ndarray, b: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Paired percentile bootstrap (95%) of AUC and accuracy for models a and b and of b - a."""
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {k: [] for k in ("auc_a", "auc_b", "acc_a", "acc_b")}
+    for _ in range(n_boot):
+        i = rng.integers(0, len(y), len(y))
+        if len(np.unique(y[i])) < len(np.unique(y)):  # AUC undefined without every class present
+            continue
+        draws["auc_a"].append(auc(y[i], a[i]))
+        draws["auc_b"].append(auc(y[i], b[i]))
+        draws["acc_a"].append(accuracy(y[i], a[i]))
+        draws["acc_b"].append(accuracy(y[i], b[i]))
+    d = {k: np.asarray(v) for k, v in draws.items()}
+    d["auc_diff"], d["acc_diff"] = d["auc_b"] - d["auc_a"], d["acc_b"] - d["acc_a"]
+    ci = {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if len(v) else [float("nan")] * 2
+          for k, v in d.items()}
+    return {"n_boot_used": len(d["auc_a"]), "ci95": ci}
+
+
+def augment(real_train: str | Path, synthetic: str | Path, test: str | Path, *, image_column: str = "image",
+            label_column: str = "label", arch: str = "resnet18", size: int = 128, epochs: int = 10,
+            batch_size: int = 32, lr: float = 1e-3, seed: int = 0, n_boot: int = 1000, device: str = "auto",
+            out: str | Path | None = None) -> dict[str, Any]:
+    """Train on real and on real+synthetic; AUC/accuracy on the real test set with paired bootstrap CIs."""
+    xr, lr_, _ = load_set(real_train, size, image_column, label_column)
+    xs, ls, _ = load_set(synthetic, size, image_column, label_column)
+    xt, lt, pt = load_set(test, size, image_column, label_column)
+    classes = sorted(set(lr_) | set(ls))
+    unknown = sorted(set(lt) - set(classes))
+    if unknown or len(classes) < 2:
+        raise ValueError(f"{test}: test labels {unknown} never occur in training" if unknown else
+                         f"{real_train}: need at least two classes, found {classes}")
+    index = {c: i for i, c in enumerate(classes)}
+    yr, ys, yt = (torch.tensor([index[c] for c in labels]) for labels in (lr_, ls, lt))
+    kw = dict(arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
+    p_real = predict(train_classifier(xr, yr, len(classes), desc="real only", **kw), xt)
+    p_aug = predict(train_classifier(torch.cat([xr, xs]), torch.cat([yr, ys]), len(classes),
+                                     desc="real+synthetic", **kw), xt)
+    y = yt.numpy()
+    boot = bootstrap(y, p_real, p_aug, n_boot, seed)
+    result = {"classes": classes, "n_real_train": len(lr_), "n_synthetic": len(ls), "n_test": len(lt),
+              "arch": f"{arch} (torchvision, weights=None)", "size": size, "epochs": epochs,
+              "auc_real": auc(y, p_real), "auc_real_plus_synthetic": auc(y, p_aug),
+              "acc_real": accuracy(y, p_real), "acc_real_plus_synthetic": accuracy(y, p_aug), **boot}
+    result["auc_diff"] = result["auc_real_plus_synthetic"] - result["auc_real"]
+    if out:
+        buf = io.StringIO()
+        w = csv.writer(buf, lineterminator="\n")
+        w.writerow(["image", "label", "model"] + [f"p_{c}" for c in classes])
+        for name, probs in (("real", p_real), ("real+synthetic", p_aug)):
+            w.writerows([str(p), lt[i], name] + [repr(float(v)) for v in probs[i]] for i, p in enumerate(pt))
+        atomic_write_text(Path(out) / "predictions.csv", buf.getvalue())
+        result["report"] = _report(out, result)
+    return result
+
+
+def _report(out: str | Path, r: dict[str, Any]) -> dict[str, str]:
+    import matplotlib.pyplot as plt
+    from .report import write_report
+    ci = r["ci95"]
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for x, (name, m, c) in enumerate([("real", r["auc_real"], ci["auc_a"]),
+                                      ("real+synthetic", r["auc_real_plus_synthetic"], ci["auc_b"])]):
+        ax.errorbar(x, m, yerr=[[m - c[0]], [c[1] - m]], fmt="o", capsize=4)
+    ax.set_xticks([0, 1], ["real", "real+synthetic"])
+    ax.set_ylabel("test AUC (95% bootstrap CI)")
+    notes = [f"**Classifier:** {r['arch']}, {r['size']}x{r['size']}, {r['epochs']} epochs",
+             f"**N:** {r['n_real_train']} real train, {r['n_synthetic']} synthetic, {r['n_test']} real test",
+             f"**AUC difference (real+synthetic - real):** {r['auc_diff']:+.4f}, 95% CI "
+             f"[{ci['auc_diff'][0]:+.4f}, {ci['auc_diff'][1]:+.4f}] ({r['n_boot_used']} paired bootstrap resamples)"]
+    return write_report(out, "augment", r, title="Downstream utility: real vs real+synthetic training",
+                        notes=notes, figures={"auc": fig})
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    cfg = parse(AugmentConfig, argv, "Train a small classifier on real vs real+synthetic images and compare "
+                "test AUC/accuracy with bootstrap CIs.")
+    setup_logging(cfg.verbose)
+    if not (cfg.real_train and cfg.synthetic and cfg.test):
+        raise SystemExit("give --real-train, --synthetic and --test manifests")
+    result = augment(cfg.real_train, cfg.synthetic, cfg.test, image_column=cfg.image_column,
+                     label_column=cfg.label_column, arch=cfg.arch, size=cfg.size, epochs=cfg.epochs,
+                     batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, n_boot=cfg.n_boot, device=cfg.device,
+                     out=cfg.out)
+    print(f"AUC real {result['auc_real']:.4f} -> real+synthetic {result['auc_real_plus_synthetic']:.4f} "
+          f"(diff {result['auc_diff']:+.4f}); report {result['report']['markdown']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""Diversity of samples that share a prompt: mean pairwise MS-SSIM per group (lower = more diverse).
+
+A generator that ignores its seed (mode collapse) gives near-duplicates for a prompt and MS-SSIM near 1."""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from cxrcommon.atomic import read_jsonl
+from cxrcommon.config import field
+from cxrcommon.logs import setup_logging
+
+from .cli import parse
+from .features import to_square_tensor
+from .sources import list_images
+
+log = logging.getLogger(__name__)
+PATH_KEYS = ("image", "file", "file_name", "path")
+
+
+@dataclasses.dataclass
+class DiversityConfig:
+    dir: str = field("", "folder of generated images (positional DIR works too)")
+    group_by: str = field("prompt", "PNG text chunk / manifest.jsonl key whose equal values form a group")
+    size: int = field(256, "side images are resized to before MS-SSIM (>= 176 for the 5 standard scales)")
+    max_pairs: int = field(200, "at most this many random pairs per group (0 = all)")
+    seed: int = field(0, "seed for pair sampling")
+    out: str = field("eval_out/diversity", "folder for diversity.json, diversity.md and plots")
+    verbose: bool = field(False, "debug logging")
+
+
+def group_images(folder: str | Path, key: str = "prompt") -> dict[str, list[Path]]:
+    """Images grouped by `key`, from each PNG's text chunk, else from the folder's manifest.jsonl."""
+    from cxrcommon.imageio import read_png_text
+    folder = Path(folder)
+    from_manifest: dict[str, str] = {}
+    for row in read_jsonl(folder / "manifest.jsonl"):
+        name = next((row[k] for k in PATH_KEYS if k in row), None)
+        if name is not None and key in row:
+            from_manifest[Path(name).name] = str(row[key])
+    groups: dict[str, list[Path]] = defaultdict(list)
+    missing = 0
+    for p in list_images(folder):
+        value = read_png_text(p).get(key) if p.suffix.lower() == ".png" else None
+        value = value if value is not None else from_manifest.get(p.name)
+        if value is None:
+            missing += 1
+        else:
+            groups[value].append(p)
+    if missing:
+        log.warning("%d image(s) in %s carry no %r (PNG text chunk or manifest.jsonl); left out", missing, folder, key)
+    return dict(groups)
+
+
+def ms_ssim_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """MS-SSIM (torchmetrics, 5 scales, data range 1) of each pair of (N, 1, S, S) images."""
+    from torchmetrics.functional.image import multiscale_structural_similarity_index_measure as ms_ssim
+    return ms_ssim(a, b, data_range=1.0, reduction="none").reshape(-1)
+
+
+def diversity(folder: str | Path, group_by: str = "prompt", *, size: int = 256, max_pairs: int = 200,
+              seed: int = 0) -> dict[str, Any]:
+    """Per-group and pooled mean pairwise MS-SSIM; groups with one image are reported but not scored."""
+    from cxrcommon.imageio import read_image
+    if size < 176:
+        raise ValueError(f"--size {size}: MS-SSIM with 5 scales and an 11-px window needs images of at least 176 px")
+    groups = group_images(folder, group_by)
+    if not groups:
+        raise ValueError(f"{folder}: no image carries a {group_by!r} value; generate with the synthcxr generator "
+                         f"(it writes the prompt into each PNG) or add a manifest.jsonl with {group_by!r}")
+    rng = random.Random(seed)
+    rows, scores = [], []
+    for value, paths in sorted(groups.items()):
+        pairs = list(itertools.combinations(range(len(paths)), 2))
+        if max_pairs and len(pairs) > max_pairs:
+            pairs = rng.sample(pairs, max_pairs)
+        row = {"group": value[:80], "n_images": len(paths), "n_pairs": len(pairs), "ms_ssim": float("nan")}
+        if pairs:
+            imgs = torch.cat([to_square_tensor(read_image(p), size) for p in paths])
+            i, j = (torch.tensor(x) for x in zip(*pairs))
+            s = ms_ssim_pairs(imgs[i], imgs[j])
+            row["ms_ssim"] = float(s.mean())
+            scores.append(s)
+        rows.append(row)
+    pooled = torch.cat(scores) if scores else torch.zeros(0)
+    return {"folder": str(folder), "group_by": group_by, "size": size, "n_groups": len(groups),
+            "n_scored_groups": len(scores), "n_images": sum(len(v) for v in groups.values()),
+            "n_pairs": int(pooled.numel()),
+            "ms_ssim_mean": float(pooled.mean()) if pooled.numel() else float("nan"),
+            "ms_ssim_std": float(pooled.std()) if pooled.numel() > 1 else float("nan"),
+            "groups": rows, "pair_scores": pooled.tolist()}
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    cfg = parse(DiversityConfig, argv, "MS-SSIM among samples of the same prompt (lower = more diverse). "
+                "Usage: python -m eval.diversity DIR [--group-by prompt]", positional=("dir",))
+    setup_logging(cfg.verbose)
+    if not cfg.dir:
+        raise SystemExit("give the folder of generated images: python -m eval.diversity DIR")
+    import matplotlib.pyplot as plt
+    from .report import markdown_table, write_report
+    result = diversity(cfg.dir, cfg.group_by, size=cfg.size, max_pairs=cfg.max_pairs, seed=cfg.seed)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(np.asarray(result["pair_scores"]), bins=30, range=(0, 1), color="tab:blue")
+    ax.set_xlabel("pairwise MS-SSIM within a prompt (lower = more diverse)")
+    ax.set_ylabel("pairs")
+    notes = [f"**Images:** {result['n_images']} in {result['n_groups']} groups by `{cfg.group_by}`; "
+             f"resized to {cfg.size}x{cfg.size}; 5-scale MS-SSIM (torchmetrics)",
+             f"**Mean MS-SSIM:** {result['ms_ssim_mean']:.4f} over {result['n_pairs']} pairs"]
+    result["report"] = write_report(cfg.out, "diversity", result, title="Diversity (MS-SSIM within prompt)",
+                                    notes=notes, sections={"Groups": markdown_table(result["groups"])},
+                                    figures={"hist": fig})
+    print(f"mean MS-SSIM {result['ms_ssim_mean']:.4f} over {result['n_pairs']} pairs; report {result['report']['markdown']}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
