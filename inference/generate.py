@@ -1,0 +1,329 @@
+"""`python -m inference.generate`: a prompt file -> a folder of synthetic CXRs, each with provenance.
+
+Streams (memory does not grow with the number of images), writes every image atomically with a
+manifest.jsonl row, resumes where a crashed or interrupted run stopped, refuses to mix images made
+with different settings in one folder, and shards work over processes under `accelerate launch`."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from cxrcommon.atomic import append_jsonl, atomic_write_text, read_jsonl
+from cxrcommon.config import parse_config, to_dict
+from cxrcommon.imageio import read_image, save_image, to_square
+from cxrcommon.logs import setup_logging
+from cxrcommon.models import resolve_model
+from cxrcommon.provenance import SOFTWARE, file_sha256, provenance
+from cxrcommon.reports import fit_clip_limit, normalize_report
+
+from .config import GenerateConfig
+from .prompts import PromptRow, read_prompts, write_prompts_jsonl
+from .sampler import CXRSampler, Request, Translation, derive_seed
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.jsonl"
+SETTINGS = "settings.json"
+FORMATS = {"png": ".png", "png16": ".png", "dcm": ".dcm"}
+# options that change pixels or file layout; a folder is made with one value of each
+IMAGE_SETTINGS = ("steps", "guidance", "guidance_rescale", "guidance_interval", "scheduler", "seed",
+                  "negative_prompt", "height", "width", "format", "label_folders", "strength", "lora_scale",
+                  "clean", "clip_policy")
+
+
+class SettingsChangedError(RuntimeError):
+    """The output folder was started with other image-affecting settings."""
+
+
+@dataclass
+class Job:
+    """One image to make; `key` (its path relative to the output folder) identifies it across runs."""
+    key: str
+    prompt_index: int
+    k: int
+    seed: int
+    prompt: str
+    negative_prompt: str
+    label: str | None
+    truncated: bool = False
+
+
+@dataclass
+class GenerateSummary:
+    out: Path
+    model: str
+    planned: int       # images this process is responsible for
+    generated: int     # made by this run
+    skipped: int       # already finished by an earlier run
+    failed: int        # skipped after an error (logged); a rerun retries them
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.generated / self.seconds if self.seconds > 0 else 0.0
+
+
+def _safe_label(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", label).strip("._") or "unlabelled"
+
+
+def plan_jobs(rows: Sequence[PromptRow], *, base_seed: int, negative_prompt: str, fmt: str,
+              label_folders: bool) -> Iterator[Job]:
+    """Expand prompt rows into images. A row's own seed s gives images s, s+1, ...; otherwise image k
+    of the row on line i gets `derive_seed(base_seed, i, k)`. The file name carries a hash of prompt,
+    negative prompt and seed, so an edited prompt file never reuses a finished image for new text."""
+    for row in rows:
+        neg = row.negative_prompt if row.negative_prompt is not None else negative_prompt
+        for k in range(row.n):
+            seed = row.seed + k if row.seed is not None else derive_seed(base_seed, row.index, k)
+            tag = hashlib.sha256(json.dumps([row.prompt, neg, seed]).encode()).hexdigest()[:8]
+            name = f"{row.index:05d}_{k:04d}_{tag}{FORMATS[fmt]}"
+            folder = _safe_label(row.label or "unlabelled") + "/" if label_folders else ""
+            yield Job(folder + name, row.index, k, seed, row.prompt, neg, row.label)
+
+
+def shard_jobs(jobs: Iterable[Job], index: int, count: int) -> Iterator[Job]:
+    """This process's share: every count-th job from `index`, the same split on every rerun."""
+    if not 0 <= index < count:
+        raise ValueError(f"process index {index} is outside 0..{count - 1}")
+    return itertools.islice(jobs, index, None, count)
+
+
+def _batches(items: Iterable[Job], size: int) -> Iterator[list[Job]]:
+    it = iter(items)
+    while batch := list(itertools.islice(it, max(1, size))):
+        yield batch
+
+
+# ---------------------------------------------------------------- settings and manifest
+
+def check_settings(out: Path, settings: dict, force: bool) -> bool:
+    """True if `out` may be (re)used with `settings`; raise if they differ and not `force`.
+    Returns whether earlier results must be discarded."""
+    path = out / SETTINGS
+    if not path.is_file():
+        return False
+    old = json.loads(path.read_text(encoding="utf-8"))
+    changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if not changed:
+        return False
+    detail = "; ".join(f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+    if not force:
+        raise SettingsChangedError(f"{out} was started with other settings ({detail}); its images would not match. "
+                                   f"Use another --out, restore the settings, or pass --force to regenerate everything")
+    log.warning("--force: settings changed (%s); regenerating every image in %s", detail, out)
+    return True
+
+
+def _part_name(index: int, count: int) -> str:
+    return f"manifest.part{index:03d}-of{count:03d}.jsonl"
+
+
+def manifest_rows(out: Path) -> list[dict]:
+    """Rows of manifest.jsonl and of any per-process parts, one per key (the latest wins)."""
+    rows: dict[str, dict] = {}
+    for path in [out / MANIFEST, *sorted(out.glob("manifest.part*.jsonl"))]:
+        for row in read_jsonl(path):
+            rows[row["key"]] = row
+    return list(rows.values())
+
+
+def merge_manifests(out: Path) -> None:
+    """Fold per-process parts (and any torn last line) into one clean manifest.jsonl."""
+    main, parts = out / MANIFEST, sorted(out.glob("manifest.part*.jsonl"))
+    torn = main.is_file() and main.stat().st_size and not main.read_bytes().endswith(b"\n")
+    if not parts and not torn:
+        return
+    rows = manifest_rows(out)
+    atomic_write_text(main, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    for p in parts:
+        p.unlink()
+
+
+def finished_keys(out: Path) -> set[str]:
+    """Images recorded in the manifest whose file is on disk."""
+    return {r["key"] for r in manifest_rows(out) if (out / r["key"]).is_file()}
+
+
+# ---------------------------------------------------------------- inputs
+
+def _fit_prompts(rows: list[PromptRow], tokenizer, policy: str, source: str) -> tuple[list[PromptRow], set[int]]:
+    """Normalise report text and fit CLIP's 77 tokens; returns rows and the indices that were cut."""
+    fitted, cut = [], set()
+    for row in rows:
+        text, was_cut = fit_clip_limit(normalize_report(row.prompt), tokenizer, policy=policy,
+                                       name=f"{source}:{row.index}")
+        if was_cut:
+            log.warning("%s:%d: prompt cut to CLIP's 77 tokens: %r", source, row.index, text)
+            cut.add(row.index)
+        fitted.append(dataclasses.replace(row, prompt=text))
+    return fitted, cut
+
+
+def _translation(cfg: GenerateConfig) -> Translation | None:
+    if cfg.mask and not cfg.init_image:
+        raise ValueError("--mask needs --init-image (the image to inpaint into)")
+    if not cfg.init_image:
+        return None
+    if cfg.height != cfg.width:
+        raise ValueError(f"--init-image needs a square output; got --height {cfg.height} --width {cfg.width}")
+    image = to_square(read_image(cfg.init_image), cfg.height)
+    mask = to_square(read_image(cfg.mask), cfg.height) if cfg.mask else None
+    if mask is not None and not (mask >= 0.5).any():
+        raise ValueError(f"{cfg.mask}: the mask has no white (>= 50%) pixels, so nothing would change")
+    return Translation(image=image, strength=cfg.strength, mask=mask)
+
+
+def _load_rows(cfg: GenerateConfig, out: Path, is_main: bool) -> tuple[list[PromptRow], str]:
+    rows = read_prompts(cfg.prompts, default_n=cfg.n_per_prompt, skip_bad=cfg.skip_bad_lines) if cfg.prompts else None
+    if not cfg.balance:
+        if rows is None:
+            raise ValueError("pass --prompts FILE (or --balance MANIFEST to generate what evens out its classes)")
+        return rows, str(cfg.prompts)
+    from .balance import balance_prompts
+    rows = balance_prompts(cfg.balance, cfg.label_column, prompts=rows, text_column=cfg.text_column,
+                           image_column=cfg.image_column)
+    plan = out / "balance_prompts.jsonl"
+    if is_main:
+        write_prompts_jsonl(plan, rows)
+        log.info("balancing plan (%d images) written to %s", sum(r.n for r in rows), plan)
+    return rows, str(plan)
+
+
+def _process_layout(shard: tuple[int, int] | None, device: str):
+    """(index, count, device, barrier): `shard` when given (tests), else accelerate's process state."""
+    if shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+        state = PartialState()
+        return state.process_index, state.num_processes, str(state.device), state.wait_for_everyone
+    index, count = shard or (0, 1)
+    return index, count, device, lambda: None
+
+
+# ---------------------------------------------------------------- the job
+
+def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
+             on_image: Callable[[Path], None] | None = None) -> GenerateSummary:
+    """Run (or resume) a generation job. `shard=(index, count)` overrides the process layout;
+    `on_image(path)` is called after each image is on disk (progress for the app; tests use it)."""
+    if cfg.format not in FORMATS:
+        raise ValueError(f"--format {cfg.format!r} is not one of {', '.join(FORMATS)}")
+    if len(cfg.guidance_interval) != 2 or not 0 <= cfg.guidance_interval[0] <= cfg.guidance_interval[1] <= 1:
+        raise ValueError(f"--guidance-interval needs two fractions 0 <= lo <= hi <= 1, got {cfg.guidance_interval}")
+    out = Path(cfg.out)
+    index, count, device, barrier = _process_layout(shard, cfg.device)
+    is_main = index == 0
+    out.mkdir(parents=True, exist_ok=True)
+    rows, source = _load_rows(cfg, out, is_main)
+    translation = _translation(cfg)
+    cleaner = None
+    if cfg.clean:
+        from textremoval.clean import clean_image as cleaner  # lazy: only --clean pays for OCR models
+
+    model_source = resolve_model(cfg.model)
+    sampler = CXRSampler.load(model_source, lora=cfg.lora, lora_scale=cfg.lora_scale, device=device,
+                              precision=cfg.precision, scheduler=cfg.scheduler, channels_last=cfg.channels_last,
+                              fuse_qkv=cfg.fuse_qkv, decode_batch=cfg.decode_batch)
+    log.info("model: %s%s (%s on %s); LoRA: %s", cfg.model, f" -> {model_source}" if model_source != cfg.model else "",
+             sampler.dtype, sampler.device, cfg.lora or "none")
+    rows, cut = _fit_prompts(rows, sampler.tokenizer, cfg.clip_policy, source)
+
+    lora_sha = file_sha256(cfg.lora) if cfg.lora else None
+    settings = {k: getattr(cfg, k) for k in IMAGE_SETTINGS}
+    settings.update(model=str(cfg.model), model_path=model_source, lora_sha256=lora_sha, dtype=str(sampler.dtype),
+                    init_image_sha256=file_sha256(cfg.init_image) if cfg.init_image else None,
+                    mask_sha256=file_sha256(cfg.mask) if cfg.mask else None)
+    if not translation:
+        settings.pop("strength")
+    if is_main:
+        if check_settings(out, settings, cfg.force) and (out / MANIFEST).exists():
+            (out / MANIFEST).rename(out / f"manifest.replaced-{int(time.time())}.jsonl")
+            for part in out.glob("manifest.part*.jsonl"):
+                part.unlink()
+        merge_manifests(out)
+        atomic_write_text(out / SETTINGS, json.dumps(settings, indent=1, sort_keys=True))
+    barrier()
+    if not is_main:
+        check_settings(out, settings, force=False)
+
+    def my_jobs() -> Iterator[Job]:  # re-iterable and lazy, so a million-image plan is never held in memory
+        return shard_jobs(plan_jobs(rows, base_seed=cfg.seed, negative_prompt=cfg.negative_prompt,
+                                    fmt=cfg.format, label_folders=cfg.label_folders), index, count)
+    done = finished_keys(out)
+    planned = sum(1 for _ in my_jobs())
+    n_todo = sum(1 for j in my_jobs() if j.key not in done)
+    manifest = out / (MANIFEST if count == 1 else _part_name(index, count))
+    log.info("%d image(s) for this process: %d already done, %d to make (batch %d, %d steps, %s)",
+             planned, planned - n_todo, n_todo, cfg.batch_size, cfg.steps, cfg.scheduler)
+    base_tags = dict(steps=cfg.steps, guidance=cfg.guidance, guidance_rescale=cfg.guidance_rescale or None,
+                     guidance_interval=None if list(cfg.guidance_interval) == [0.0, 1.0] else cfg.guidance_interval,
+                     scheduler=cfg.scheduler, model=cfg.model, model_path=model_source, lora=cfg.lora,
+                     lora_sha256=lora_sha, lora_scale=cfg.lora_scale if cfg.lora else None,
+                     height=cfg.height, width=cfg.width, dtype=str(sampler.dtype),
+                     init_image=cfg.init_image, init_image_sha256=settings["init_image_sha256"],
+                     strength=cfg.strength if translation else None, mask=cfg.mask,
+                     mask_sha256=settings["mask_sha256"], text_removed="true" if cfg.clean else None)
+
+    summary = GenerateSummary(out=out, model=model_source, planned=planned, generated=0,
+                              skipped=planned - n_todo, failed=0, seconds=0.0)
+    start = time.perf_counter()
+    with tqdm(total=n_todo, unit="img", desc="generating", disable=not is_main or None) as bar:
+        for batch in _batches((j for j in my_jobs() if j.key not in done), cfg.batch_size):
+            images = sampler.generate([Request(j.prompt, j.seed, j.negative_prompt) for j in batch],
+                                      height=cfg.height, width=cfg.width, steps=cfg.steps, guidance=cfg.guidance,
+                                      guidance_rescale=cfg.guidance_rescale,
+                                      guidance_interval=cfg.guidance_interval, translation=translation)
+            for job, image in zip(batch, images):
+                if cleaner is not None:
+                    try:
+                        image = np.clip(cleaner(image).image, 0, 1).astype(np.float32)
+                    except Exception as exc:  # one bad image must not end a long job; a rerun retries it
+                        log.error("%s: text removal failed (%s); not saved, rerun to retry", job.key, exc)
+                        summary.failed += 1
+                        continue
+                tags = provenance(prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed,
+                                  label=job.label, prompt_source=f"{source}:{job.prompt_index}", image_index=job.k,
+                                  prompt_truncated="true" if job.prompt_index in cut else None, **base_tags)
+                path = save_image(out / job.key, image, fmt=cfg.format, tags=tags)
+                append_jsonl(manifest, {"key": job.key, "file": job.key, "prompt": job.prompt,
+                                        "negative_prompt": job.negative_prompt, "seed": job.seed, "label": job.label,
+                                        "prompt_index": job.prompt_index, "k": job.k, "model": cfg.model,
+                                        "lora_sha256": lora_sha, "synthetic": True, "software": SOFTWARE,
+                                        "created": tags["created"]})
+                summary.generated += 1
+                bar.update()
+                if on_image is not None:
+                    on_image(path)
+    summary.seconds = time.perf_counter() - start
+    barrier()
+    if is_main:
+        merge_manifests(out)
+    return summary
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_config(GenerateConfig, argv, "Generate synthetic chest X-rays from a prompt file (resumable; "
+                                             "every image is tagged synthetic). Run under `accelerate launch "
+                                             "-m inference.generate ...` to use several GPUs.")
+    setup_logging(cfg.verbose)
+    log.debug("config: %s", to_dict(cfg))
+    s = generate(cfg)
+    print(f"{s.generated} image(s) written, {s.skipped} already there, {s.failed} failed -> {s.out} "
+          f"(model {s.model}; {s.images_per_s:.2f} images/s; manifest {s.out / MANIFEST})")
+    return 1 if s.failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
