@@ -160,7 +160,7 @@ def test_opencv_inpainting_only_touches_the_mask(method, dtype):
 
 @pytest.fixture(scope="module")
 def sd_inpainter(tiny_inpaint_dir):
-    cfg = TextRemovalConfig(inpainter="sd", sd_model=str(tiny_inpaint_dir), sd_steps=2, device="cpu")
+    cfg = TextRemovalConfig(inpainter="sd", sd_model=str(tiny_inpaint_dir), sd_steps=1, device="cpu")
     return SDInpainter(load_sd_pipe(cfg), cfg)
 
 
