@@ -22,7 +22,7 @@ from cxrcommon.config import field
 from cxrcommon.device import pick_device
 from cxrcommon.logs import setup_logging
 
-from .cli import parse
+from .cli import parse, user_errors
 from .features import to_square_tensor
 
 log = logging.getLogger(__name__)
@@ -192,10 +192,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     setup_logging(cfg.verbose)
     if not (cfg.real_train and cfg.synthetic and cfg.test):
         raise SystemExit("give --real-train, --synthetic and --test manifests")
-    result = augment(cfg.real_train, cfg.synthetic, cfg.test, image_column=cfg.image_column,
-                     label_column=cfg.label_column, arch=cfg.arch, size=cfg.size, epochs=cfg.epochs,
-                     batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, n_boot=cfg.n_boot, device=cfg.device,
-                     out=cfg.out)
+    with user_errors(cfg.verbose):
+        result = augment(cfg.real_train, cfg.synthetic, cfg.test, image_column=cfg.image_column,
+                         label_column=cfg.label_column, arch=cfg.arch, size=cfg.size, epochs=cfg.epochs,
+                         batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, n_boot=cfg.n_boot, device=cfg.device,
+                         out=cfg.out)
     print(f"AUC real {result['auc_real']:.4f} -> real+synthetic {result['auc_real_plus_synthetic']:.4f} "
           f"(diff {result['auc_diff']:+.4f}); report {result['report']['markdown']}")
     return result

@@ -1,8 +1,9 @@
 """Positional arguments on top of `cxrcommon.config.parse_config`, for commands like `eval.diversity DIR`."""
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import Sequence, TypeVar
+from typing import Iterator, Sequence, TypeVar
 
 from cxrcommon.config import parse_config
 
@@ -25,3 +26,15 @@ def parse(cls: type[T], argv: Sequence[str] | None, description: str, positional
         values = bare[i:] if i == len(positional) - 1 else [bare[i]]
         flags += ["--" + name.replace("_", "-"), *values]
     return parse_config(cls, flags + args, description)
+
+
+@contextlib.contextmanager
+def user_errors(verbose: bool = False) -> Iterator[None]:
+    """Bad input (missing file or weights, bad manifest/answer row: the messages name the file and the fix)
+    ends the command with that one line; --verbose keeps the traceback."""
+    try:
+        yield
+    except (OSError, ValueError) as exc:  # WeightsMissingError, ManifestError, ImageReadError are among these
+        if verbose:
+            raise
+        raise SystemExit(f"error: {exc}") from exc

@@ -18,7 +18,7 @@ from cxrcommon.atomic import read_jsonl
 from cxrcommon.config import field
 from cxrcommon.logs import setup_logging
 
-from .cli import parse
+from .cli import parse, user_errors
 from .features import to_square_tensor
 from .sources import list_images
 
@@ -107,7 +107,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit("give the folder of generated images: python -m eval.diversity DIR")
     import matplotlib.pyplot as plt
     from .report import markdown_table, write_report
-    result = diversity(cfg.dir, cfg.group_by, size=cfg.size, max_pairs=cfg.max_pairs, seed=cfg.seed)
+    with user_errors(cfg.verbose):
+        result = diversity(cfg.dir, cfg.group_by, size=cfg.size, max_pairs=cfg.max_pairs, seed=cfg.seed)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(np.asarray(result["pair_scores"]), bins=30, range=(0, 1), color="tab:blue")
     ax.set_xlabel("pairwise MS-SSIM within a prompt (lower = more diverse)")

@@ -39,17 +39,20 @@ class Backbone:
     module: nn.Module                           # prepared batch -> (N, D)
     size: int                                   # input side in pixels
     prepare: Callable[[torch.Tensor], torch.Tensor]  # (N, 1, S, S) float [0, 1] -> module input
+    input_note: str = "gray replicated to 3 channels, float [0, 1]"
     device: torch.device = torch.device("cpu")
 
     @property
     def resize(self) -> str:
-        return f"{self.size}x{self.size} bilinear (antialiased, aspect not kept), gray->{self.name} input"
+        return f"{self.size}x{self.size} bilinear (antialiased, aspect not kept); {self.input_note}"
 
     @torch.inference_mode()
     def embed(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """(N, D) float32 features of gray [0, 1] images of any size."""
         batch = torch.cat([to_square_tensor(img, self.size) for img in images])
         out = self.module(self.prepare(batch).to(self.device))
+        if isinstance(out, (tuple, list)):  # e.g. a scripted torchvision model's named-tuple outputs
+            out = out[0]
         if out.dim() == 4:  # a conv trunk without pooling
             out = out.mean(dim=(2, 3))
         return out.reshape(len(images), -1).float().cpu()
@@ -110,7 +113,7 @@ def _inception(weights: str | Path | None, device: torch.device) -> Backbone:
                              feature_extractor_weights_path=str(path)).to(device)
     key = f"inception-v3-compat-2048-{file_sha256(path)[:16]}"
     return Backbone("inception-v3 (torch-fidelity, 2048-d pool3)", key, net, 299,
-                    lambda x: (rgb(x) * 255).round().to(torch.uint8), device)
+                    lambda x: (rgb(x) * 255).round().to(torch.uint8), "gray replicated to 3 channels, uint8", device)
 
 
 def _torchscript(path: Path, size: int, device: torch.device) -> Backbone:
@@ -120,7 +123,7 @@ def _torchscript(path: Path, size: int, device: torch.device) -> Backbone:
         raise ValueError(f"{path}: not a TorchScript file torch.jit.load can read ({exc}); export one with "
                          "torch.jit.script(model).save(path) taking (N, 3, H, W) float in [0, 1]") from exc
     key = f"torchscript-{file_sha256(path)[:16]}-{size}"
-    return Backbone(f"torchscript {path.name}", key, net, size, rgb, device)
+    return Backbone(f"torchscript {path.name}", key, net, size, rgb, device=device)
 
 
 def _xrv(device: torch.device) -> Backbone:
@@ -146,7 +149,7 @@ def _xrv(device: torch.device) -> Backbone:
             return self.m.features2(x)
 
     return Backbone("torchxrayvision densenet121-res224-all (1024-d)", "xrv-densenet121-res224-all", _Pooled(net),
-                    224, lambda x: x * 2048 - 1024, device)
+                    224, lambda x: x * 2048 - 1024, "1 channel scaled to [-1024, 1024] (torchxrayvision)", device)
 
 
 def load_backbone(spec: str | Backbone = "inception", *, inception_weights: str | Path | None = None,
@@ -160,8 +163,7 @@ def load_backbone(spec: str | Backbone = "inception", *, inception_weights: str 
     if spec == "xrv":
         return _xrv(dev)
     if spec == "tiny":
-        return Backbone("tiny (test features, not comparable to published FID)", "tiny-v1-32", TinyFeatures(), 32,
-                        rgb, torch.device("cpu"))
+        return Backbone("tiny (test features, not comparable to published FID)", "tiny-v1-32", TinyFeatures(), 32, rgb)
     path = Path(spec)
     if path.is_file():
         return _torchscript(path, input_size, dev)
@@ -189,6 +191,13 @@ def embed_paths(paths: Sequence[Path], backbone: Backbone, *, cache_dir: str | P
     hits = len(paths) - len(todo)
     skipped: list[str] = []
     done_since_save = 0
+
+    def checkpoint() -> None:
+        try:
+            cache.save(cfile, table, backbone.key)
+        except OSError as exc:  # a read-only data folder must not stop the evaluation
+            log.warning("feature cache %s not written (%s); pass --cache-dir to a writable folder", cfile, exc)
+
     for start in tqdm(range(0, len(todo), batch_size), desc=desc, disable=not todo, leave=False):
         idx, imgs = [], []
         for i in todo[start:start + batch_size]:
@@ -203,10 +212,10 @@ def embed_paths(paths: Sequence[Path], backbone: Backbone, *, cache_dir: str | P
                 table[hashes[i]] = row
         done_since_save += len(idx)
         if cfile and done_since_save >= SAVE_EVERY:
-            cache.save(cfile, table, backbone.key)
+            checkpoint()
             done_since_save = 0
     if cfile and done_since_save:
-        cache.save(cfile, table, backbone.key)
+        checkpoint()
     kept = [i for i, h in enumerate(hashes) if h in table]
     feats = torch.stack([table[hashes[i]] for i in kept]) if kept else torch.zeros(0, 0)
     return Embedding(feats, [paths[i] for i in kept], skipped, hits, len(todo) - len(skipped))

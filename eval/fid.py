@@ -18,8 +18,8 @@ from cxrcommon.config import field
 from cxrcommon.logs import setup_logging
 
 from .cache import default_cache_dir
-from .cli import parse
-from .features import Backbone, WeightsMissingError, embed_paths, load_backbone
+from .cli import parse, user_errors
+from .features import Backbone, embed_paths, load_backbone
 from .prdc import prdc
 from .sources import list_images, subsample
 
@@ -156,15 +156,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     setup_logging(cfg.verbose)
     if not cfg.real or not cfg.fake:
         raise SystemExit("give both --real and --fake (folders or manifests)")
-    try:
+    with user_errors(cfg.verbose):
         result = evaluate(cfg.real, cfg.fake, cfg.features, cfg.n or None,
                           inception_weights=cfg.inception_weights or None, input_size=cfg.input_size, k=cfg.k,
                           seed=cfg.seed, kid_subsets=cfg.kid_subsets, kid_subset_size=cfg.kid_subset_size,
                           image_column=cfg.image_column, batch_size=cfg.batch_size,
                           device=cfg.device, cache_dir=cfg.cache_dir or None, use_cache=not cfg.no_cache,
                           out=cfg.out)
-    except WeightsMissingError as exc:
-        raise SystemExit(f"error: {exc}") from exc
     print(f"FID {result['fid']:.3f}  KID {result['kid_mean']:.5f}  N real {result['n_real']} fake {result['n_fake']}  "
           f"backbone {result['backbone']}  report {result['report']['markdown']}")
     return result

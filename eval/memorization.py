@@ -17,8 +17,8 @@ from cxrcommon.config import field
 from cxrcommon.logs import setup_logging
 
 from .cache import default_cache_dir
-from .cli import parse
-from .features import Backbone, WeightsMissingError, embed_paths, load_backbone, to_square_tensor
+from .cli import parse, user_errors
+from .features import Backbone, embed_paths, load_backbone, to_square_tensor
 from .sources import list_images
 
 log = logging.getLogger(__name__)
@@ -125,13 +125,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not cfg.train or not cfg.fake:
         raise SystemExit("give both --train and --fake (folders or manifests)")
     from .report import markdown_table, write_report
-    try:
+    with user_errors(cfg.verbose):
         result = memorization(cfg.train, cfg.fake, cfg.features, inception_weights=cfg.inception_weights or None,
                               input_size=cfg.input_size, top_k=cfg.top_k, ssim_size=cfg.ssim_size,
                               image_column=cfg.image_column, batch_size=cfg.batch_size, device=cfg.device,
                               cache_dir=cfg.cache_dir or None)
-    except WeightsMissingError as exc:
-        raise SystemExit(f"error: {exc}") from exc
     notes = [f"**Backbone:** {result['backbone']}", f"**Resize:** {result['resize']}; SSIM at "
              f"{cfg.ssim_size}x{cfg.ssim_size}", f"**N:** {result['n_train']} train, {result['n_fake']} synthetic",
              f"{result['n_fake_closer_than_train_p99']} synthetic image(s) are closer to a training image than "

@@ -22,7 +22,7 @@ from cxrcommon.config import field
 from cxrcommon.logs import setup_logging
 from cxrcommon.provenance import file_sha256
 
-from .cli import parse
+from .cli import parse, user_errors
 from .sources import list_images, subsample
 
 log = logging.getLogger(__name__)
@@ -218,14 +218,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         setup_logging(cfg.verbose)
         if not (cfg.real and cfg.fake and cfg.out):
             raise SystemExit("build needs --real, --fake and --out")
-        result = build_study(cfg.real, cfg.fake, cfg.out, cfg.n, size=cfg.size, seed=cfg.seed,
+        with user_errors(cfg.verbose):
+            result = build_study(cfg.real, cfg.fake, cfg.out, cfg.n, size=cfg.size, seed=cfg.seed,
                              image_column=cfg.image_column)
         print(f"study with {result['n_images']} images in {cfg.out}; key in {Path(cfg.out) / KEY}")
         return result
     cfg = parse(ScoreConfig, rest, "Score readers' answer sheets against a study's key.",
                 positional=("study", "answers"))
     setup_logging(cfg.verbose)
-    result = score_study(cfg.study, cfg.answers)
+    with user_errors(cfg.verbose):
+        result = score_study(cfg.study, cfg.answers)
     result["report"] = _report(result, Path(cfg.out) if cfg.out else Path(cfg.study) / "results")
     p = result["pooled"]["accuracy"]
     print(f"pooled accuracy {100 * p['rate']:.1f}% ({p['k']}/{p['n']}), p={p['p_value']:.3g}; "

@@ -98,7 +98,7 @@ def test_prdc_identical_disjoint_and_matches_torch_fidelity():
     real = torch.randn(200, 8, generator=g)
     same = prdc(real, real.clone(), k=5)
     assert same["precision"] == same["recall"] == same["coverage"] == 1.0
-    assert 0.8 < same["density"] < 1.3
+    assert same["density"] == pytest.approx(6 / 5)  # each point lies in its own ball and in k others on average
     far = prdc(real, real + 100.0, k=5)
     assert far == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
     fake = torch.randn(150, 8, generator=g) * 1.5 + 0.5

@@ -135,5 +135,5 @@ def test_build_blinds_and_strips_provenance(tmp_path):
     with open(out / SHEET) as fh:
         sheet = list(csv.DictReader(fh))
     assert [s["image"] for s in sheet] == [p.name for p in images] and all(s["answer"] == "" for s in sheet)
-    with pytest.raises(FileExistsError):
+    with pytest.raises(SystemExit, match="already holds a study"):
         main(["build", "--real", str(tmp_path / "real"), "--fake", str(tmp_path / "fake"), "--out", str(out)])
