@@ -2,7 +2,10 @@
 
 Saving goes through `StableDiffusionPipeline.save_lora_weights` with the adapter metadata, so
 `pipe.load_lora_weights(dir)` restores the right alpha/rank scale (the stock example dropped it,
-so LoRAs trained with alpha != rank loaded at the wrong strength)."""
+so LoRAs trained with alpha != rank loaded at the wrong strength). Keys stay in peft format: the
+stock `convert_state_dict_to_diffusers` renames attention keys to `lora.down/up` but leaves conv
+keys as `lora_A/B`, and diffusers 0.42 then silently drops the attention LoRA on load when both
+kinds of module are targeted (found by tests/test_finetune_train.py)."""
 from __future__ import annotations
 
 import os
@@ -35,10 +38,9 @@ def add_lora(model: torch.nn.Module, rank: int, alpha: float | None, dropout: fl
 
 
 def lora_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(diffusers-format LoRA tensors, adapter metadata) of a peft-adapted model."""
-    from diffusers.utils import convert_state_dict_to_diffusers
+    """(peft-format LoRA tensors, adapter metadata) of a peft-adapted model."""
     from peft.utils import get_peft_model_state_dict
-    tensors = convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+    tensors = get_peft_model_state_dict(model)
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}, \
         model.peft_config["default"].to_dict()
 

@@ -1,0 +1,286 @@
+"""Train the embedded demonstrator from scratch on CPU: `python -m finetune.embedded --config configs/embedded.yaml`.
+
+Why: SD 2.1 weights cannot be downloaded on an offline machine, yet the first command must show the
+product working and prove that our trainer learns. The recipe, each stage skipped when its output exists
+(so an interrupted run resumes):
+  1. phantoms: procedural chest phantoms with report captions (finetune.phantoms), effusion made common;
+  2. VAE: a small AutoencoderKL trained on the phantoms WITHOUT effusion (finetune.vae);
+  3. init: random UNet + CLIP text encoder from configs/embedded + that VAE + the offline tokenizer;
+  4. base: UNet + text encoder trained in full with finetune.train on the phantoms WITHOUT effusion;
+  5. main: the base trained further (finetune.train again) on all phantoms, effusions included;
+  6. export: both pipelines in fp16 safetensors, with model cards, to `out` and `base_out`.
+The base never saw a pleural effusion in any of its parts; it is the starting point of the LoRA proof
+(finetune.lora_proof): effusion must be absent before a LoRA and present after it."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from cxrcommon.atomic import atomic_write_text
+from cxrcommon.config import field, parse_config
+from cxrcommon.logs import setup_logging
+
+log = logging.getLogger(__name__)
+
+# prompt for each scorer class (eval.phantom_score.classify_effusion): the wording of the training captions
+PROMPTS = {"left": "Large left pleural effusion.", "right": "Large right pleural effusion.",
+           "none": "Normal chest radiograph."}
+
+
+@dataclass
+class EmbeddedConfig:
+    work_dir: str = field("runs/embedded", "folder for the data set, VAE, training runs and checkpoints")
+    out: str = field("models/embedded", "where the final pipeline (the shipped embedded model) is exported")
+    base_out: str = field("models/embedded-no-effusion", "where the base that never saw an effusion is exported "
+                                                         "(start of the LoRA proof)")
+    config_dir: str = field("configs/embedded", "architecture configs: unet/, vae/, text_encoder/, scheduler/")
+    n_images: int = field(8000, "phantoms in the data set")
+    effusion_prob: float = field(0.5, "probability that a phantom has a pleural effusion (generator default 0.3)")
+    data_seed: int = field(0, "phantom data set seed")
+    resolution: int = field(64, "image size (the latent is resolution / 4)")
+    vae_steps: int = field(1500, "VAE optimizer steps")
+    vae_batch_size: int = field(32, "VAE images per step")
+    vae_learning_rate: float = field(1e-3, "VAE learning rate")
+    base_steps: int = field(1200, "UNet + text encoder steps on the phantoms without effusion")
+    main_steps: int = field(600, "further steps on all phantoms (the shipped model)")
+    train_batch_size: int = field(32, "images per UNet step")
+    learning_rate: float = field(5e-4, "UNet + text encoder learning rate (both stages)")
+    lr_warmup_steps: int = field(100, "linear warm-up steps of each stage")
+    caption_dropout: float = field(0.1, "empty-caption probability, so classifier-free guidance works")
+    checkpointing_steps: int = field(100, "resumable checkpoint every N steps")
+    threads: int = field(1, "torch CPU threads (1 is fastest on a busy 2-core machine)")
+    seed: int = field(0, "training seed")
+    eval_per_class: int = field(30, "generations per prompt for the adherence figure in the model cards")
+    eval_steps: int = field(20, "DDIM steps for those generations")
+    guidance_scale: float = field(4.0, "classifier-free guidance for those generations")
+    verbose: bool = field(False, "debug logging")
+
+
+# ----------------------------------------------------------------------------- generation and scoring
+
+def generate(pipe: Any, prompt: str, n: int, *, seed: int = 0, steps: int = 20, guidance: float = 4.0,
+             batch: int = 25) -> list[np.ndarray]:
+    """n gray images (H x W float [0, 1]) for one prompt; image i uses seed + i whatever the batching."""
+    out: list[np.ndarray] = []
+    for lo in range(0, n, batch):
+        k = min(batch, n - lo)
+        gens = [torch.Generator("cpu").manual_seed(seed + lo + i) for i in range(k)]
+        imgs = pipe([prompt] * k, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
+                    output_type="np").images
+        out += [im.mean(axis=-1).astype(np.float32) for im in imgs]
+    return out
+
+
+def adherence(pipe: Any, per_class: int, *, seed: int = 0, steps: int = 20, guidance: float = 4.0,
+              prompts: dict[str, str] | None = None) -> dict[str, Any]:
+    """Generate `per_class` images per prompt and score each with the analytic effusion scorer.
+
+    Returns accuracy overall and per class, and counts of what the scorer saw for each prompt."""
+    from eval.phantom_score import classify_effusion
+    prompts = prompts or PROMPTS
+    per, seen = {}, {}
+    for expected, prompt in prompts.items():
+        labels = [classify_effusion(im) for im in generate(pipe, prompt, per_class, seed=seed, steps=steps,
+                                                           guidance=guidance)]
+        per[expected] = float(np.mean([lab == expected for lab in labels]))
+        seen[expected] = {lab: labels.count(lab) for lab in sorted(set(labels))}
+    return {"accuracy": float(np.mean(list(per.values()))), "per_class": per, "seen": seen,
+            "per_class_n": per_class, "prompts": dict(prompts)}
+
+
+def load(model: str | Path, dtype: torch.dtype = torch.float32) -> Any:
+    """A StableDiffusionPipeline of an embedded-style model folder, progress bars off."""
+    from diffusers import StableDiffusionPipeline
+
+    from cxrcommon.models import load_pipeline
+    pipe = load_pipeline(StableDiffusionPipeline, str(model), torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ----------------------------------------------------------------------------- recipe stages
+
+def make_data(cfg: EmbeddedConfig) -> tuple[Path, Path]:
+    """(all phantoms' metadata.jsonl, the same without effusion as a JSONL manifest)."""
+    from .phantoms import make_dataset
+    data = Path(cfg.work_dir) / "data"
+    meta = make_dataset(data, cfg.n_images, cfg.resolution, cfg.data_seed,
+                        finding_probs={"effusion": cfg.effusion_prob})
+    rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
+    keep = [{"image": r["file_name"], "text": r["text"], "patient_id": r["patient_id"]}
+            for r in rows if r["effusion"] == "none"]
+    no_eff = data / "no_effusion.jsonl"
+    atomic_write_text(no_eff, "".join(json.dumps(r) + "\n" for r in keep))
+    log.info("data: %d phantoms, %d without effusion", len(rows), len(keep))
+    return meta, no_eff
+
+
+def init_pipeline(config_dir: str | Path, vae_dir: str | Path, out: str | Path, seed: int = 0) -> Path:
+    """Random UNet + text encoder from the configs, the trained VAE, CLIP tokenizer, DDIM scheduler."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from cxrcommon.tokenizer import clip_tokenizer
+
+    from .export import _atomic_dir
+    cd = Path(config_dir)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cd / "unet"))
+    text_encoder = CLIPTextModel(CLIPTextConfig.from_json_file(cd / "text_encoder" / "config.json"))
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_pretrained(vae_dir), text_encoder=text_encoder, tokenizer=clip_tokenizer(),
+        unet=unet, scheduler=DDIMScheduler.from_config(DDIMScheduler.load_config(cd / "scheduler")),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return _atomic_dir(Path(out), lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+
+
+def train_stage(cfg: EmbeddedConfig, model: Path, data: Path, name: str, steps: int) -> Path:
+    """Full UNet + text encoder training with finetune.train; returns <work>/<name>/pipeline."""
+    from .config import TrainConfig
+    from .train import train
+    out = Path(cfg.work_dir) / name
+    if (out / "pipeline" / "model_index.json").is_file():
+        return out / "pipeline"
+    tc = TrainConfig(model=str(model), output_dir=str(out), train="unet+text_encoder", seed=cfg.seed,
+                     train_data=str(data), patient_column="patient_id", val_fraction=0.02,
+                     resolution=cfg.resolution, caption_dropout=cfg.caption_dropout, cache_latents=True,
+                     train_batch_size=cfg.train_batch_size, max_train_steps=steps, learning_rate=cfg.learning_rate,
+                     lr_scheduler="cosine", lr_warmup_steps=cfg.lr_warmup_steps, mixed_precision="no", device="cpu",
+                     checkpointing_steps=cfg.checkpointing_steps, checkpoints_total_limit=2, resume="latest",
+                     validation_steps=0, validation_prompts=list(PROMPTS.values()), validation_seeds=[0, 1],
+                     validation_inference_steps=cfg.eval_steps, validation_guidance_scale=cfg.guidance_scale,
+                     report_to="tensorboard")
+    result = train(tc)
+    log.info("%s: %d steps, final loss %.4f, %.1f images/s", name, result.steps,
+             result.losses[-1] if result.losses else float("nan"), result.images_per_s)
+    return result.outputs["pipeline"]
+
+
+def export(src: Path, dst: str | Path, card: str) -> Path:
+    """Save the pipeline in fp16 safetensors (half the size; loaded back as fp32) plus README.md."""
+    from .export import _atomic_dir
+    pipe = load(src, torch.float16)
+
+    def write(tmp: Path) -> None:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+    return _atomic_dir(Path(dst), write)
+
+
+def weights_mb(folder: str | Path) -> float:
+    return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors")) / 1e6
+
+
+def model_card(cfg: EmbeddedConfig, *, kind: str, stages: dict[str, Any], scores: dict[str, Any] | None) -> str:
+    """What the model is and is not, how it was trained, and what it measurably does."""
+    base = kind == "base"
+    score = ("not measured" if scores is None else
+             f"{scores['accuracy']:.2f} overall ({', '.join(f'{k} {v:.2f}' for k, v in scores['per_class'].items())}; "
+             f"{scores['per_class_n']} generations per prompt, {cfg.eval_steps} DDIM steps, guidance "
+             f"{cfg.guidance_scale}; scorer eval.phantom_score.classify_effusion; what it saw per prompt: "
+             f"{json.dumps(scores['seen'])})")
+    what = ("the BASE of the embedded demonstrator: trained on phantoms WITHOUT pleural effusion (VAE, UNet "
+            "and text encoder never saw one). It exists for the LoRA proof (finetune.lora_proof): an effusion "
+            "LoRA trained on top of it must make effusions appear where none appeared before."
+            if base else
+            "the embedded demonstrator that synthcxr uses when no real weights are configured "
+            "(`--model embedded`, the default offline fallback).")
+    return f"""---
+library_name: diffusers
+tags: [stable-diffusion, text-to-image, chest-x-ray-phantom, synthetic-data, demonstrator]
+---
+# synthcxr embedded {'base (no effusion)' if base else 'model'}: a chest-PHANTOM demonstrator
+
+**This is NOT a medical model.** It was trained only on procedural chest-radiograph *phantoms*
+(finetune/phantoms.py: drawn lungs, heart, ribs, diaphragm and findings with known parameters) and
+their generated report captions. It has never seen a real X-ray. Its images are synthetic phantoms
+for demonstrating and testing the software; never use them for diagnosis, training clinical models
+or any claim about real patients.
+
+This folder is {what}
+
+## Architecture
+Stable Diffusion 2 classes, scaled down (configs/embedded): UNet2DConditionModel (linear projection,
+cross-attention dim 64), AutoencoderKL (latent 4 x {cfg.resolution // 4} x {cfg.resolution // 4}),
+CLIPTextModel (hidden 64, 3 layers, CLIP's 49,408-token vocabulary and tokenizer), DDIM scheduler,
+epsilon prediction. {cfg.resolution} x {cfg.resolution} images. Stored in fp16 safetensors
+({weights_mb(cfg.base_out if base else cfg.out) if Path(cfg.base_out if base else cfg.out).exists() else 0:.1f} MB);
+loaded as fp32.
+
+## How it was trained (from scratch, on a CPU, by synthcxr's own code)
+`python -m finetune.embedded --config configs/embedded.yaml`
+- data: {cfg.n_images} phantoms at {cfg.resolution} px (seed {cfg.data_seed}, effusion probability
+  {cfg.effusion_prob}); {stages.get('n_no_effusion', '?')} of them have no effusion.
+- VAE: {cfg.vae_steps} steps, batch {cfg.vae_batch_size}, L1 + MSE + 1e-6 KL, on the phantoms without effusion
+  (final L1 {stages.get('vae_l1', float('nan')):.4f} on [-1, 1] pixels).
+- base: UNet + text encoder in full (finetune.train, --train unet+text_encoder) for {cfg.base_steps} steps,
+  batch {cfg.train_batch_size}, lr {cfg.learning_rate} cosine, caption dropout {cfg.caption_dropout},
+  on the phantoms without effusion.
+{'' if base else f"- main: the base trained further for {cfg.main_steps} steps on all phantoms (effusions included)."}
+- wall time: {stages.get('minutes', float('nan')):.0f} min on a shared 2-core CPU.
+
+## Measured prompt adherence
+Prompts {json.dumps(PROMPTS)}; accuracy: {score}.
+Full numbers (≥100 generations per class, Fréchet distance to real phantoms, LoRA proof):
+docs/BENCHMARKS.md, section "embedded model" (`python bench/bench_embedded.py`).
+
+## Use
+```python
+from cxrcommon.models import load_pipeline
+from diffusers import StableDiffusionPipeline
+pipe = load_pipeline(StableDiffusionPipeline, "{'models/embedded-no-effusion' if base else 'embedded'}")
+image = pipe("Large left pleural effusion.", num_inference_steps=20, guidance_scale=4.0).images[0]
+```
+Laterality: PA view, the patient's LEFT is on the IMAGE RIGHT.
+"""
+
+
+def run(cfg: EmbeddedConfig) -> dict[str, Path]:
+    """All stages; returns the exported folders."""
+    from .vae import load_images, train_vae
+    torch.set_num_threads(cfg.threads)
+    t0 = time.perf_counter()
+    work = Path(cfg.work_dir)
+    stages_path = work / "stages.json"
+    stages: dict[str, Any] = json.loads(stages_path.read_text()) if stages_path.is_file() else {}
+    meta, no_eff = make_data(cfg)
+    stages["n_no_effusion"] = sum(1 for line in no_eff.read_text().splitlines() if line.strip())
+    vae_dir = work / "vae"
+    if not (vae_dir / "config.json").is_file():
+        images = load_images(str(no_eff), "image", cfg.resolution)
+        _, l1s = train_vae(images, Path(cfg.config_dir) / "vae", vae_dir, steps=cfg.vae_steps,
+                           batch_size=cfg.vae_batch_size, learning_rate=cfg.vae_learning_rate, seed=cfg.seed)
+        stages["vae_l1"] = float(np.mean(l1s[-50:]))
+    init = work / "init"
+    if not (init / "model_index.json").is_file():
+        init_pipeline(cfg.config_dir, vae_dir, init, cfg.seed)
+    base = train_stage(cfg, init, no_eff, "base", cfg.base_steps)
+    main = train_stage(cfg, base, meta, "main", cfg.main_steps)
+    stages["minutes"] = stages.get("minutes", 0.0) + (time.perf_counter() - t0) / 60
+    atomic_write_text(stages_path, json.dumps(stages, indent=1))
+    done = {}
+    for kind, src, dst in (("base", base, cfg.base_out), ("main", main, cfg.out)):
+        export(src, dst, model_card(cfg, kind=kind, stages=stages, scores=None))
+        scores = adherence(load(dst), cfg.eval_per_class, steps=cfg.eval_steps, guidance=cfg.guidance_scale) \
+            if cfg.eval_per_class else None
+        atomic_write_text(Path(dst) / "README.md", model_card(cfg, kind=kind, stages=stages, scores=scores))
+        log.info("%s exported to %s (%.1f MB); adherence %s", kind, dst, weights_mb(dst), scores)
+        done[kind] = Path(dst)
+    return done
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Path]:
+    cfg = parse_config(EmbeddedConfig, argv, description=__doc__.splitlines()[0])
+    setup_logging(cfg.verbose)
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
