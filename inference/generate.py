@@ -141,13 +141,15 @@ def manifest_rows(out: Path) -> list[dict]:
 
 
 def merge_manifests(out: Path) -> None:
-    """Fold per-process parts (and any torn last line) into one clean manifest.jsonl."""
+    """Rewrite manifest.jsonl as one row per finished image: fold in per-process parts, drop a torn
+    last line and rows whose file has gone (they will be made again, so they must not appear twice)."""
     main, parts = out / MANIFEST, sorted(out.glob("manifest.part*.jsonl"))
     torn = main.is_file() and main.stat().st_size and not main.read_bytes().endswith(b"\n")
-    if not parts and not torn:
+    n_lines = len(read_jsonl(main))
+    keep = [r for r in manifest_rows(out) if (out / r["key"]).is_file()]
+    if not parts and not torn and len(keep) == n_lines:
         return
-    rows = manifest_rows(out)
-    atomic_write_text(main, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    atomic_write_text(main, "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep))
     for p in parts:
         p.unlink()
 
