@@ -81,7 +81,7 @@ def train(cfg: TrainConfig, data: TrainData | None = None,
     accelerator = build_accelerator(cfg, str(out / cfg.logging_dir))
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     wdtype = weight_dtype(accelerator.mixed_precision)
-    if cfg.allow_tf32 and hasattr(torch.backends, "cuda"):
+    if cfg.allow_tf32:  # only affects NVIDIA matmuls; harmless elsewhere
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(cfg.seed)
 
