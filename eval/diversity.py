@@ -39,7 +39,7 @@ class DiversityConfig:
 
 def group_images(folder: str | Path, key: str = "prompt") -> dict[str, list[Path]]:
     """Images grouped by `key`, from each PNG's text chunk, else from the folder's manifest.jsonl."""
-    from cxrcommon.imageio import read_png_text
+    from cxrcommon.imageio import ImageReadError, read_png_text
     folder = Path(folder)
     from_manifest: dict[str, str] = {}
     for row in read_jsonl(folder / "manifest.jsonl"):
@@ -49,7 +49,10 @@ def group_images(folder: str | Path, key: str = "prompt") -> dict[str, list[Path
     groups: dict[str, list[Path]] = defaultdict(list)
     missing = 0
     for p in list_images(folder):
-        value = read_png_text(p).get(key) if p.suffix.lower() == ".png" else None
+        try:
+            value = read_png_text(p).get(key) if p.suffix.lower() == ".png" else None
+        except (ImageReadError, OSError):
+            value = None  # a broken PNG: its pixels will not read either, diversity() skips it
         value = value if value is not None else from_manifest.get(p.name)
         if value is None:
             missing += 1
@@ -69,7 +72,7 @@ def ms_ssim_pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def diversity(folder: str | Path, group_by: str = "prompt", *, size: int = 256, max_pairs: int = 200,
               seed: int = 0) -> dict[str, Any]:
     """Per-group and pooled mean pairwise MS-SSIM; groups with one image are reported but not scored."""
-    from cxrcommon.imageio import read_image
+    from cxrcommon.imageio import ImageReadError, read_image
     if size < 176:
         raise ValueError(f"--size {size}: MS-SSIM with 5 scales and an 11-px window needs images of at least 176 px")
     groups = group_images(folder, group_by)
@@ -77,14 +80,21 @@ def diversity(folder: str | Path, group_by: str = "prompt", *, size: int = 256, 
         raise ValueError(f"{folder}: no image carries a {group_by!r} value; generate with the synthcxr generator "
                          f"(it writes the prompt into each PNG) or add a manifest.jsonl with {group_by!r}")
     rng = random.Random(seed)
-    rows, scores = [], []
+    rows, scores, skipped = [], [], []
     for value, paths in sorted(groups.items()):
-        pairs = list(itertools.combinations(range(len(paths)), 2))
+        imgs = []
+        for p in paths:
+            try:
+                imgs.append(to_square_tensor(read_image(p), size))
+            except (ImageReadError, OSError) as exc:
+                log.warning("skipping %s: %s", p, exc)
+                skipped.append(f"{p}: {exc}")
+        pairs = list(itertools.combinations(range(len(imgs)), 2))
         if max_pairs and len(pairs) > max_pairs:
             pairs = rng.sample(pairs, max_pairs)
-        row = {"group": value[:80], "n_images": len(paths), "n_pairs": len(pairs), "ms_ssim": float("nan")}
+        row = {"group": value[:80], "n_images": len(imgs), "n_pairs": len(pairs), "ms_ssim": float("nan")}
         if pairs:
-            imgs = torch.cat([to_square_tensor(read_image(p), size) for p in paths])
+            imgs = torch.cat(imgs)
             i, j = (torch.tensor(x) for x in zip(*pairs))
             s = ms_ssim_pairs(imgs[i], imgs[j])
             row["ms_ssim"] = float(s.mean())
@@ -92,7 +102,7 @@ def diversity(folder: str | Path, group_by: str = "prompt", *, size: int = 256, 
         rows.append(row)
     pooled = torch.cat(scores) if scores else torch.zeros(0)
     return {"folder": str(folder), "group_by": group_by, "size": size, "n_groups": len(groups),
-            "n_scored_groups": len(scores), "n_images": sum(len(v) for v in groups.values()),
+            "n_scored_groups": len(scores), "n_images": sum(r["n_images"] for r in rows), "skipped": skipped,
             "n_pairs": int(pooled.numel()),
             "ms_ssim_mean": float(pooled.mean()) if pooled.numel() else float("nan"),
             "ms_ssim_std": float(pooled.std()) if pooled.numel() > 1 else float("nan"),
@@ -119,7 +129,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result["report"] = write_report(cfg.out, "diversity", result, title="Diversity (MS-SSIM within prompt)",
                                     notes=notes, sections={"Groups": markdown_table(result["groups"])},
                                     figures={"hist": fig})
-    print(f"mean MS-SSIM {result['ms_ssim_mean']:.4f} over {result['n_pairs']} pairs; report {result['report']['markdown']}")
+    print(f"mean MS-SSIM {result['ms_ssim_mean']:.4f} over {result['n_pairs']} pairs; "
+          f"report {result['report']['markdown']}")
     return result
 
 

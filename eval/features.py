@@ -102,8 +102,8 @@ def inception_weights_path(explicit: str | Path | None = None) -> Path:
 
 
 def _inception(weights: str | Path | None, device: torch.device) -> Backbone:
-    from torchmetrics.image.fid import NoTrainInceptionV3
     path = inception_weights_path(weights)
+    from torchmetrics.image.fid import NoTrainInceptionV3  # a heavy import: only once the weights exist
     # torch-fidelity re-loads the file with weights_only=False; refuse anything that is not plain tensors first.
     try:
         torch.load(path, map_location="cpu", weights_only=True)

@@ -15,6 +15,17 @@ import numpy as np  # noqa: E402
 from cxrcommon.atomic import atomic_path, atomic_write_text  # noqa: E402
 
 
+def _no_nan(obj: Any) -> Any:
+    """NaN/inf become null, so the JSON is strict and any reader can load it."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: _no_nan(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_no_nan(v) for v in obj]
+    return obj
+
+
 def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
@@ -59,7 +70,7 @@ def write_report(out_dir: str | Path, name: str, result: Mapping[str, Any], *, t
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": str(out / f"{name}.json"), "markdown": str(out / f"{name}.md")}
-    atomic_write_text(paths["json"], json.dumps(result, indent=2, default=_jsonable) + "\n")
+    atomic_write_text(paths["json"], json.dumps(_no_nan(result), indent=2, default=_jsonable, allow_nan=False) + "\n")
     scalars = [{"metric": k, "value": v} for k, v in result.items()
                if isinstance(v, (int, float, bool)) or (isinstance(v, str) and len(v) < 120)]
     md = [f"# {title}", ""] + [f"> **Warning:** {w}\n" for w in warnings] + [f"{n}  " for n in notes]

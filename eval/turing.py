@@ -39,7 +39,8 @@ class BuildConfig:
     fake: str = field("", "folder or manifest of synthetic images")
     n: int = field(50, "images drawn from EACH set (the study holds 2n)")
     out: str = field("", "study folder to create")
-    size: int = field(512, "square side every image is resized to (centre crop), so size gives nothing away; 0 keeps sizes")
+    size: int = field(512, "square side every image is resized to (centre crop), so size gives nothing away; "
+                      "0 keeps sizes")
     seed: int = field(0, "seed for sampling and shuffling")
     image_column: str = field("image", "manifest column holding image paths")
     verbose: bool = field(False, "debug logging")
@@ -117,7 +118,8 @@ def fleiss_kappa(counts: np.ndarray) -> float:
     counts = np.asarray(counts, dtype=float)
     raters = counts.sum(1)
     if counts.ndim != 2 or len(counts) == 0 or not np.allclose(raters, raters[0]) or raters[0] < 2:
-        raise ValueError("Fleiss' kappa needs an (items, categories) table with the same number (>= 2) of raters per item")
+        raise ValueError("Fleiss' kappa needs an (items, categories) table with the same number (>= 2) "
+                         "of raters per item")
     m = raters[0]
     p_item = ((counts ** 2).sum(1) - m) / (m * (m - 1))
     p_cat = counts.sum(0) / counts.sum()
@@ -199,11 +201,9 @@ def _report(result: dict[str, Any], out: Path) -> dict[str, str]:
     ax.set_yticks(range(len(rows)), [r["reader"] for r in rows])
     ax.set_xlim(0, 1)
     ax.set_xlabel("accuracy telling real from synthetic (95% exact CI; 0.5 = guessing)")
-    scalars = {"n_images": result["n_images"], "n_readers": result["n_readers"],
-               "fleiss_kappa": result["fleiss_kappa"], "kappa_items": result["kappa_items"]}
     notes = ["Sensitivity = synthetic images called synthetic; specificity = real images called real; "
              "p-values are exact two-sided binomial tests against 50% (scipy.stats.binomtest)."]
-    return write_report(out, "turing", {**result, **scalars}, title="Visual Turing test", notes=notes,
+    return write_report(out, "turing", result, title="Visual Turing test", notes=notes,
                         sections={"Readers": markdown_table(rows)}, figures={"accuracy": fig})
 
 

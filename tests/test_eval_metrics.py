@@ -173,6 +173,32 @@ def test_missing_inception_weights_offline_gives_clear_error(tmp_path, monkeypat
         feats.load_backbone("inception", inception_weights=tmp_path / "nope.pth")
 
 
+class NotATensor:
+    pass
+
+
+def test_inception_path_with_stand_in_weights(tmp_path, monkeypatch):
+    """The real Inception code path (weights_only check, uint8 3-channel input, 2048-d pool) with random
+    weights saved under the expected name: the real file cannot be downloaded here."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    dummy = tmp_path / "dummy.pth"
+    torch.save({}, dummy)
+    with monkeypatch.context() as m:
+        m.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: None)
+        random_net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], str(dummy))
+    ckpt = tmp_path / "torch" / "hub" / "checkpoints" / feats.INCEPTION_FILE
+    ckpt.parent.mkdir(parents=True)
+    torch.save(random_net.state_dict(), ckpt)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    bb = feats.load_backbone("inception", device="cpu")
+    out = bb.embed(blobs(0, 3, size=40))
+    assert out.shape == (3, 2048) and torch.isfinite(out).all() and "299x299" in bb.resize and "uint8" in bb.resize
+    evil = tmp_path / "evil.pth"
+    torch.save({"x": NotATensor()}, evil)
+    with pytest.raises(ValueError, match="not a plain InceptionV3 state dict"):
+        feats.load_backbone("inception", inception_weights=evil)
+
+
 def test_xrv_absent_names_the_install(monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "torchxrayvision", None)
@@ -208,9 +234,12 @@ def test_diversity_groups_from_manifest_jsonl(tmp_path):
     from eval.diversity import main
     folder = write_set(tmp_path / "gen", blobs(1, 6, size=64))
     rows = [{"image": f"img_{i:03d}.png", "prompt": "left effusion" if i < 3 else "normal"} for i in range(6)]
+    (folder / "broken.png").write_bytes(b"\x89PNG truncated")
+    rows.append({"image": "broken.png", "prompt": "normal"})
     (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     r = main([str(folder), "--out", str(tmp_path / "out")])
-    assert r["n_groups"] == 2 and r["n_pairs"] == 6
+    assert r["n_groups"] == 2 and r["n_pairs"] == 6 and r["n_images"] == 6
+    assert len(r["skipped"]) == 1 and "broken.png" in r["skipped"][0]
     assert {g["group"] for g in r["groups"]} == {"left effusion", "normal"}
     assert (tmp_path / "out" / "diversity_hist.png").is_file()
 
