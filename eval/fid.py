@@ -32,7 +32,8 @@ class FidConfig:
     real: str = field("", "folder or manifest (.csv/.jsonl) of real images")
     fake: str = field("", "folder or manifest (.csv/.jsonl) of synthetic images")
     features: str = field("inception", "backbone: inception, xrv, tiny (tests only) or a TorchScript file path")
-    inception_weights: str = field("", "path of the InceptionV3 FID weights file (default: $TORCH_HOME/hub/checkpoints/)")
+    inception_weights: str = field("", "path of the InceptionV3 FID weights file "
+                                   "(default: $TORCH_HOME/hub/checkpoints/)")
     input_size: int = field(224, "input side for a TorchScript backbone")
     n: int = field(0, "use a seeded random subset of N images per set (0 = all)")
     seed: int = field(0, "seed for the --n subset and KID subsets")

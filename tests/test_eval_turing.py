@@ -57,8 +57,8 @@ def seed_study(tmp_path):
     write_csv(tmp_path / "study" / KEY, [{"image": n, "truth": t} for n, t in zip(names, truth)], ["image", "truth"])
     a = ["synthetic"] * 147 + ["real"] * 128 + ["real"] * 20 + ["synthetic"] * 5
     b = ["synthetic"] * 275 + ["real"] * 25    # a perfect reader
-    fa = write_csv(tmp_path / "answers_a.csv", [{"image": n, "answer": x} for n, x in zip(names, a)], ["image", "answer"])
-    fb = write_csv(tmp_path / "answers_b.csv", [{"image": n, "answer": x} for n, x in zip(names, b)], ["image", "answer"])
+    fa, fb = (write_csv(tmp_path / f"answers_{r}.csv", [{"image": n, "answer": x} for n, x in zip(names, said)],
+                        ["image", "answer"]) for r, said in (("a", a), ("b", b)))
     return tmp_path / "study", fa, fb, a, b
 
 
