@@ -34,9 +34,9 @@ class VaeConfig:
     config_dir: str = field("configs/embedded/vae", "folder with the AutoencoderKL config.json")
     out: str = field("runs/embedded/vae", "where the trained VAE is saved (diffusers folder, safetensors)")
     resolution: int = field(64, "image size the VAE is trained at")
-    steps: int = field(1500, "optimizer steps")
-    batch_size: int = field(32, "images per step")
-    learning_rate: float = field(1e-3, "AdamW peak learning rate (cosine decay to 10%)")
+    steps: int = field(250, "optimizer steps")
+    batch_size: int = field(16, "images per step")
+    learning_rate: float = field(2e-3, "AdamW peak learning rate (cosine decay to 10%)")
     kl_weight: float = field(1e-6, "weight of the KL term (keeps latents near a Gaussian without blurring)")
     max_images: int | None = field(None, "use only the first N images")
     seed: int = field(0, "seed for initialisation and batch order")
@@ -61,7 +61,7 @@ def vae_loss(vae: torch.nn.Module, x: torch.Tensor, kl_weight: float) -> tuple[t
     rec = vae.decode(post.sample()).sample
     l1 = F.l1_loss(rec, x)
     kl = post.kl().mean() / x[0].numel()
-    return l1 + F.mse_loss(rec, x) + kl_weight * kl, float(l1)
+    return l1 + F.mse_loss(rec, x) + kl_weight * kl, l1.item()
 
 
 @torch.no_grad()

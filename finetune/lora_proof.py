@@ -1,0 +1,109 @@
+"""LoRA proof: a finding the base model never saw appears after a short LoRA fine-tune, and not before.
+
+Why: a test that the LoRA path of finetune.train really teaches a model something new. The base is
+models/embedded-no-effusion (VAE, UNet and text encoder trained without any pleural effusion; see
+finetune.embedded); the LoRA is trained with `finetune.train` (--train lora) on fresh phantoms that
+mostly have effusions; the analytic scorer (eval.phantom_score) judges generations for
+"Large left/right pleural effusion." before and after. Pneumothorax would be the textbook choice
+but the scorer cannot read it; effusion can be scored.
+`python -m finetune.lora_proof --steps 300`"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from cxrcommon.config import field, parse_config
+from cxrcommon.logs import setup_logging
+
+from .embedded import PROMPTS, adherence, load
+
+log = logging.getLogger(__name__)
+
+BASE = "models/embedded-no-effusion"
+
+
+@dataclass
+class LoraProofConfig:
+    base: str = field(BASE, "model that never saw the finding")
+    work_dir: str = field("runs/lora_proof", "folder for the LoRA data set and the LoRA")
+    n_train: int = field(400, "LoRA training phantoms")
+    effusion_prob: float = field(0.8, "share of those phantoms with an effusion (the rest keep 'normal' anchored)")
+    data_seed: int = field(123, "phantom seed (disjoint from the base model's data seed 0)")
+    steps: int = field(300, "LoRA optimizer steps")
+    batch_size: int = field(16, "images per step")
+    rank: int = field(8, "LoRA rank")
+    learning_rate: float = field(2e-3, "LoRA learning rate")
+    train_text_encoder: bool = field(False, "also put LoRA on the text encoder (--train lora+text_encoder)")
+    per_class: int = field(50, "generations per prompt, before and after")
+    eval_steps: int = field(20, "DDIM steps per generation")
+    guidance_scale: float = field(4.0, "classifier-free guidance")
+    seed: int = field(0, "training and generation seed")
+    threads: int = field(1, "torch CPU threads (1 is fastest on a busy 2-core machine)")
+    verbose: bool = field(False, "debug logging")
+
+
+def presence(scores: dict[str, Any]) -> float:
+    """Share of effusion-prompt images in which the scorer sees any effusion."""
+    seen = [scores["seen"][side] for side in ("left", "right")]
+    n = sum(sum(s.values()) for s in seen)
+    return sum(c for s in seen for lab, c in s.items() if lab != "none") / n
+
+
+def resolution_of(model: str | Path) -> int:
+    """Image side a pipeline folder was trained at: UNet sample size x VAE downsampling."""
+    unet = json.loads((Path(model) / "unet" / "config.json").read_text())
+    vae = json.loads((Path(model) / "vae" / "config.json").read_text())
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def lora_proof(cfg: LoraProofConfig) -> dict[str, Any]:
+    """Score the base, train the LoRA, score base + LoRA; returns both scores and the run's facts."""
+    from .config import TrainConfig
+    from .phantoms import make_dataset
+    from .train import train
+
+    work = Path(cfg.work_dir)
+    res = resolution_of(cfg.base)
+    kw = dict(steps=cfg.eval_steps, guidance=cfg.guidance_scale, seed=cfg.seed)
+    before = adherence(load(cfg.base), cfg.per_class, **kw)
+    meta = make_dataset(work / "data", cfg.n_train, res, cfg.data_seed,
+                        finding_probs={"effusion": cfg.effusion_prob}, progress=False)
+    tc = TrainConfig(model=cfg.base, output_dir=str(work / "lora"), seed=cfg.seed,
+                     train="lora+text_encoder" if cfg.train_text_encoder else "lora",
+                     train_data=str(meta), patient_column="patient_id", val_fraction=0.0, resolution=res,
+                     cache_latents=True, caption_dropout=0.1, lora_rank=cfg.rank, train_batch_size=cfg.batch_size,
+                     max_train_steps=cfg.steps, learning_rate=cfg.learning_rate, lr_scheduler="constant_with_warmup",
+                     lr_warmup_steps=min(20, cfg.steps // 5), mixed_precision="no", device="cpu",
+                     checkpointing_steps=0, validation_steps=0, validation_seeds=[], report_to="none")
+    t0 = time.perf_counter()
+    result = train(tc)
+    seconds = time.perf_counter() - t0
+    pipe = load(cfg.base)
+    pipe.load_lora_weights(str(work / "lora"))
+    after = adherence(pipe, cfg.per_class, **kw)
+    out = {"base": cfg.base, "steps": result.steps, "train_seconds": seconds, "n_train": cfg.n_train,
+           "rank": cfg.rank, "before": before, "after": after,
+           "presence_before": presence(before), "presence_after": presence(after), "prompts": PROMPTS}
+    log.info("LoRA proof: effusion seen in %.0f%% of effusion-prompt images before, %.0f%% after (%d steps, %.0f s); "
+             "accuracy %.2f -> %.2f", 100 * out["presence_before"], 100 * out["presence_after"], result.steps,
+             seconds, before["accuracy"], after["accuracy"])
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    cfg = parse_config(LoraProofConfig, argv, description=__doc__.splitlines()[0])
+    setup_logging(cfg.verbose)
+    torch.set_num_threads(cfg.threads)
+    out = lora_proof(cfg)
+    print(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()

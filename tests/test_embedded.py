@@ -1,0 +1,103 @@
+"""The shipped embedded model: what is on disk, that it follows prompts, and the LoRA proof.
+
+The adherence and LoRA tests generate real images with the shipped weights and judge them with the
+analytic phantom scorer, so they fail if the model (or the trainer that made it) stops learning."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cxrcommon.models import EMBEDDED_DIR, REPO_ROOT, resolve_model
+from finetune.embedded import EmbeddedConfig, adherence, generate, load, model_card
+from finetune.lora_proof import LoraProofConfig, lora_proof, presence, resolution_of
+
+BASE_DIR = REPO_ROOT / "models" / "embedded-no-effusion"
+CONFIGS = REPO_ROOT / "configs" / "embedded"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One thread is fastest when the 2 cores are shared; restore afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def embedded():
+    if not (EMBEDDED_DIR / "model_index.json").is_file():
+        pytest.fail(f"{EMBEDDED_DIR} is missing: train it with python -m finetune.embedded --config configs/embedded.yaml")
+    return load("embedded")
+
+
+def test_shipped_weights_are_small_safetensors_with_an_honest_card():
+    assert resolve_model("embedded") == str(EMBEDDED_DIR)
+    files = [p for d in (EMBEDDED_DIR, BASE_DIR) for p in d.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in (".bin", ".pt", ".pth", ".ckpt")], "pickle weights shipped"
+    mb = sum(p.stat().st_size for p in files if p.suffix == ".safetensors") / 1e6
+    assert 1 < mb <= 40, f"{mb:.1f} MB of weights"
+    for d in (EMBEDDED_DIR, BASE_DIR):
+        card = (d / "README.md").read_text()
+        assert "NOT a medical model" in card and "phantom" in card and "Measured prompt adherence" in card
+        assert json.loads((d / "text_encoder" / "config.json").read_text())["vocab_size"] == 49408
+
+
+def test_model_loads_as_fp32_and_makes_64px_images(embedded):
+    assert {p.dtype for m in (embedded.unet, embedded.vae, embedded.text_encoder) for p in m.parameters()} == \
+        {torch.float32}
+    assert resolution_of(EMBEDDED_DIR) == 64
+    a, b = generate(embedded, "Normal chest radiograph.", 2, steps=4)
+    assert a.shape == (64, 64) and 0 <= a.min() and a.max() <= 1
+    again = generate(embedded, "Normal chest radiograph.", 1, seed=1, steps=4)[0]
+    np.testing.assert_allclose(again, b, atol=1e-5)  # image i depends only on seed + i
+
+
+def test_embedded_follows_left_right_normal_prompts(embedded):
+    """10 generations per prompt; chance is 1/3, a random model of this architecture scores ~0.33."""
+    scores = adherence(embedded, 10, steps=15)
+    assert scores["accuracy"] >= 0.7, scores
+    assert min(scores["per_class"].values()) >= 0.5, scores
+
+
+def test_lora_teaches_a_finding_the_base_never_saw(tmp_path):
+    """finetune.train --train lora on effusion phantoms, on a base trained without any effusion."""
+    t0 = time.perf_counter()
+    out = lora_proof(LoraProofConfig(base=str(BASE_DIR), work_dir=str(tmp_path), n_train=160, steps=80,
+                                     batch_size=16, per_class=8, eval_steps=15))
+    assert out["steps"] == 80
+    assert out["presence_before"] <= 0.2, out["before"]
+    assert out["presence_after"] >= 0.6, out["after"]
+    assert time.perf_counter() - t0 < 180
+
+
+def test_presence_counts_any_effusion_side():
+    scores = {"seen": {"left": {"left": 3, "none": 1}, "right": {"bilateral": 1, "none": 3}, "none": {"left": 4}}}
+    assert presence(scores) == pytest.approx(4 / 8)
+
+
+def test_vae_trainer_learns_and_sets_the_latent_scale(tmp_path):
+    from finetune.phantoms import item, render
+    from finetune.vae import train_vae
+    imgs = torch.from_numpy(np.stack([render(item(i, 5)[0], 64)[0] for i in range(8)]))[:, None]
+    x = imgs.expand(-1, 3, -1, -1) * 2 - 1
+    folder, l1 = train_vae(x, CONFIGS / "vae", tmp_path / "vae", steps=30, batch_size=4, learning_rate=2e-3)
+    assert np.mean(l1[-5:]) < 0.7 * np.mean(l1[:5])
+    cfg = json.loads((folder / "config.json").read_text())
+    assert cfg["scaling_factor"] != 1.0 and (folder / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_model_card_states_what_it_is_and_the_numbers():
+    cfg = EmbeddedConfig(out="/nonexistent", base_out="/nonexistent")
+    scores = {"accuracy": 0.9, "per_class": {"left": 0.9, "right": 0.8, "none": 1.0}, "per_class_n": 30,
+              "seen": {"left": {"left": 27, "none": 3}}}
+    card = model_card(cfg, kind="main", stages={"minutes": 55.0, "n_no_effusion": 3000, "vae_l1": 0.1}, scores=scores)
+    assert "NOT a medical model" in card and "0.90 overall" in card and "right 0.80" in card
+    assert f"{cfg.main_steps} steps on all phantoms" in card and "55 min" in card
+    base = model_card(cfg, kind="base", stages={}, scores=None)
+    assert "WITHOUT pleural effusion" in base and "on all phantoms" not in base and "not measured" in base
