@@ -113,7 +113,7 @@ def _figures(result: dict[str, Any], top_k: int) -> dict[str, Any]:
             a.imshow(read_image(pair[key]), cmap="gray", vmin=0, vmax=1)
             a.set_axis_off()
             a.set_title(f"{key}: {Path(pair[key]).name[:28]}", fontsize=6)
-        row[0].text(0.02, 0.02, f"cos {pair['cosine']:.3f}  SSIM {pair['ssim']:.3f}", color="yellow", fontsize=7,
+        row[0].text(0.02, 0.02, f"cos {pair['cosine']:.4f}  SSIM {pair['ssim']:.3f}", color="yellow", fontsize=7,
                     transform=row[0].transAxes)
     return {"hist": fig, "closest_pairs": sheet}
 
