@@ -32,6 +32,17 @@ def _loopback_only(real_connect):
 socket.socket.connect = _loopback_only(socket.socket.connect)  # type: ignore[method-assign]
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models on 2 cores: one torch thread avoids OpenMP spin-waiting against the app server,
+    subprocesses and pytest itself (10-1000x slower small ops otherwise). SYNTHCXR_TEST_THREADS overrides."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(os.environ.get("SYNTHCXR_TEST_THREADS", "1")))
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_caches(tmp_path_factory):
     """Keep torch/HF/synthcxr caches out of the user's home."""

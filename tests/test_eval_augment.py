@@ -12,16 +12,6 @@ from cxrcommon.imageio import write_png
 from eval.augment import auc, bootstrap, main
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """On a busy 2-core box torch's 2-thread CPU kernels spin: resnet18 training 40 s instead of 2 s."""
-    import torch
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_set(folder, n, seed):
     """Class 'effusion' = bright lower band, 'normal' = none, both with noise; a manifest with labels."""
     rng = np.random.default_rng(seed)

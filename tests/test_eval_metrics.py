@@ -16,15 +16,6 @@ from eval.prdc import prdc
 SIZE = 48
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices: with 2 threads on a busy 2-core box torch's matmul spins (30 ms instead of 20 us)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def blobs(seed: int, n: int, noise: float = 0.0, size: int = SIZE) -> list[np.ndarray]:
     """Smooth random images; the same seed gives the same base images, `noise` adds Gaussian noise."""
     rng = np.random.default_rng(seed)

@@ -28,15 +28,6 @@ from finetune.toy import CAPTIONS, pattern, save_toy_model
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Two cores shared with other jobs: one thread avoids oversubscription (10x faster here)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _manifest(tmp: Path, n: int = 8, bad: bool = False) -> Path:
     lines = ["image,text,patient"]
     for i in range(n):
