@@ -26,8 +26,9 @@ class GenerateConfig:
     scheduler: str = field("ddim", "sampler: ddim, dpmpp, dpmpp-karras, euler, euler-a, pndm, lms, heun, unipc, ddpm")
     seed: int = field(0, "base seed; image k of prompt i gets a seed derived from (seed, i, k)")
     negative_prompt: str = field("", "negative prompt where the prompt file gives none")
-    height: int = field(512, "image height in pixels (multiple of 8)")
-    width: int = field(512, "image width in pixels (multiple of 8)")
+    height: int | None = field(None, "image height in pixels (multiple of 8); default: the model's native size "
+                                     "(512 for SD 2.1-base)")
+    width: int | None = field(None, "image width in pixels (multiple of 8); default: the model's native size")
     format: str = field("png", "png (8-bit), png16 (16-bit) or dcm (DICOM Secondary Capture, marked synthetic)")
     label_folders: bool = field(False, "put each image in a sub-folder named after its prompt's label")
     init_image: str | None = field(None, "translation mode: start from this image (SDEdit img2img)")

@@ -229,7 +229,6 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
     is_main = index == 0
     out.mkdir(parents=True, exist_ok=True)
     rows, source = _load_rows(cfg, out, is_main)
-    translation = _translation(cfg)
     cleaner = None
     if cfg.clean:
         from textremoval.clean import clean_image as cleaner  # lazy: only --clean pays for OCR models
@@ -238,8 +237,11 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
     sampler = CXRSampler.load(model_source, lora=cfg.lora, lora_scale=cfg.lora_scale, device=device,
                               precision=cfg.precision, scheduler=cfg.scheduler, channels_last=cfg.channels_last,
                               fuse_qkv=cfg.fuse_qkv, decode_batch=cfg.decode_batch)
-    log.info("model: %s%s (%s on %s); LoRA: %s", cfg.model, f" -> {model_source}" if model_source != cfg.model else "",
-             sampler.dtype, sampler.device, cfg.lora or "none")
+    log.info("model: %s%s (%s on %s); LoRA: %s; %sx%s px", cfg.model,
+             f" -> {model_source}" if model_source != cfg.model else "", sampler.dtype, sampler.device,
+             cfg.lora or "none", cfg.height or sampler.native_size, cfg.width or sampler.native_size)
+    cfg = dataclasses.replace(cfg, height=cfg.height or sampler.native_size, width=cfg.width or sampler.native_size)
+    translation = _translation(cfg)
     rows, cut = _fit_prompts(rows, sampler.tokenizer, cfg.clip_policy, source)
 
     lora_sha = file_sha256(cfg.lora) if cfg.lora else None
@@ -278,7 +280,7 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
                      strength=cfg.strength if translation else None, mask=cfg.mask,
                      mask_sha256=settings["mask_sha256"], text_removed="true" if cfg.clean else None)
 
-    summary = GenerateSummary(out=out, model=model_source, planned=planned, generated=0,
+    summary = GenerateSummary(out=out, model=cfg.model if model_source == cfg.model else f"{cfg.model} = {model_source}", planned=planned, generated=0,
                               skipped=planned - n_todo, failed=0, seconds=0.0)
     start = time.perf_counter()
     with tqdm(total=n_todo, unit="img", desc="generating", disable=not is_main or None) as bar:

@@ -122,6 +122,11 @@ class CXRSampler:
         return cls(pipe, device=dev, dtype=dtype, **kwargs)
 
     @property
+    def native_size(self) -> int:
+        """The resolution the model was trained at (512 for SD 2.1-base), diffusers' default size."""
+        return self.unet.config.sample_size * self.vae_scale
+
+    @property
     def inpainting_unet(self) -> bool:
         return self.unet.config.in_channels == 9
 

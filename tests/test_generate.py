@@ -210,3 +210,23 @@ def test_cli_prints_the_model_and_refuses_bad_input(cfg, capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "--lora-scale" in capsys.readouterr().out
+
+
+def test_clean_runs_textremoval_on_each_image_and_failures_are_retried(cfg, monkeypatch):
+    import textremoval.clean
+    calls = []
+
+    def fake_clean(image):  # stands in for OCR + inpainting: blank the top rows, fail once
+        calls.append(image.shape)
+        if len(calls) == 2:
+            raise RuntimeError("detector crashed")
+        cleaned = image.copy()
+        cleaned[:4] = 0.0
+        return textremoval.clean.CleanResult(cleaned, cleaned == 0, [])
+
+    monkeypatch.setattr(textremoval.clean, "clean_image", fake_clean)
+    s = generate(dataclasses.replace(cfg, clean=True))
+    assert (s.generated, s.failed) == (5, 1) and calls[0] == (32, 32)
+    for k, img in images(s.out).items():
+        assert img[:4].max() == 0 and read_png_text(s.out / k)["text_removed"] == "true"
+    assert generate(dataclasses.replace(cfg, clean=True)).generated == 1  # the failed one is retried
