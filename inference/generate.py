@@ -26,7 +26,7 @@ from cxrcommon.imageio import read_image, save_image, to_square
 from cxrcommon.logs import setup_logging
 from cxrcommon.models import resolve_model
 from cxrcommon.provenance import SOFTWARE, file_sha256, provenance
-from cxrcommon.reports import fit_clip_limit, normalize_report
+from cxrcommon.reports import ReportTooLongError, fit_clip_limit, normalize_report
 
 from .config import GenerateConfig
 from .prompts import PromptRow, read_prompts, write_prompts_jsonl
@@ -162,15 +162,22 @@ def finished_keys(out: Path) -> set[str]:
 # ---------------------------------------------------------------- inputs
 
 def _fit_prompts(rows: list[PromptRow], tokenizer, policy: str, source: str) -> tuple[list[PromptRow], set[int]]:
-    """Normalise report text and fit CLIP's 77 tokens; returns rows and the indices that were cut."""
-    fitted, cut = [], set()
+    """Normalise report text and fit CLIP's 77 tokens; returns rows and the indices that were cut.
+    With policy "error" every over-long prompt is named before anything is generated."""
+    fitted, cut, too_long = [], set(), []
     for row in rows:
-        text, was_cut = fit_clip_limit(normalize_report(row.prompt), tokenizer, policy=policy,
-                                       name=f"{source}:{row.index}")
+        try:
+            text, was_cut = fit_clip_limit(normalize_report(row.prompt), tokenizer, policy=policy,
+                                           name=f"{source}:{row.index}")
+        except ReportTooLongError as exc:
+            too_long.append(str(exc))
+            continue
         if was_cut:
             log.warning("%s:%d: prompt cut to CLIP's 77 tokens: %r", source, row.index, text)
             cut.add(row.index)
         fitted.append(dataclasses.replace(row, prompt=text))
+    if too_long:
+        raise ValueError("\n".join(too_long))
     return fitted, cut
 
 
@@ -220,6 +227,9 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
              on_image: Callable[[Path], None] | None = None) -> GenerateSummary:
     """Run (or resume) a generation job. `shard=(index, count)` overrides the process layout;
     `on_image(path)` is called after each image is on disk (progress for the app; tests use it)."""
+    for name in ("steps", "batch_size", "n_per_prompt", "decode_batch"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.format not in FORMATS:
         raise ValueError(f"--format {cfg.format!r} is not one of {', '.join(FORMATS)}")
     if len(cfg.guidance_interval) != 2 or not 0 <= cfg.guidance_interval[0] <= cfg.guidance_interval[1] <= 1:
@@ -246,7 +256,7 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
 
     lora_sha = file_sha256(cfg.lora) if cfg.lora else None
     settings = {k: getattr(cfg, k) for k in IMAGE_SETTINGS}
-    settings.update(model=str(cfg.model), model_path=model_source, lora_sha256=lora_sha, dtype=str(sampler.dtype),
+    settings.update(model=str(cfg.model), lora_sha256=lora_sha, dtype=str(sampler.dtype),
                     init_image_sha256=file_sha256(cfg.init_image) if cfg.init_image else None,
                     mask_sha256=file_sha256(cfg.mask) if cfg.mask else None)
     if not translation:
