@@ -103,3 +103,24 @@ class TrainConfig:
     logging_dir: str = field("logs", "tracker folder, relative to output_dir")
     save_merged: bool = field(False, "also save a full pipeline with the LoRA merged in (<output_dir>/merged)")
     verbose: bool = field(False, "debug logging")
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Refuse option combinations that cannot work, before any model or data is loaded (minutes
+    of latent caching must not be spent on a run that fails at its first step)."""
+    problems = []
+    if cfg.train not in TRAIN_MODES:
+        problems.append(f"--train {cfg.train!r} is not one of {', '.join(TRAIN_MODES)}")
+    if cfg.random_flip and cfg.cache_latents:
+        problems.append("--random-flip cannot be combined with --cache-latents: the cache holds each image's "
+                        "latent in one orientation only, so flipped samples would never be seen; turn one of "
+                        "them off (for chest X-rays keep --random-flip off: it contradicts laterality)")
+    if cfg.cache_text and cfg.train.endswith("+text_encoder"):
+        problems.append(f"--cache-text cannot be used while the text encoder is trained (--train {cfg.train}): "
+                        "its embeddings change every step; drop --cache-text")
+    if not 0.0 <= cfg.caption_dropout <= 1.0:
+        problems.append(f"--caption-dropout {cfg.caption_dropout} must lie in [0, 1]")
+    if cfg.gradient_accumulation_steps < 1 or cfg.train_batch_size < 1:
+        problems.append("--train-batch-size and --gradient-accumulation-steps must be >= 1")
+    if problems:
+        raise ValueError("invalid fine-tuning config:\n  " + "\n  ".join(problems))

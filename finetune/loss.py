@@ -12,7 +12,10 @@ def diffusion_loss(unet: torch.nn.Module, scheduler: object, latents: torch.Tens
     Random draws use the global RNG, which the trainer reseeds every step (exact resume)."""
     from diffusers.training_utils import compute_snr
 
-    noise = torch.randn_like(latents)
+    # randn(shape), not randn_like: the draws must not depend on the latents' memory layout (the VAE
+    # returns channels-last tensors on CPU, the latent cache contiguous ones), or cached and uncached
+    # runs would see different noise
+    noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
     if noise_offset:
         noise = noise + noise_offset * torch.randn(latents.shape[0], latents.shape[1], 1, 1,
                                                    device=latents.device, dtype=latents.dtype)

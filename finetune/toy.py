@@ -34,10 +34,13 @@ def toy_data(n: int = 8, resolution: int = 32, n_val: int = 2) -> TrainData:
     return TrainData(ims[:n], caps[:n], ims[n:], caps[n:])
 
 
-def save_toy_model(path: str | os.PathLike, seed: int = 0, resolution: int = 32) -> Path:
-    """The tiny SD-2 pipeline with a near-deterministic VAE encoder and unit-scale latents."""
+def save_toy_model(path: str | os.PathLike, seed: int = 0, resolution: int = 32,
+                   prediction_type: str = "v_prediction") -> Path:
+    """The tiny SD-2 pipeline with a near-deterministic VAE encoder, unit-scale latents and (by default)
+    a v-prediction scheduler."""
     from cxrcommon.tiny import tiny_pipeline
     pipe = tiny_pipeline(seed)
+    pipe.scheduler.register_to_config(prediction_type=prediction_type)
     vae = pipe.vae
     c = vae.config.latent_channels
     with torch.no_grad():

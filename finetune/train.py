@@ -23,7 +23,7 @@ from .accel import build_accelerator, optimizer_class, weight_dtype
 from .cache import build_latent_cache, build_text_cache, cache_dir, latent_key, text_key
 from .card import write_model_card
 from .components import Components, load_components, prepare_training
-from .config import TrainConfig
+from .config import TrainConfig, check_config
 from .data import (StepSampler, TrainData, TrainDataset, caption_rows, describe_images, load_pixels,
                    load_train_data, make_loader, tokenize)
 from .export import save_outputs
@@ -76,6 +76,7 @@ def train(cfg: TrainConfig, data: TrainData | None = None,
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
+    check_config(cfg)
     out = Path(cfg.output_dir)
     ckpt_root = out / "checkpoints"
     accelerator = build_accelerator(cfg, str(out / cfg.logging_dir))
@@ -106,10 +107,7 @@ def train(cfg: TrainConfig, data: TrainData | None = None,
     input_ids = tokenize(comp.tokenizer, data.captions)
     n_captions = len(data.captions)
     text_table = None
-    if cfg.cache_text:
-        if "text_encoder" in trained:
-            raise ValueError("--cache-text cannot be used while the text encoder is trained (--train "
-                             f"{cfg.train}); drop --cache-text")
+    if cfg.cache_text:  # check_config refused it with a trained text encoder
         path = cache_dir(cfg) / f"text-{text_key(comp.text_encoder, data.captions)}.safetensors"
         with accelerator.main_process_first():
             text_table = build_text_cache(path, input_ids, lambda ids: comp.text_encoder(ids.to(device))[0],
@@ -176,7 +174,9 @@ def train(cfg: TrainConfig, data: TrainData | None = None,
     def latents_for(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "latent_mean" in batch:
             mean, std = batch["latent_mean"].to(device, wdtype), batch["latent_std"].to(device, wdtype)
-            lat = mean + std * torch.randn_like(mean)
+            # torch.randn(shape), not randn_like: the same draws as DiagonalGaussianDistribution.sample(),
+            # so a cached run reproduces an uncached one exactly (tests/test_finetune_train.py)
+            lat = mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
         else:
             with torch.no_grad():
                 lat = comp.vae.encode(batch["pixels"].to(device, wdtype)).latent_dist.sample()

@@ -15,6 +15,7 @@ from finetune.toy import CAPTIONS, pattern, save_toy_model, toy_data
 from finetune.train import NonFiniteLossError, train
 
 R = 16
+STEPS = 80
 BROAD = ["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "conv_in", "conv_out", "conv1", "conv2"]
 
 
@@ -44,33 +45,37 @@ def _latents(pipe, prompt: str) -> torch.Tensor:
                 output_type="latent").images
 
 
-def test_lora_learns_toy_task_and_loads_in_plain_diffusers(toy_model, tmp_path):
+def test_lora_learns_caption_specific_patterns_and_loads_in_plain_diffusers(toy_model, tmp_path):
+    """Two captions -> two mirrored patterns: after training, each caption generates ITS pattern."""
     out = tmp_path / "run"
-    cfg = cfg_for(toy_model, out, train_batch_size=8, max_train_steps=80, lora_rank=16, lora_alpha=32,
-                  lora_target_modules=BROAD, validation_steps=80, validation_prompts=[CAPTIONS[0]],
+    cfg = cfg_for(toy_model, out, train_batch_size=8, max_train_steps=STEPS, lora_rank=16, lora_alpha=32,
+                  lora_target_modules=BROAD, validation_steps=STEPS, validation_prompts=[CAPTIONS[0]],
                   report_to="tensorboard")
     result = train(cfg, toy_data(8, R))
     first, last = np.mean(result.losses[:10]), np.mean(result.losses[-10:])
-    assert last < 0.5 * first, (first, last)
-    assert (out / LORA_FILE).is_file() and (out / "validation" / "step-0000080.png").is_file()
+    assert last < 0.6 * first, (first, last)
+    assert (out / LORA_FILE).is_file() and (out / "validation" / f"step-{STEPS:07d}.png").is_file()
     assert list((out / "logs").rglob("events.out.tfevents*"))
     card = (out / "README.md").read_text()
     assert str(toy_model) in card and "SYNTHETIC" in card and "8 image-report pairs" in card
+    assert "v_prediction prediction" in card  # taken from the model's scheduler config
     assert "train: lora" in (out / "train_config.yaml").read_text()
 
     pipe = _pipe(toy_model)
     with torch.no_grad():
         x = {c: torch.from_numpy(pattern(c, R))[None, None].expand(1, 3, R, R) * 2 - 1 for c in CAPTIONS}
         target = {c: pipe.vae.encode(x[c]).latent_dist.mean * pipe.vae.config.scaling_factor for c in CAPTIONS}
+
+    def dist(lat: torch.Tensor, c: str) -> float:  # mean squared latent distance over the 4 seeds
+        return (lat - target[c]).pow(2).mean().item()
+
     base = {c: _latents(pipe, c) for c in CAPTIONS}
     pipe.load_lora_weights(out)  # plain diffusers, no synthcxr code
     tuned = {c: _latents(pipe, c) for c in CAPTIONS}
-    for own in CAPTIONS:
-        d_base = (base[own] - target[own]).pow(2).mean().item()
-        d_own = (tuned[own] - target[own]).pow(2).mean().item()
-        assert d_own < 0.2 * d_base, (own, d_base, d_own)  # output moved toward the trained pattern
-    # NOTE: caption-SPECIFIC separation (left prompt -> left pattern) is not reached in this 80-step
-    # budget with the tiny random text encoder (caption embeddings differ by ~4%); see docs/FINETUNE.md.
+    for own, other in (CAPTIONS, CAPTIONS[::-1]):
+        d_own, d_other = dist(tuned[own], own), dist(tuned[own], other)
+        assert d_own < 0.5 * dist(base[own], own), (own, dist(base[own], own), d_own)  # moved toward its pattern
+        assert d_own < 0.6 * d_other, (own, d_own, d_other)  # ... and it is ITS pattern, not the other one
     pipe.unload_lora_weights()
     for c in CAPTIONS:
         assert torch.equal(_latents(pipe, c), base[c])  # unloading restores the base exactly
@@ -128,3 +133,69 @@ def test_full_unet_mode_writes_a_loadable_pipeline(toy_model, tmp_path):
     changed = [k for k, v in pipe.unet.state_dict().items() if not torch.equal(v, base.unet.state_dict()[k])]
     assert changed  # the UNet itself was trained
     assert all(torch.equal(v, base.vae.state_dict()[k]) for k, v in pipe.vae.state_dict().items())
+
+
+def test_flip_with_cached_latents_is_refused_at_start_up(tmp_path):
+    cfg = cfg_for(tmp_path / "no-such-model", tmp_path / "run", random_flip=True, cache_latents=True)
+    with pytest.raises(ValueError, match=r"--random-flip cannot be combined with --cache-latents.*one orientation"):
+        train(cfg)  # refused before the (missing) model is even looked up
+    assert not (tmp_path / "run").exists()
+    cfg = cfg_for(tmp_path / "no-such-model", tmp_path / "run", train="lora+text_encoder", cache_text=True)
+    with pytest.raises(ValueError, match="--cache-text cannot be used while the text encoder is trained"):
+        train(cfg)
+
+
+def test_cached_latents_and_text_train_exactly_like_uncached(toy_model, tmp_path):
+    """The cache stores the VAE posterior's mean/std and the caption embeddings; sampling from it draws
+    the same random numbers in the same order as encoding on the fly, so the runs coincide."""
+    kw = dict(max_train_steps=3, train_batch_size=2, lora_rank=4, caption_dropout=0.3)
+    data = toy_data(4, R)
+    plain = train(cfg_for(toy_model, tmp_path / "plain", **kw), data)
+    cached = train(cfg_for(toy_model, tmp_path / "lat", cache_latents=True, cache_dir=str(tmp_path / "c"), **kw), data)
+    text = train(cfg_for(toy_model, tmp_path / "txt", cache_text=True, cache_dir=str(tmp_path / "c"), **kw), data)
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "c").iterdir()) == ["latents", "text"]
+    for run in (cached, text):
+        assert np.allclose(run.losses, plain.losses, rtol=1e-5, atol=1e-6), (run.losses, plain.losses)
+    # Weights: the VAE's conv output differs from the cached one by ~1e-7 (memory layout), and Adam turns
+    # that into lr-sized steps on the few entries whose gradient is ~0, so compare the trained (lora_B,
+    # zero-initialised) tensors by relative norm rather than elementwise to 1e-6.
+    ref = _final_lora(tmp_path / "plain")
+    trained = [k for k in ref if "lora_B" in k]
+    norm = sum(ref[k].norm() ** 2 for k in trained) ** 0.5
+    assert trained and norm > 1e-2  # the runs did train something
+    for name in ("lat", "txt"):
+        got = _final_lora(tmp_path / name)
+        assert got.keys() == ref.keys()
+        gap = sum((got[k] - ref[k]).norm() ** 2 for k in trained) ** 0.5
+        assert gap < 1e-2 * norm, (name, gap, norm)
+    stamp = {p: p.stat().st_mtime_ns for p in (tmp_path / "c").iterdir()}
+    again = train(cfg_for(toy_model, tmp_path / "lat2", cache_latents=True, cache_text=True,
+                          cache_dir=str(tmp_path / "c"), **kw), data)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "c").iterdir()} == stamp  # reused, not rebuilt
+    assert np.allclose(again.losses, plain.losses, rtol=1e-5, atol=1e-6)
+
+
+def test_text_encoder_lora_and_merged_pipeline_load_in_plain_diffusers(toy_model, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    out = tmp_path / "run"
+    result = train(cfg_for(toy_model, out, train="lora+text_encoder", max_train_steps=3, save_merged=True),
+                   toy_data(4, R))
+    assert set(result.outputs) == {"lora", "merged"}
+    keys = _final_lora(out).keys()
+    assert any(k.startswith("text_encoder.") for k in keys) and any(k.startswith("unet.") for k in keys)
+
+    pipe = _pipe(toy_model)
+    ids = pipe.tokenizer(list(CAPTIONS), padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        base_text = pipe.text_encoder(ids)[0]
+    base = _latents(pipe, CAPTIONS[0])
+    pipe.load_lora_weights(out)  # plain diffusers loads the text-encoder LoRA too
+    with torch.no_grad():
+        assert (pipe.text_encoder(ids)[0] - base_text).abs().max() > 1e-3
+    with_lora = _latents(pipe, CAPTIONS[0])
+    merged = StableDiffusionPipeline.from_pretrained(out / "merged", safety_checker=None, local_files_only=True)
+    merged.set_progress_bar_config(disable=True)
+    from_merged = _latents(merged, CAPTIONS[0])
+    gap = (with_lora - base).abs().max().item()
+    assert gap > 1e-2  # the LoRA changes the output ...
+    assert torch.allclose(from_merged, with_lora, atol=1e-4), (from_merged - with_lora).abs().max()  # ... merged = loaded
