@@ -87,7 +87,7 @@ def main() -> None:
         print(json.dumps({"ips": ips, "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
         return
     from finetune.toy import save_toy_model
-    model = save_toy_model(Path(tempfile.mkdtemp()) / "toy", resolution=a.resolution)
+    model = save_toy_model(Path(tempfile.mkdtemp()) / "toy", resolution=a.resolution, prediction_type="epsilon")
     rows = {}
     for v in ("stock", "uncached", "cached"):
         cmd = [sys.executable, __file__, "--variant", v, "--model", str(model), "--steps", str(a.steps),
