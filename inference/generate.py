@@ -215,7 +215,9 @@ def _process_layout(shard: tuple[int, int] | None, device: str):
     """(index, count, device, barrier): `shard` when given (tests), else accelerate's process state."""
     if shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
-        state = PartialState()
+
+        from cxrcommon.device import pick_device
+        state = PartialState(cpu=pick_device(device).type == "cpu")  # without cpu=True it ignores CPU ranks
         return state.process_index, state.num_processes, str(state.device), state.wait_for_everyone
     index, count = shard or (0, 1)
     return index, count, device, lambda: None
