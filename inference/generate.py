@@ -254,6 +254,9 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
              cfg.lora or "none", cfg.height or sampler.native_size, cfg.width or sampler.native_size)
     cfg = dataclasses.replace(cfg, height=cfg.height or sampler.native_size, width=cfg.width or sampler.native_size)
     translation = _translation(cfg)
+    if sampler.inpainting_unet and (translation is None or translation.mask is None):
+        raise ValueError(f"{cfg.model} is an inpainting model (9-channel UNet): pass --init-image and --mask, "
+                         f"or use a text-to-image model")
     rows, cut = _fit_prompts(rows, sampler.tokenizer, cfg.clip_policy, source)
 
     lora_sha = file_sha256(cfg.lora) if cfg.lora else None
@@ -331,8 +334,9 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
 
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(GenerateConfig, argv, "Generate synthetic chest X-rays from a prompt file (resumable; "
-                                             "every image is tagged synthetic). Run under `accelerate launch "
-                                             "-m inference.generate ...` to use several GPUs.")
+                                             "every image is tagged synthetic). Several GPUs: `accelerate launch "
+                                             "-m inference.generate ...`; several CPU processes: `torchrun "
+                                             "--nproc_per_node N -m inference.generate ...`.")
     setup_logging(cfg.verbose)
     log.debug("config: %s", to_dict(cfg))
     s = generate(cfg)

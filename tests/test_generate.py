@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -182,6 +183,15 @@ def test_img2img_strength_zero_writes_the_input(cfg, tmp_path):
         assert np.array_equal(img, read_image(tmp_path / "real.png"))
         tags = read_png_text(s.out / k)
         assert tags["strength"] == "0.0" and tags["init_image_sha256"] == file_sha256(tmp_path / "real.png")
+    mask = np.zeros((32, 32), np.float32)
+    mask[10:22, 6:20] = 1.0
+    write_png(tmp_path / "mask.png", mask)
+    s = generate(dataclasses.replace(cfg, out=str(tmp_path / "inpaint"), init_image=str(tmp_path / "real.png"),
+                                     mask=str(tmp_path / "mask.png"), strength=1.0, n_per_prompt=1))
+    for k, img in images(s.out).items():
+        assert np.array_equal(img[mask == 0], read_image(tmp_path / "real.png")[mask == 0])
+        assert np.abs(img - src)[mask == 1].mean() > 0.02
+        assert read_png_text(s.out / k)["mask_sha256"] == file_sha256(tmp_path / "mask.png")
     with pytest.raises(ValueError, match="--mask needs --init-image"):
         generate(dataclasses.replace(cfg, mask=str(tmp_path / "real.png")))
 
@@ -203,13 +213,23 @@ def test_cli_prints_the_model_and_refuses_bad_input(cfg, capsys):
             "--width", "32", "--guidance-interval", "0.2", "0.8"]
     assert main(argv) == 0
     assert f"model {cfg.model}" in capsys.readouterr().out
-    assert read_png_text(next((cfg.out and __import__("pathlib").Path(cfg.out)).glob("*.png")))[
-        "guidance_interval"] == "[0.2, 0.8]"
+    assert read_png_text(next(Path(cfg.out).glob("*.png")))["guidance_interval"] == "[0.2, 0.8]"
     with pytest.raises(ValueError, match="--format 'jpg'"):
         main(argv + ["--format", "jpg"])
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "--lora-scale" in capsys.readouterr().out
+
+
+def test_yaml_config_maps_one_to_one_onto_the_dataclass():
+    import yaml
+
+    from cxrcommon.config import parse_config
+    ROOT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "generate.yaml"
+    keys = set(yaml.safe_load(ROOT_CONFIG.read_text()))
+    assert keys == {f.name for f in dataclasses.fields(GenerateConfig)}
+    cfg = parse_config(GenerateConfig, ["--config", str(ROOT_CONFIG), "--steps", "7"], "")
+    assert cfg == dataclasses.replace(GenerateConfig(), steps=7, out="out/generated", prompts="examples/prompts.txt")
 
 
 def test_clean_runs_textremoval_on_each_image_and_failures_are_retried(cfg, monkeypatch):

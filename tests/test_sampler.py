@@ -134,3 +134,13 @@ def test_inpainting_changes_only_the_masked_region(inpainting_unet, tiny_pipe):
                      translation=Translation(base, 1.0, mask))[0]
     assert np.array_equal(out[mask < 0.5], base[mask < 0.5])
     assert np.abs(out[mask >= 0.5] - base[mask >= 0.5]).mean() > 1e-2
+
+
+def test_an_inpainting_model_needs_a_mask(tmp_path, tiny_inpaint_dir):
+    from inference.config import GenerateConfig
+    from inference.generate import generate
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Nodule.\n")
+    with pytest.raises(ValueError, match="inpainting model.*--mask"):
+        generate(GenerateConfig(prompts=str(prompts), out=str(tmp_path / "o"), model=str(tiny_inpaint_dir),
+                                steps=1, height=32, width=32))
