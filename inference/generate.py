@@ -295,8 +295,9 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
                      strength=cfg.strength if translation else None, mask=cfg.mask,
                      mask_sha256=settings["mask_sha256"], text_removed="true" if cfg.clean else None)
 
-    summary = GenerateSummary(out=out, model=cfg.model if model_source == cfg.model else f"{cfg.model} = {model_source}", planned=planned, generated=0,
-                              skipped=planned - n_todo, failed=0, seconds=0.0)
+    shown = cfg.model if model_source == cfg.model else f"{cfg.model} = {model_source}"
+    summary = GenerateSummary(out=out, model=shown, planned=planned, generated=0, skipped=planned - n_todo,
+                              failed=0, seconds=0.0)
     start = time.perf_counter()
     with tqdm(total=n_todo, unit="img", desc="generating", disable=not is_main or None) as bar:
         for batch in _batches((j for j in my_jobs() if j.key not in done), cfg.batch_size):
@@ -304,7 +305,7 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
                                       height=cfg.height, width=cfg.width, steps=cfg.steps, guidance=cfg.guidance,
                                       guidance_rescale=cfg.guidance_rescale,
                                       guidance_interval=cfg.guidance_interval, translation=translation)
-            for job, image in zip(batch, images):
+            for job, image in zip(batch, images, strict=True):
                 if cleaner is not None:
                     try:
                         image = np.clip(cleaner(image).image, 0, 1).astype(np.float32)

@@ -105,7 +105,7 @@ def _csv(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
         if len(fields) != len(header):
             yield number, f"has {len(fields)} field(s) but the header has {len(header)} (quote prompts that contain commas)"
             continue
-        yield number, dict(zip(header, fields))
+        yield number, dict(zip(header, fields, strict=True))
 
 
 def read_prompts(path: str | Path, *, default_n: int = 1, skip_bad: bool = False) -> list[PromptRow]:

@@ -72,6 +72,7 @@ def test_each_unique_prompt_is_encoded_once(sampler):
     sampler.generate(reqs, **SIZE, steps=2, guidance=4.0)
     assert len(calls) == 4 and set(calls) == {1}  # "A.", "B.", "" and "text"
     sampler.generate(reqs, **SIZE, steps=2, guidance=4.0)
+    hook.remove()
     assert len(calls) == 4  # all cached
 
 
