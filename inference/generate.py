@@ -226,9 +226,10 @@ def _process_layout(shard: tuple[int, int] | None, device: str):
 # ---------------------------------------------------------------- the job
 
 def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
-             on_image: Callable[[Path], None] | None = None) -> GenerateSummary:
+             on_image: Callable[[Path], None] | None = None, sampler: CXRSampler | None = None) -> GenerateSummary:
     """Run (or resume) a generation job. `shard=(index, count)` overrides the process layout;
-    `on_image(path)` is called after each image is on disk (progress for the app; tests use it)."""
+    `on_image(path)` is called after each image is on disk (progress for the app; tests use it);
+    `sampler`: an already loaded model of `cfg.model` (the app shares one across requests)."""
     for name in ("steps", "batch_size", "n_per_prompt", "decode_batch"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
@@ -246,9 +247,12 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
         from textremoval.clean import clean_image as cleaner  # lazy: only --clean pays for OCR models
 
     model_source = resolve_model(cfg.model)
-    sampler = CXRSampler.load(model_source, lora=cfg.lora, lora_scale=cfg.lora_scale, device=device,
-                              precision=cfg.precision, scheduler=cfg.scheduler, channels_last=cfg.channels_last,
-                              fuse_qkv=cfg.fuse_qkv, decode_batch=cfg.decode_batch)
+    if sampler is None:
+        sampler = CXRSampler.load(model_source, lora=cfg.lora, lora_scale=cfg.lora_scale, device=device,
+                                  precision=cfg.precision, scheduler=cfg.scheduler, channels_last=cfg.channels_last,
+                                  fuse_qkv=cfg.fuse_qkv, decode_batch=cfg.decode_batch)
+    elif sampler.scheduler_name != cfg.scheduler:
+        sampler.use_scheduler(cfg.scheduler)
     log.info("model: %s%s (%s on %s); LoRA: %s; %sx%s px", cfg.model,
              f" -> {model_source}" if model_source != cfg.model else "", sampler.dtype, sampler.device,
              cfg.lora or "none", cfg.height or sampler.native_size, cfg.width or sampler.native_size)

@@ -85,8 +85,7 @@ class CXRSampler:
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):  # cast only if needed (diffusers warns on casts)
             module.to(self.device) if module.dtype == dtype else module.to(self.device, dtype)
         self.unet, self.vae, self.tokenizer, self.pipe = pipe.unet, pipe.vae, pipe.tokenizer, pipe
-        self.scheduler_name = scheduler
-        self.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+        self.use_scheduler(scheduler)
         if str(channels_last).lower() not in ("auto", "true", "false"):
             raise ValueError(f"channels_last must be auto, true or false, got {channels_last!r}")
         if str(channels_last).lower() == "auto":  # measured slower on CPU (oneDNN), faster with cuDNN
@@ -100,7 +99,6 @@ class CXRSampler:
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self._cache_size = cache_size
-        self._step_kwargs = set(inspect.signature(self.scheduler.step).parameters)
 
     @classmethod
     def load(cls, model: str | None = None, *, lora: str | None = None, lora_scale: float = 1.0,
@@ -120,6 +118,12 @@ class CXRSampler:
             pipe.unload_lora_weights()  # drops the adapter layers, keeps the fused weights
             log.info("fused LoRA %s at scale %s", lora, lora_scale)
         return cls(pipe, device=dev, dtype=dtype, **kwargs)
+
+    def use_scheduler(self, name: str) -> None:
+        """Swap the sampler's scheduler by short name (from the model's own scheduler config)."""
+        self.scheduler_name = name
+        self.scheduler = make_scheduler(name, self.pipe.scheduler.config)
+        self._step_kwargs = set(inspect.signature(self.scheduler.step).parameters)
 
     @property
     def native_size(self) -> int:

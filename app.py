@@ -1,0 +1,348 @@
+"""synthcxr's Gradio UI: generate from a report, build a dataset from a prompt file, clean burnt-in
+text, and compare two image sets. It wires the stages' public APIs together and holds no logic of its own.
+
+    python app.py [--model M] [--lora L] [--inpaint-model M] [--sam-checkpoint P]
+                  [--host 127.0.0.1] [--port 7860] [--auth user:pass]
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import shutil
+import tempfile
+import threading
+import uuid
+import zipfile
+from pathlib import Path
+from typing import Any, Sequence
+
+import gradio as gr
+import numpy as np
+
+from cxrcommon.atomic import atomic_write_text
+from cxrcommon.config import field, parse_config
+
+log = logging.getLogger("synthcxr.app")
+
+EXAMPLES = [
+    "Moderate left pleural effusion. Heart size is normal.",
+    "Large right pleural effusion with adjacent atelectasis.",
+    "Cardiomegaly. No focal consolidation, pleural effusion or pneumothorax.",
+    "Small right apical pneumothorax. Endotracheal tube in standard position.",
+    "Right lower lobe consolidation concerning for pneumonia.",
+    "No acute cardiopulmonary process.",
+]
+UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff"]
+
+
+@dataclasses.dataclass
+class AppConfig:
+    model: str = field("embedded", "text-to-image model: hub id, local folder, or 'embedded' (offline demonstrator)")
+    lora: str | None = field(None, "optional LoRA (folder or .safetensors) fused into the model")
+    lora_scale: float = field(1.0, "LoRA strength")
+    inpaint_model: str | None = field(None, "SD inpainting model for the Clean tab (default: OpenCV Telea, offline)")
+    sam_checkpoint: str | None = field(None, "Segment Anything checkpoint for text masks (default: glyph masks)")
+    host: str = field("127.0.0.1", "interface to bind; keep 127.0.0.1 unless you mean to serve a network")
+    port: int = field(7860, "port")
+    auth: str | None = field(None, "require a login, given as user:pass")
+    concurrency: int = field(1, "requests run at once per model (others wait in the queue)")
+    queue_size: int = field(64, "requests allowed to wait in the queue before new ones are refused")
+    max_file_size: str = field("50mb", "largest upload accepted")
+    max_images: int = field(8, "most images one Generate request may ask for")
+    max_batch_images: int = field(200, "most images one Batch request may produce")
+    device: str = field("auto", "auto, cpu, cuda, xpu, mps")
+    precision: str = field("auto", "auto, fp32, fp16, bf16")
+
+
+class Services:
+    """Models loaded once and shared by every session; a lock keeps one request on a model at a time."""
+
+    def __init__(self, cfg: AppConfig):
+        self.cfg = cfg
+        self._lock = threading.Lock()
+        self._sampler: Any = None
+        self._removers: dict[bool, Any] = {}
+
+    def sampler(self) -> Any:
+        from inference.sampler import CXRSampler
+        if self._sampler is None:
+            self._sampler = CXRSampler.load(self.cfg.model, lora=self.cfg.lora, lora_scale=self.cfg.lora_scale,
+                                            device=self.cfg.device, precision=self.cfg.precision)
+        return self._sampler
+
+    def remover(self, keep_markers: bool) -> Any:
+        from textremoval.clean import TextRemover
+        from textremoval.config import TextRemovalConfig
+        if keep_markers not in self._removers:
+            tr = TextRemovalConfig(keep_markers=keep_markers, sam_checkpoint=self.cfg.sam_checkpoint,
+                                   device=self.cfg.device, precision=self.cfg.precision)
+            if self.cfg.inpaint_model:
+                tr = dataclasses.replace(tr, inpainter="sd", sd_model=self.cfg.inpaint_model, sd_lora=self.cfg.lora)
+            self._removers[keep_markers] = TextRemover.from_config(tr)
+        return self._removers[keep_markers]
+
+    def model_name(self) -> str:
+        from cxrcommon.models import resolve_model
+        return resolve_model(self.cfg.model)
+
+    def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """Run `fn` holding the model lock (one request on the shared models at a time)."""
+        with self._lock:
+            return fn(*args, **kwargs)
+
+
+def session_dir(request: Any, root: Path) -> Path:
+    """A per-session folder under the app's temp root; outputs never leave it."""
+    name = getattr(request, "session_hash", None) or "anonymous"
+    path = root / "".join(c for c in name if c.isalnum())[:64]
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def user_errors(fn: Any) -> Any:
+    """Show bad input as a one-line message in the UI/API instead of a stack trace."""
+    @functools.wraps(fn)
+    def handler(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, OSError, RuntimeError) as exc:
+            log.warning("request failed: %s", exc)
+            raise gr.Error(str(exc).splitlines()[0][:500]) from exc
+    return handler
+
+
+# --- handlers (thin: each calls one stage API) -------------------------------------------------
+
+def generate_images(services: Services, out_dir: Path, report: str, negative: str, steps: int, guidance: float,
+                    scheduler: str, seed: int, n: int, clean_text: bool) -> tuple[list[str], list[str], int]:
+    """Images for one report through the dataset generator (same road as the CLI): returns
+    (PNG paths, PNG + DICOM download paths, the seed used; image k has seed + k)."""
+    from cxrcommon.imageio import read_image, read_png_text, save_image
+    from inference.config import GenerateConfig
+    from inference.generate import generate
+
+    if not report or not report.strip():
+        raise ValueError("type a report first (e.g. 'Moderate left pleural effusion.')")
+    n = int(n)
+    if not 1 <= n <= services.cfg.max_images:
+        raise ValueError(f"number of images must be between 1 and {services.cfg.max_images}")
+    seed = int(seed) if seed is not None and int(seed) >= 0 else int(np.random.default_rng().integers(0, 2**31))
+    job = out_dir / f"generate-{seed}-{uuid.uuid4().hex[:8]}"
+    prompts = job / "prompts.jsonl"
+    atomic_write_text(prompts, json.dumps({"prompt": report.strip(), "n": n, "seed": seed,
+                                           "negative_prompt": negative or ""}) + "\n")
+    cfg = GenerateConfig(prompts=str(prompts), out=str(job / "images"), model=services.cfg.model,
+                         lora=services.cfg.lora, lora_scale=services.cfg.lora_scale, steps=int(steps),
+                         guidance=float(guidance), scheduler=scheduler, clean=bool(clean_text), batch_size=n,
+                         height=0, width=0, device=services.cfg.device, precision=services.cfg.precision)
+    pngs: list[Path] = []
+    services.run(lambda: generate(cfg, on_image=pngs.append, sampler=services.sampler()))
+    files = []
+    for png in pngs:
+        dcm = save_image(png.with_suffix(".dcm"), read_image(png), fmt="dcm", tags=read_png_text(png))
+        files += [str(png), str(dcm)]
+    return [str(p) for p in pngs], files, seed
+
+
+def batch_dataset(services: Services, out_dir: Path, prompt_file: str, n_per_prompt: int, steps: int,
+                  guidance: float, seed: int, fmt: str) -> tuple[str, str]:
+    """Run the dataset generator on an uploaded prompt file; return (zip path, summary)."""
+    from inference.config import GenerateConfig
+    from inference.generate import generate
+    from inference.prompts import read_prompts
+
+    if not prompt_file:
+        raise ValueError("upload a prompt file (.txt, .csv or .jsonl) first")
+    rows = read_prompts(prompt_file, default_n=int(n_per_prompt))
+    total = sum(r.n for r in rows)
+    if total > services.cfg.max_batch_images:
+        raise ValueError(f"that file asks for {total} images; this app allows {services.cfg.max_batch_images} "
+                         f"per request: use `python -m inference.generate` for large jobs")
+    job = out_dir / "dataset"
+    shutil.rmtree(job, ignore_errors=True)
+    cfg = GenerateConfig(prompts=str(prompt_file), out=str(job), model=services.cfg.model, lora=services.cfg.lora,
+                         lora_scale=services.cfg.lora_scale, n_per_prompt=int(n_per_prompt), steps=int(steps),
+                         guidance=float(guidance), seed=int(seed), format=fmt, height=0, width=0,
+                         device=services.cfg.device, precision=services.cfg.precision)
+    summary = services.run(lambda: generate(cfg, sampler=services.sampler()))
+    archive = out_dir / "dataset.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for p in sorted(job.rglob("*")):
+            if p.is_file():
+                zf.write(p, p.relative_to(job))
+    return str(archive), f"{summary.generated} images from {len(rows)} prompts → {archive.name}"
+
+
+def clean_upload(services: Services, out_dir: Path, path: str, keep_markers: bool) -> tuple[Any, ...]:
+    """Clean one uploaded image: (annotated view, cleaned PNG, mask PNG, downloads, regions table)."""
+    from cxrcommon.imageio import read_image, write_png
+    from textremoval.clean import clean_file
+
+    if not path:
+        raise ValueError("upload a PNG, JPEG or DICOM image first")
+    src = Path(path)
+    if src.suffix.lower() not in UPLOAD_TYPES:
+        raise ValueError(f"{src.name}: unsupported file type; upload PNG, JPEG, TIFF or DICOM")
+    original = read_image(src)  # raises ImageReadError with a clear message on bad uploads
+    remover = services.remover(bool(keep_markers))
+    job = out_dir / "clean"
+    shutil.rmtree(job, ignore_errors=True)
+    record = services.run(clean_file, src, job, remover=remover)
+    cleaned_view = write_png(job / "cleaned_view.png", read_image(record["output"]))
+    annotated = (np.stack([original] * 3, -1) * 255).astype(np.uint8)
+    regions = record["regions"]
+    boxes = [(tuple(int(v) for v in r["box"]), f"{r.get('text') or '?'} ({r['action']})") for r in regions]
+    table = [[r.get("text") or "", round(float(r.get("score") or 0), 3), r["action"], str(r["box"])] for r in regions]
+    files = [record["output"], record["mask"], str(Path(record["mask"]).with_name(src.stem + ".regions.json"))]
+    return (annotated, boxes), str(cleaned_view), record["mask"], files, table
+
+
+def evaluate_sets(out_dir: Path, real: Sequence[str] | None, fake: Sequence[str] | None, features: str) -> tuple[str, str]:
+    """FID/KID/PRDC between two uploaded sets (zips or images); returns (Markdown report, JSON path)."""
+    from eval.fid import evaluate
+
+    sets = {}
+    for name, uploads in (("real", real), ("fake", fake)):
+        if not uploads:
+            raise ValueError(f"upload the {name} images (a .zip or several images)")
+        folder = out_dir / "eval" / name
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        for up in uploads:
+            up = Path(up)
+            if up.suffix.lower() == ".zip":
+                with zipfile.ZipFile(up) as zf:
+                    for member in zf.infolist():
+                        target = Path(member.filename)
+                        if member.is_dir() or target.suffix.lower() not in UPLOAD_TYPES or ".." in target.parts:
+                            continue
+                        (folder / target.name).write_bytes(zf.read(member))
+            elif up.suffix.lower() in UPLOAD_TYPES:
+                shutil.copy(up, folder / up.name)
+        if len(list(folder.iterdir())) < 2:
+            raise ValueError(f"the {name} set needs at least 2 images (PNG/JPEG/DICOM, or a zip of them)")
+        sets[name] = folder
+    result = evaluate(sets["real"], sets["fake"], features=features, out=out_dir / "eval" / "report")
+    return Path(result["report"]["markdown"]).read_text(encoding="utf-8"), result["report"]["json"]
+
+
+# --- UI --------------------------------------------------------------------------------------
+
+def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
+    """The Blocks app (not launched), so tests and other servers can mount it."""
+    from inference.sampler import SCHEDULERS
+
+    services = services or Services(cfg)
+    root = Path(tempfile.mkdtemp(prefix="synthcxr-app-"))
+
+    progress = gr.Progress(track_tqdm=True)
+
+    @user_errors
+    def on_generate(report, negative, steps, guidance, scheduler, seed, n, clean_text,
+                    request: gr.Request, progress=progress):
+        return generate_images(services, session_dir(request, root), report, negative, steps, guidance,
+                               scheduler, seed, n, clean_text)
+
+    @user_errors
+    def on_batch(prompt_file, n_per_prompt, steps, guidance, seed, fmt, request: gr.Request, progress=progress):
+        return batch_dataset(services, session_dir(request, root), prompt_file, n_per_prompt, steps, guidance,
+                             seed, fmt)
+
+    @user_errors
+    def on_clean(upload, keep_markers, request: gr.Request, progress=progress):
+        return clean_upload(services, session_dir(request, root), upload, keep_markers)
+
+    @user_errors
+    def on_evaluate(real, fake, features, request: gr.Request, progress=progress):
+        return evaluate_sets(session_dir(request, root), real, fake, features)
+
+    with gr.Blocks(title="synthcxr") as demo:
+        gr.Markdown(f"# synthcxr\nModel: `{services.model_name()}` — every image is **synthetic** and marked so "
+                    "in its metadata. Not for diagnosis.")
+        with gr.Tab("Generate"):
+            with gr.Row():
+                with gr.Column():
+                    report = gr.Textbox(label="Report", lines=4, placeholder="Findings / impression text")
+                    gr.Examples(EXAMPLES, inputs=report)
+                    negative = gr.Textbox(label="Negative prompt", value="")
+                    with gr.Row():
+                        steps = gr.Slider(1, 150, value=30, step=1, label="Steps")
+                        guidance = gr.Slider(1.0, 15.0, value=4.0, step=0.5, label="Guidance")
+                    with gr.Row():
+                        scheduler = gr.Dropdown(list(SCHEDULERS), value="ddim", label="Scheduler")
+                        seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
+                        n = gr.Slider(1, cfg.max_images, value=2, step=1, label="Images")
+                    clean_text = gr.Checkbox(label="Clean burnt-in text", value=False)
+                    go = gr.Button("Generate", variant="primary")
+                with gr.Column():
+                    gallery = gr.Gallery(label="Synthetic X-rays", columns=2, format="png")
+                    used_seed = gr.Number(label="Seed used", precision=0, interactive=False)
+                    downloads = gr.File(label="Downloads (PNG with provenance, DICOM)", file_count="multiple")
+            go.click(on_generate, [report, negative, steps, guidance, scheduler, seed, n, clean_text],
+                     [gallery, downloads, used_seed], api_name="generate", concurrency_limit=cfg.concurrency)
+        with gr.Tab("Batch"):
+            prompt_file = gr.File(label="Prompt file (.txt / .csv / .jsonl)", file_types=[".txt", ".csv", ".jsonl"])
+            with gr.Row():
+                b_n = gr.Number(value=1, precision=0, label="Images per prompt (where the file gives no n)")
+                b_steps = gr.Slider(1, 150, value=30, step=1, label="Steps")
+                b_guidance = gr.Slider(1.0, 15.0, value=4.0, step=0.5, label="Guidance")
+                b_seed = gr.Number(value=0, precision=0, label="Base seed")
+                b_fmt = gr.Dropdown(["png", "png16", "dcm"], value="png", label="Format")
+            b_go = gr.Button("Build dataset", variant="primary")
+            b_zip = gr.File(label="Dataset (.zip with manifest.jsonl)")
+            b_summary = gr.Markdown()
+            b_go.click(on_batch,
+                       [prompt_file, b_n, b_steps, b_guidance, b_seed, b_fmt], [b_zip, b_summary],
+                       api_name="batch", concurrency_limit=cfg.concurrency)
+        with gr.Tab("Clean"):
+            with gr.Row():
+                with gr.Column():
+                    upload = gr.File(label="X-ray (PNG / JPEG / DICOM)", file_types=UPLOAD_TYPES)
+                    keep = gr.Checkbox(label="Keep laterality markers (L/R, D/I)", value=True)
+                    c_go = gr.Button("Clean", variant="primary")
+                with gr.Column():
+                    detected = gr.AnnotatedImage(label="Detected text")
+                    cleaned = gr.Image(label="Cleaned", type="filepath", format="png")
+                    mask = gr.Image(label="Mask", type="filepath", format="png")
+            regions = gr.Dataframe(headers=["text", "score", "action", "box"], label="Regions")
+            c_files = gr.File(label="Downloads", file_count="multiple")
+            c_go.click(on_clean, [upload, keep],
+                       [detected, cleaned, mask, c_files, regions], api_name="clean", concurrency_limit=cfg.concurrency)
+        with gr.Tab("Evaluate"):
+            with gr.Row():
+                real = gr.File(label="Real images (.zip or images)", file_count="multiple")
+                fake = gr.File(label="Synthetic images (.zip or images)", file_count="multiple")
+            features = gr.Dropdown(["inception", "xrv", "tiny"], value="inception", label="Features")
+            e_go = gr.Button("Evaluate", variant="primary")
+            e_report = gr.Markdown()
+            e_json = gr.File(label="Report (JSON)")
+            e_go.click(on_evaluate, [real, fake, features], [e_report, e_json],
+                       api_name="evaluate", concurrency_limit=1)
+    demo.queue(max_size=cfg.queue_size, default_concurrency_limit=cfg.concurrency)
+    demo.synthcxr_root = root
+    return demo
+
+
+def launch(cfg: AppConfig, **kwargs: Any) -> Any:
+    """Build and start the app on cfg.host:cfg.port (127.0.0.1 unless told otherwise)."""
+    demo = build_app(cfg)
+    auth = tuple(cfg.auth.split(":", 1)) if cfg.auth else None
+    if cfg.auth and len(auth) != 2:  # type: ignore[arg-type]
+        raise SystemExit("--auth must look like user:pass")
+    demo.launch(server_name=cfg.host, server_port=cfg.port, auth=auth, max_file_size=cfg.max_file_size,
+                allowed_paths=[str(demo.synthcxr_root)], show_error=False, **kwargs)
+    return demo
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    from cxrcommon.logs import setup_logging
+    setup_logging()
+    cfg = parse_config(AppConfig, argv, __doc__.splitlines()[0])
+    log.info("starting on http://%s:%d", cfg.host, cfg.port)
+    launch(cfg)
+
+
+if __name__ == "__main__":
+    main()
