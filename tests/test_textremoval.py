@@ -63,6 +63,14 @@ def test_detector_finds_and_reads_rendered_text(scene):
     assert all(r.action == "erased" for r in regions)  # default policy erases everything
 
 
+def test_default_detector_finds_isolated_single_letter_markers():
+    # a 50-px "L" on a 512² film: the old single pass (640 px, thresholds 0.3/0.5) missed it
+    from textremoval.evaluate import covered
+    img, _, boxes = draw((512, 512), [(t, (60 + 100 * i, 352), 50) for i, t in enumerate("LRDI")])
+    found = [r.box for r in build_detector(TextRemovalConfig(recognize=False))(img)]
+    assert [covered(tuple(b), found, img.shape) >= 0.5 for b in boxes] == [True] * 4
+
+
 def test_keep_markers_keeps_R_and_erases_portable(scene, keep_remover):
     img, gt, (portable, marker) = scene
     res = keep_remover(img)

@@ -45,9 +45,23 @@ def test_metrics():
 def test_whole_image_boxes_are_dropped():
     det = build_detector(TextRemovalConfig(recognize=False))
     quads = np.array([[[0, 0], [99, 0], [99, 99], [0, 99]], [[10, 10], [40, 10], [40, 20], [10, 20]]], np.float32)
-    det.det = lambda img: SimpleNamespace(boxes=quads, scores=[0.9, 0.9])
+    det.detect_at = lambda gray, size: (quads, [0.9, 0.9])
     regions = det(np.zeros((100, 100), np.uint8))
     assert [r.box for r in regions] == [(10, 10, 41, 21)]
+
+
+def test_extra_passes_add_only_boxes_the_first_pass_missed():
+    det = build_detector(TextRemovalConfig(recognize=False, det_max_side=256, det_extra_sides=[128, 64, 130]))
+    assert det.pass_sizes(512, 400) == [(256, 192), (128, 96), (64, 64)]   # multiples of 32, no repeats
+    quad = lambda x0, y0, x1, y1: [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]  # noqa: E731
+    per_pass = {(256, 192): [quad(10, 10, 100, 40)],
+                (128, 96): [quad(12, 8, 104, 42), quad(300, 450, 330, 490)],  # a repeat and a new letter
+                (64, 64): [quad(302, 452, 331, 488)]}                          # a repeat of the new letter
+    seen = []
+    det.detect_at = lambda gray, size: seen.append(size) or (np.float32(per_pass[size]), [0.8] * len(per_pass[size]))
+    regions = det(np.zeros((512, 400), np.uint8))
+    assert seen == [(256, 192), (128, 96), (64, 64)]
+    assert [r.box for r in regions] == [(10, 10, 101, 41), (300, 450, 331, 491)]
 
 
 def test_evaluate_end_to_end_on_a_tiny_folder(tmp_path):

@@ -14,9 +14,14 @@ MARKER_PATTERN = r"^(L|R|D|I|SX|DX|LT|RT)$"
 class TextRemovalConfig:
     # detect
     detector: str = field("rapidocr", "text detector; 'rapidocr' = PP-OCR ONNX models shipped in the rapidocr wheel")
-    det_max_side: int = field(640, "detect on a copy whose longest side is at most this (px); 0 = full size. "
-                                   "Smaller is faster; 640 keeps recall on 1024² CXRs (docs/BENCHMARKS.md)")
-    det_box_thresh: float = field(0.5, "DBNet box score below which a detection is dropped")
+    det_max_side: int = field(720, "first detection pass on a copy whose longest side is at most this (px); "
+                                   "0 = full size. Smaller is faster (docs/BENCHMARKS.md)")
+    det_extra_sides: list[int] = field([400], "extra detection passes at these longest sides (px); their boxes "
+                                              "are added where the first pass found nothing. PP-OCR's response "
+                                              "to isolated letters (L, R, D, I) changes erratically with scale, "
+                                              "so a second scale catches markers the first misses. [] = off")
+    det_thresh: float = field(0.2, "DBNet pixel probability above which a pixel is text")
+    det_box_thresh: float = field(0.2, "DBNet box score (mean probability) below which a detection is dropped")
     det_unclip_ratio: float = field(1.6, "how far DBNet grows each text kernel into a box")
     max_box_fraction: float = field(0.25, "drop boxes larger than this fraction of the image in both width and "
                                           "height (DBNet sometimes boxes the whole film)")

@@ -1,7 +1,9 @@
 """Stage 1: find burnt-in text boxes (and read them) with the PP-OCR ONNX models in the rapidocr wheel.
 
-Detection runs on a downscaled copy (longest side `det_max_side`): CXR annotations are large enough
-that this keeps recall while cutting detector time ~4x at 1024². Boxes are mapped back to full size."""
+Detection runs on a downscaled copy (longest side `det_max_side`), which is cheaper than full size and
+finds as much: CXR annotations are large. PP-OCR is trained on text lines, and its response to an isolated
+letter (a side marker) flips on and off with scale, so one or more cheap extra passes at other scales
+(`det_extra_sides`) add the boxes the first pass missed. Boxes are returned in full-size coordinates."""
 from __future__ import annotations
 
 import re
@@ -53,8 +55,8 @@ class RapidOCRDetector:
     def __init__(self, cfg: TextRemovalConfig):
         from rapidocr import RapidOCR
 
-        params = {"Global.log_level": "error", "Det.limit_type": "max", "Det.limit_side_len": 4096,
-                  "Det.box_thresh": cfg.det_box_thresh, "Det.unclip_ratio": cfg.det_unclip_ratio}
+        params = {"Global.log_level": "error", "Det.thresh": cfg.det_thresh, "Det.box_thresh": cfg.det_box_thresh,
+                  "Det.unclip_ratio": cfg.det_unclip_ratio}
         if cfg.ocr_threads > 0:
             params["EngineConfig.onnxruntime.intra_op_num_threads"] = cfg.ocr_threads
             params["EngineConfig.onnxruntime.inter_op_num_threads"] = 1
@@ -63,29 +65,46 @@ class RapidOCRDetector:
         self.det = engine._load_det_model()  # the engine's own lazy loaders; we call the stages directly
         self.rec = engine._load_rec_model() if cfg.recognize else None
 
+    def detect_at(self, gray: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, list[float]]:
+        """DBNet on `gray` resized to `size` (h, w; multiples of 32); quads in full-size pixels."""
+        h, w = gray.shape
+        small = cv2.resize(gray, size[::-1], interpolation=cv2.INTER_AREA if size[0] < h else cv2.INTER_LINEAR)
+        x = small.astype(np.float32) * np.float32(2 / 255) - np.float32(1)  # PP-OCR's (x/255 - 0.5) / 0.5
+        boxes, scores = self.det.postprocess_op(self.det.session(np.ascontiguousarray(np.broadcast_to(
+            x, (1, 3, *size)))), (h, w))
+        return boxes, scores
+
+    def pass_sizes(self, h: int, w: int) -> list[tuple[int, int]]:
+        """Network input sizes (h, w) of the first and extra passes, duplicates dropped."""
+        sizes = []
+        for side in [self.cfg.det_max_side, *self.cfg.det_extra_sides]:
+            scale = min(1.0, side / max(h, w)) if side else 1.0
+            size = (max(32, round(h * scale / 32) * 32), max(32, round(w * scale / 32) * 32))
+            if size not in sizes:
+                sizes.append(size)
+        return sizes
+
     def __call__(self, image: np.ndarray) -> list[TextRegion]:
         gray = to_uint8_view(image)
         h, w = gray.shape
-        scale = 1.0
-        if self.cfg.det_max_side and max(h, w) > self.cfg.det_max_side:
-            scale = self.cfg.det_max_side / max(h, w)
-        small = cv2.resize(gray, (round(w * scale), round(h * scale)), interpolation=cv2.INTER_AREA) \
-            if scale < 1 else gray
-        out = self.det(cv2.cvtColor(small, cv2.COLOR_GRAY2BGR))
-        if out.boxes is None or len(out.boxes) == 0:
-            return []
-        regions = []
-        for quad, score in zip(out.boxes, out.scores):
-            pts = np.asarray(quad, np.float64) / scale
-            x0, y0 = np.floor(pts.min(axis=0)).astype(int)
-            x1, y1 = np.ceil(pts.max(axis=0)).astype(int) + 1
-            box = (max(0, x0), max(0, y0), min(w, x1), min(h, y1))
-            bw, bh = box[2] - box[0], box[3] - box[1]
-            if bw <= 0 or bh <= 0 or min(bw / w, bh / h) > self.cfg.max_box_fraction:
-                continue
-            regions.append(TextRegion(box=tuple(int(v) for v in box),
-                                      polygon=[(int(round(x)), int(round(y))) for x, y in pts],
-                                      score=round(float(score), 4)))
+        found = np.zeros((h, w), bool)  # pixels inside boxes of earlier passes
+        regions: list[TextRegion] = []
+        for i, size in enumerate(self.pass_sizes(h, w)):
+            new = []
+            for quad, score in zip(*self.detect_at(gray, size)):
+                x0, y0 = np.floor(quad.min(axis=0)).astype(int)
+                x1, y1 = np.ceil(quad.max(axis=0)).astype(int) + 1
+                box = (max(0, x0), max(0, y0), min(w, x1), min(h, y1))
+                bw, bh = box[2] - box[0], box[3] - box[1]
+                if bw <= 0 or bh <= 0 or min(bw / w, bh / h) > self.cfg.max_box_fraction:
+                    continue
+                if i and found[box[1]:box[3], box[0]:box[2]].mean() >= 0.5:
+                    continue  # an earlier pass already has this text
+                new.append(TextRegion(box=tuple(int(v) for v in box),
+                                      polygon=[(int(x), int(y)) for x, y in quad], score=round(float(score), 4)))
+            for r in new:
+                found[r.box[1]:r.box[3], r.box[0]:r.box[2]] = True
+            regions += new
         if self.rec is not None and regions:
             self._read(gray, regions)
         for r in regions:

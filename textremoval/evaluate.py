@@ -158,7 +158,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     remover = TextRemover.from_config(removal)
     order = np.random.default_rng(cfg.seed).permutation(len(rows))[:cfg.n]
     report = {"config": {"n": cfg.n, "seed": cfg.seed, "det_max_side": removal.det_max_side,
-                         "segmenter": removal.segmenter, "inpainter": removal.inpainter},
+                         "det_extra_sides": removal.det_extra_sides, "det_thresh": removal.det_thresh,
+                         "det_box_thresh": removal.det_box_thresh, "segmenter": removal.segmenter,
+                         "inpainter": removal.inpainter},
               "rendered": eval_rendered(remover, [data / "images" / rows[i]["file"] for i in order], cfg.seed)}
     if cfg.burnt:
         burnt = [data / "images" / r["file"] for r in rows if r.get("has_burnt_text") == "yes"]
