@@ -16,9 +16,12 @@ from cxrcommon.atomic import atomic_path
 
 
 def default_cache_dir(source: str | Path) -> Path:
-    """The sibling folder `.<name>.features` of a source folder or manifest (never inside it)."""
+    """A folder per image source under the user cache ($SYNTHCXR_CACHE or ~/.cache/synthcxr), so
+    evaluating someone's read-only or shared data never writes beside it."""
     src = Path(source).resolve()
-    return src.parent / f".{src.name}.features"
+    root = Path(os.environ.get("SYNTHCXR_CACHE", Path.home() / ".cache" / "synthcxr"))
+    tag = hashlib.sha256(str(src).encode()).hexdigest()[:12]
+    return root / "features" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', src.name)[:40]}-{tag}"
 
 
 def cache_file(cache_dir: str | Path, backbone_key: str) -> Path:

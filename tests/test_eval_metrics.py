@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -134,11 +136,12 @@ def test_cache_hits_on_second_run_and_invalidates_changed_file(tmp_path):
     assert not torch.equal(third.features[2], first.features[2])
 
 
-def test_evaluate_uses_sibling_cache_by_default(real_dir, tmp_path):
+def test_evaluate_caches_in_user_cache_not_beside_the_data(real_dir, tmp_path):
     fake = write_set(tmp_path / "fake", blobs(8, 10))
     first = evaluate(real_dir, fake, "tiny")
     second = evaluate(real_dir, fake, "tiny")
-    assert (tmp_path / ".fake.features").is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake"]  # nothing written beside the data
+    assert list((Path(os.environ["SYNTHCXR_CACHE"]) / "features").glob("fake-*/*.safetensors"))
     assert second["cache"]["fake_hits"] == 10 and second["cache"]["fake_extracted"] == 0
     assert second["fid"] == pytest.approx(first["fid"])
 
