@@ -7,6 +7,7 @@ presence marks an image as done and a rerun resumes where the last one stopped."
 from __future__ import annotations
 
 import concurrent.futures as cf
+import dataclasses
 import glob
 import json
 import logging
@@ -206,9 +207,10 @@ def clean(inputs: Sequence[str], out_dir: str | Path, config: TextRemovalConfig 
         log.info("resuming: %d of %d image(s) already done in %s", len(summary["skipped"]), len(files), out_dir)
     if not todo:
         return summary
-    if workers > 1:
+    if workers > 1:  # one single-threaded ONNX session per process: half the CPU of oversubscribed threads
+        worker_cfg = dataclasses.replace(cfg, ocr_threads=cfg.ocr_threads or 1)
         pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
-                                      initializer=_init_worker, initargs=(cfg,))
+                                      initializer=_init_worker, initargs=(worker_cfg,))
         results = pool.map(_run_one, todo)
     else:
         pool = None
@@ -237,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "PNG, JPEG or DICOM")
     parser.add_argument("--out", type=Path, required=True, help="output folder (cleaned images, masks, JSON)")
     parser.add_argument("--workers", type=int, default=1, help="processes; 2 uses both cores of a 2-core CPU "
-                        "(each loads its own models)")
+                        "(each loads its own models and, unless --ocr-threads is set, runs OCR on 1 thread)")
     parser.add_argument("--overwrite", action="store_true", help="redo images that already have output")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = vars(parser.parse_args(argv))
