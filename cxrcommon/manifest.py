@@ -58,7 +58,13 @@ def _rows(path: Path, fatal: list[str]) -> Iterator[tuple[int, dict[str, Any] | 
     except UnicodeDecodeError as e:
         fatal.append(f"{path}:1: not UTF-8 text ({e.reason} at byte {e.start}) — re-save the manifest as UTF-8")
         return
-    if path.suffix.lower() == ".csv":
+    yield from table_rows(text, "csv" if path.suffix.lower() == ".csv" else "jsonl")
+
+
+def table_rows(text: str, kind: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
+    """Rows of CSV (header line first) or JSONL text as (line number, dict), or (line number, problem)
+    for a row that cannot be a dict. Line numbers are physical lines, so quoted newlines count."""
+    if kind == "csv":
         reader = csv.reader(text.splitlines(keepends=True))
         header = next(reader, None)
         if not header:

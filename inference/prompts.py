@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from cxrcommon.manifest import table_rows
+
 log = logging.getLogger(__name__)
 
 COLUMNS = ("prompt", "n", "seed", "label", "negative_prompt")
@@ -75,37 +77,16 @@ def _txt(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
             yield number, {"prompt": line}
 
 
-def _jsonl(text: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield number, f"not valid JSON ({exc.msg} at column {exc.colno})"
-            continue
-        yield number, obj if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
-
-
-def _csv(text: str, path: Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, None)
-    if not header or "prompt" not in [h.strip() for h in header]:
-        raise PromptFileError(path, [f"{path}:1: the header needs a 'prompt' column (got {header}) — "
+def _csv_header_problem(text: str, path: Path) -> None:
+    """A prompt CSV needs a 'prompt' column; other unknown columns are only worth a warning."""
+    first = next(csv.reader(io.StringIO(text, newline="")), None)
+    header = [h.strip() for h in first or []]
+    if "prompt" not in header:
+        raise PromptFileError(path, [f"{path}:1: the header needs a 'prompt' column (got {first}) — "
                                      f"add a first line such as: prompt,n,label"])
-    header = [h.strip() for h in header]
     unknown = sorted(set(header) - set(COLUMNS))
     if unknown:
         log.warning("%s: ignoring column(s) %s (known: %s)", path, ", ".join(unknown), ", ".join(COLUMNS))
-    start = reader.line_num
-    for fields in reader:
-        number, start = start + 1, reader.line_num
-        if not any(f.strip() for f in fields):
-            continue
-        if len(fields) != len(header):
-            yield number, f"has {len(fields)} field(s) but the header has {len(header)} (quote prompts that contain commas)"
-            continue
-        yield number, dict(zip(header, fields, strict=True))
 
 
 def read_prompts(path: str | Path, *, default_n: int = 1, skip_bad: bool = False) -> list[PromptRow]:
@@ -123,13 +104,16 @@ def read_prompts(path: str | Path, *, default_n: int = 1, skip_bad: bool = False
     except UnicodeDecodeError as exc:
         line = raw[:exc.start].count(b"\n") + 1
         raise PromptFileError(path, [f"{path}:{line}: not UTF-8 text — save the file as UTF-8"]) from None
-    records = _txt(text) if suffix == ".txt" else _jsonl(text) if suffix == ".jsonl" else _csv(text, path)
+    if suffix == ".csv":
+        _csv_header_problem(text, path)
+    records = _txt(text) if suffix == ".txt" else table_rows(text, suffix[1:])
     rows: list[PromptRow] = []
     problems: list[str] = []
     for number, record in records:
+        if isinstance(record, str):  # a structural problem; its text already says how to fix it
+            problems.append(f"{path}:{number}: {record}")
+            continue
         try:
-            if isinstance(record, str):
-                raise ValueError(record)
             rows.append(make_row(record, number, default_n))
         except ValueError as exc:
             problems.append(f"{path}:{number}: {exc} — fix or delete that line")

@@ -38,7 +38,7 @@ def test_csv_errors_name_every_bad_line(tmp_path):
     with pytest.raises(PromptFileError) as e:
         read_prompts(p)
     problems = "\n".join(e.value.problems)
-    for line, what in [(3, "'n' must be a whole number"), (4, "empty or missing 'prompt'"), (5, "has 3 field(s)"),
+    for line, what in [(3, "'n' must be a whole number"), (4, "empty or missing 'prompt'"), (5, "has 3 fields but the header has 2"),
                        (6, "'n' must be >= 1"), (9, "'n' must be a whole number")]:
         assert f"p.csv:{line}: {what}" in problems, problems
     assert "p.csv:2:" not in problems and "p.csv:7:" not in problems  # the quoted two-line prompt is fine
@@ -55,7 +55,7 @@ def test_jsonl_errors_and_skip_bad(tmp_path, caplog):
     with pytest.raises(PromptFileError) as e:
         read_prompts(p)
     text = str(e.value)
-    assert "p.jsonl:2: not valid JSON" in text and "p.jsonl:3: expected a JSON object" in text
+    assert "p.jsonl:2: bad JSON" in text and "p.jsonl:3: JSON list instead of an object" in text
     assert "p.jsonl:4: empty or missing 'prompt'" in text and "p.jsonl:5: 'seed' must be >= 0" in text
     assert "p.jsonl:6: 'n' must be a whole number" in text and "--skip-bad-lines" in text
     with caplog.at_level(logging.WARNING):
