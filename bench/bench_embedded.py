@@ -27,12 +27,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from eval.features import TinyFeatures  # noqa: E402
-from eval.fid import distances  # noqa: E402
-from eval.phantom_score import measure  # noqa: E402
-from finetune.embedded import adherence, generate, load  # noqa: E402
-from finetune.lora_proof import LoraProofConfig, lora_proof, resolution_of  # noqa: E402
-from finetune.phantoms import item, render  # noqa: E402
+from eval.features import TinyFeatures
+from eval.fid import distances
+from eval.phantom_score import measure
+from finetune.embedded import adherence, generate, load
+from finetune.lora_proof import LoraProofConfig, lora_proof, resolution_of
+from finetune.phantoms import item, render
 
 
 def untrained(model: str) -> object:
@@ -68,7 +68,8 @@ def fd(real: dict[str, torch.Tensor], fake: dict[str, torch.Tensor]) -> dict[str
 
 
 def machine() -> str:
-    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+    return (f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} thread(s)")
 
 
 def main() -> None:
@@ -82,23 +83,28 @@ def main() -> None:
     ap.add_argument("--lora-steps", type=int, default=300, help="LoRA proof: optimizer steps (0 skips it)")
     ap.add_argument("--lora-per-class", type=int, default=50, help="LoRA proof: generations per prompt")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--parts", nargs="+", default=["adherence", "fd", "lora"], choices=["adherence", "fd", "lora"],
+                    help="which measurements to run")
     ap.add_argument("--out", default="runs/bench_embedded.json", help="raw numbers (JSON)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     res: dict = {"args": vars(args)}
-    trained, random_ = load(args.model), untrained(args.model)
-    kw = dict(steps=args.steps, guidance=args.guidance)
-    res["adherence"] = {"trained": adherence(trained, args.per_class, **kw),
-                        "untrained": adherence(random_, args.per_class, **kw)}
-    size = resolution_of(args.model)
-    real_a, _ = real_set(args.fd_n, size, seed=900)
-    real_b, caps_b = real_set(args.fd_n, size, seed=901)
-    fa = features(real_a)
-    res["fd"] = {"real (second set)": fd(fa, features(real_b)),
-                 "trained": fd(fa, features(from_captions(trained, caps_b, **kw))),
-                 "untrained": fd(fa, features(from_captions(random_, caps_b, **kw)))}
-    if args.lora_steps:
+    kw = {"steps": args.steps, "guidance": args.guidance}
+    if {"adherence", "fd"} & set(args.parts):
+        trained, random_ = load(args.model), untrained(args.model)
+    if "adherence" in args.parts:
+        res["adherence"] = {"trained": adherence(trained, args.per_class, **kw),
+                            "untrained": adherence(random_, args.per_class, **kw)}
+    if "fd" in args.parts:
+        size = resolution_of(args.model)
+        real_a, _ = real_set(args.fd_n, size, seed=900)
+        real_b, caps_b = real_set(args.fd_n, size, seed=901)
+        fa = features(real_a)
+        res["fd"] = {"real (second set)": fd(fa, features(real_b)),
+                     "trained": fd(fa, features(from_captions(trained, caps_b, **kw))),
+                     "untrained": fd(fa, features(from_captions(random_, caps_b, **kw)))}
+    if "lora" in args.parts and args.lora_steps:
         with tempfile.TemporaryDirectory() as work:
             res["lora"] = lora_proof(LoraProofConfig(base=args.base, work_dir=work, steps=args.lora_steps,
                                                      per_class=args.lora_per_class, eval_steps=args.steps,
@@ -109,20 +115,23 @@ def main() -> None:
 
     cmd = "python bench/bench_embedded.py " + " ".join(sys.argv[1:])
     print(f"Command: `{cmd.strip()}`  \nMachine: {machine()}; total {res['seconds'] / 60:.1f} min\n")
-    print(f"Prompt adherence ({args.per_class} generations per prompt, {args.steps} DDIM steps, guidance "
-          f"{args.guidance}; scorer eval.phantom_score.classify_effusion; chance = 0.33)\n")
-    print("| model | left | right | normal | overall |\n|---|---|---|---|---|")
-    for name, a in res["adherence"].items():
-        p = a["per_class"]
-        print(f"| {name} | {p['left']:.2f} | {p['right']:.2f} | {p['none']:.2f} | **{a['accuracy']:.2f}** |")
-    print(f"\nFréchet distance to {args.fd_n} real phantoms ({args.fd_n} images per set; lower is better)\n")
-    print("| set | block-mean features (66-D) | scorer features (4-D) |\n|---|---|---|")
-    for name, d in res["fd"].items():
-        print(f"| {name} | {d['pixels']:.4f} | {d['scorer']:.4f} |")
+    if "adherence" in res:
+        print(f"Prompt adherence ({args.per_class} generations per prompt, {args.steps} DDIM steps, guidance "
+              f"{args.guidance}; scorer eval.phantom_score.classify_effusion; chance = 0.33)\n")
+        print("| model | left | right | normal | overall |\n|---|---|---|---|---|")
+        for name, a in res["adherence"].items():
+            p = a["per_class"]
+            print(f"| {name} | {p['left']:.2f} | {p['right']:.2f} | {p['none']:.2f} | **{a['accuracy']:.2f}** |")
+    if "fd" in res:
+        print(f"\nFréchet distance to {args.fd_n} real phantoms ({args.fd_n} images per set; lower is better)\n")
+        print("| set | block-mean features (66-D) | scorer features (4-D) |\n|---|---|---|")
+        for name, d in res["fd"].items():
+            print(f"| {name} | {d['pixels']:.4f} | {d['scorer']:.4f} |")
     if "lora" in res:
         lo = res["lora"]
         print(f"\nLoRA proof: base {args.base} (never saw an effusion), LoRA rank {lo['rank']}, {lo['steps']} steps on "
-              f"{lo['n_train']} phantoms ({lo['train_seconds'] / 60:.1f} min); {args.lora_per_class} generations per prompt\n")
+              f"{lo['n_train']} phantoms ({lo['train_seconds'] / 60:.1f} min); {args.lora_per_class} generations "
+              "per prompt\n")
         print("| | effusion seen (effusion prompts) | left | right | normal | overall |\n|---|---|---|---|---|---|")
         for name in ("before", "after"):
             p = lo[name]["per_class"]

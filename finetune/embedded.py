@@ -9,6 +9,8 @@ product working and prove that our trainer learns. The recipe, each stage skippe
   4. base: UNet + text encoder trained in full with finetune.train on the phantoms WITHOUT effusion;
   5. main: the base trained further (finetune.train again) on all phantoms, effusions included;
   6. export: both pipelines in fp16 safetensors, with model cards, to `out` and `base_out`.
+Stages 4 and 5 are `finetune.train.train` runs (--train unet+text_encoder); `finetune.train --config
+configs/embedded.yaml` itself cannot run this file, whose keys are the recipe's, not TrainConfig's.
 The base never saw a pleural effusion in any of its parts; it is the starting point of the LoRA proof
 (finetune.lora_proof): effusion must be absent before a LoRA and present after it."""
 from __future__ import annotations
@@ -16,9 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +52,11 @@ class EmbeddedConfig:
     vae_batch_size: int = field(16, "VAE images per step")
     vae_learning_rate: float = field(2e-3, "VAE learning rate")
     base_steps: int = field(600, "UNet + text encoder steps on the phantoms without effusion")
-    main_steps: int = field(800, "further steps on all phantoms (the shipped model)")
+    main_steps: int = field(1800, "further steps on all phantoms")
+    lateral_steps: int = field(1100, "then steps on one-sided effusions and effusion-free phantoms only, with min-SNR "
+                                    "weighting, to teach left vs right (0 skips; the shipped model is the last stage)")
+    lateral_learning_rate: float = field(3e-4, "learning rate of that stage")
+    lateral_snr_gamma: float = field(5.0, "min-SNR gamma of that stage (weights the noisy steps that fix layout)")
     train_batch_size: int = field(16, "images per UNet step")
     learning_rate: float = field(6e-4, "UNet + text encoder learning rate (both stages)")
     lr_warmup_steps: int = field(100, "linear warm-up steps of each stage")
@@ -60,6 +67,7 @@ class EmbeddedConfig:
     eval_per_class: int = field(30, "generations per prompt for the adherence figure in the model cards")
     eval_steps: int = field(20, "DDIM steps for those generations")
     guidance_scale: float = field(4.0, "classifier-free guidance for those generations")
+    notes: str = field("", "free text for the model cards, e.g. how a run was interrupted or extended")
     verbose: bool = field(False, "debug logging")
 
 
@@ -107,19 +115,23 @@ def load(model: str | Path, dtype: torch.dtype = torch.float32) -> Any:
 
 # ----------------------------------------------------------------------------- recipe stages
 
-def make_data(cfg: EmbeddedConfig) -> tuple[Path, Path]:
-    """(all phantoms' metadata.jsonl, the same without effusion as a JSONL manifest)."""
+def make_data(cfg: EmbeddedConfig) -> tuple[Path, Path, Path]:
+    """(all phantoms' metadata.jsonl, JSONL manifests of those without effusion and of those without a
+    bilateral one)."""
     from .phantoms import make_dataset
     data = Path(cfg.work_dir) / "data"
     meta = make_dataset(data, cfg.n_images, cfg.resolution, cfg.data_seed,
                         finding_probs={"effusion": cfg.effusion_prob})
     rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
-    keep = [{"image": r["file_name"], "text": r["text"], "patient_id": r["patient_id"]}
-            for r in rows if r["effusion"] == "none"]
-    no_eff = data / "no_effusion.jsonl"
-    atomic_write_text(no_eff, "".join(json.dumps(r) + "\n" for r in keep))
-    log.info("data: %d phantoms, %d without effusion", len(rows), len(keep))
-    return meta, no_eff
+    def subset(name: str, effusion: tuple[str, ...]) -> tuple[Path, int]:
+        keep = [{"image": r["file_name"], "text": r["text"], "patient_id": r["patient_id"]}
+                for r in rows if r["effusion"] in effusion]
+        atomic_write_text(data / name, "".join(json.dumps(r) + "\n" for r in keep))
+        return data / name, len(keep)
+    no_eff, n_none = subset("no_effusion.jsonl", ("none",))
+    lateral, n_lat = subset("one_sided.jsonl", ("none", "left", "right"))
+    log.info("data: %d phantoms, %d without effusion, %d without a bilateral one", len(rows), n_none, n_lat)
+    return meta, no_eff, lateral
 
 
 def init_pipeline(config_dir: str | Path, vae_dir: str | Path, out: str | Path, seed: int = 0) -> Path:
@@ -141,7 +153,8 @@ def init_pipeline(config_dir: str | Path, vae_dir: str | Path, out: str | Path, 
     return _atomic_dir(Path(out), lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
 
 
-def train_stage(cfg: EmbeddedConfig, model: Path, data: Path, name: str, steps: int) -> Path:
+def train_stage(cfg: EmbeddedConfig, model: Path, data: Path, name: str, steps: int,
+                learning_rate: float | None = None, snr_gamma: float | None = None) -> Path:
     """Full UNet + text encoder training with finetune.train; returns <work>/<name>/pipeline."""
     from .config import TrainConfig
     from .train import train
@@ -151,8 +164,9 @@ def train_stage(cfg: EmbeddedConfig, model: Path, data: Path, name: str, steps: 
     tc = TrainConfig(model=str(model), output_dir=str(out), train="unet+text_encoder", seed=cfg.seed,
                      train_data=str(data), patient_column="patient_id", val_fraction=0.02,
                      resolution=cfg.resolution, caption_dropout=cfg.caption_dropout, cache_latents=True,
-                     train_batch_size=cfg.train_batch_size, max_train_steps=steps, learning_rate=cfg.learning_rate,
-                     lr_scheduler="cosine", lr_warmup_steps=cfg.lr_warmup_steps, mixed_precision="no", device="cpu",
+                     train_batch_size=cfg.train_batch_size, max_train_steps=steps,
+                     learning_rate=learning_rate or cfg.learning_rate, snr_gamma=snr_gamma, lr_scheduler="cosine",
+                     lr_warmup_steps=cfg.lr_warmup_steps, mixed_precision="no", device="cpu",
                      checkpointing_steps=cfg.checkpointing_steps, checkpoints_total_limit=2, resume="latest",
                      validation_steps=0, validation_prompts=list(PROMPTS.values()), validation_seeds=[0, 1],
                      validation_inference_steps=cfg.eval_steps, validation_guidance_scale=cfg.guidance_scale,
@@ -224,7 +238,10 @@ loaded as fp32.
   batch {cfg.train_batch_size}, lr {cfg.learning_rate} cosine, caption dropout {cfg.caption_dropout},
   on the phantoms without effusion.
 {'' if base else f"- main: the base trained further for {cfg.main_steps} steps on all phantoms (effusions included)."}
+{'' if base or not cfg.lateral_steps else f"- lateral: then {cfg.lateral_steps} steps (lr {cfg.lateral_learning_rate}, "
+    f"min-SNR gamma {cfg.lateral_snr_gamma}) on the phantoms without a bilateral effusion, to teach left vs right."}
 - wall time: {stages.get('minutes', float('nan')):.0f} min on a shared 2-core CPU.
+{f"- note: {cfg.notes}" if cfg.notes else ""}
 
 ## Measured prompt adherence
 Prompts {json.dumps(PROMPTS)}; accuracy: {score}.
@@ -250,7 +267,7 @@ def run(cfg: EmbeddedConfig) -> dict[str, Path]:
     work = Path(cfg.work_dir)
     stages_path = work / "stages.json"
     stages: dict[str, Any] = json.loads(stages_path.read_text()) if stages_path.is_file() else {}
-    meta, no_eff = make_data(cfg)
+    meta, no_eff, one_sided = make_data(cfg)
     stages["n_no_effusion"] = sum(1 for line in no_eff.read_text().splitlines() if line.strip())
     vae_dir = work / "vae"
     if not (vae_dir / "config.json").is_file():
@@ -263,6 +280,9 @@ def run(cfg: EmbeddedConfig) -> dict[str, Path]:
         init_pipeline(cfg.config_dir, vae_dir, init, cfg.seed)
     base = train_stage(cfg, init, no_eff, "base", cfg.base_steps)
     main = train_stage(cfg, base, meta, "main", cfg.main_steps)
+    if cfg.lateral_steps:
+        main = train_stage(cfg, main, one_sided, "lateral", cfg.lateral_steps, cfg.lateral_learning_rate,
+                           cfg.lateral_snr_gamma)
     stages["minutes"] = stages.get("minutes", 0.0) + (time.perf_counter() - t0) / 60
     atomic_write_text(stages_path, json.dumps(stages, indent=1))
     done = {}

@@ -2,25 +2,29 @@
 
 Why: a test that the LoRA path of finetune.train really teaches a model something new. The base is
 models/embedded-no-effusion (VAE, UNet and text encoder trained without any pleural effusion; see
-finetune.embedded); the LoRA is trained with `finetune.train` (--train lora) on fresh phantoms that
-mostly have effusions; the analytic scorer (eval.phantom_score) judges generations for
-"Large left/right pleural effusion." before and after. Pneumothorax would be the textbook choice
+finetune.embedded); the LoRA (UNet and text encoder) is trained with `finetune.train` on fresh in-memory
+phantoms, most with a moderate or large left/right effusion; the analytic scorer (eval.phantom_score)
+judges generations for "Large left/right pleural effusion." before and after. Pneumothorax would be the textbook choice
 but the scorer cannot read it; effusion can be scored.
 `python -m finetune.lora_proof --steps 300`"""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
 from cxrcommon.config import field, parse_config
 from cxrcommon.logs import setup_logging
 
+from .data import TrainData
 from .embedded import PROMPTS, adherence, load
 
 log = logging.getLogger(__name__)
@@ -32,14 +36,17 @@ BASE = "models/embedded-no-effusion"
 class LoraProofConfig:
     base: str = field(BASE, "model that never saw the finding")
     work_dir: str = field("runs/lora_proof", "folder for the LoRA data set and the LoRA")
-    n_train: int = field(400, "LoRA training phantoms")
-    effusion_prob: float = field(0.8, "share of those phantoms with an effusion (the rest keep 'normal' anchored)")
+    n_train: int = field(400, "LoRA training phantoms (made in memory)")
+    effusion_prob: float = field(0.8, "share of those with a moderate/large left or right effusion (the rest none)")
     data_seed: int = field(123, "phantom seed (disjoint from the base model's data seed 0)")
     steps: int = field(300, "LoRA optimizer steps")
     batch_size: int = field(16, "images per step")
-    rank: int = field(8, "LoRA rank")
-    learning_rate: float = field(2e-3, "LoRA learning rate")
-    train_text_encoder: bool = field(False, "also put LoRA on the text encoder (--train lora+text_encoder)")
+    rank: int = field(16, "LoRA rank")
+    targets: list[str] = field(["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                                 "conv1", "conv2"], "UNet modules that get LoRA (attention, transformer "
+                                "projections and feed-forward, resnet convolutions)")
+    learning_rate: float = field(5e-3, "LoRA learning rate")
+    train_text_encoder: bool = field(True, "also put LoRA on the text encoder (--train lora+text_encoder)")
     per_class: int = field(50, "generations per prompt, before and after")
     eval_steps: int = field(20, "DDIM steps per generation")
     guidance_scale: float = field(4.0, "classifier-free guidance")
@@ -62,27 +69,41 @@ def resolution_of(model: str | Path) -> int:
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
 
 
+def effusion_data(n: int, size: int, seed: int, effusion_prob: float) -> TrainData:
+    """n in-memory phantoms; a share `effusion_prob` get a moderate or large left or right effusion
+    (captioned to match), the rest none. Other findings as the generator draws them."""
+    from .phantoms import caption, render, sample_spec
+    images, captions = [], []
+    for i in range(n):
+        rng = np.random.default_rng([seed, i])
+        spec = sample_spec(rng, exclude=("effusion",))
+        if rng.random() < effusion_prob:
+            spec = dataclasses.replace(spec, effusion=str(rng.choice(["left", "right"])),
+                                       effusion_size=str(rng.choice(["moderate", "large"])))
+        images.append(render(spec, size)[0])
+        captions.append(caption(spec, rng))
+    return TrainData(images, captions, [], [])
+
+
 def lora_proof(cfg: LoraProofConfig) -> dict[str, Any]:
     """Score the base, train the LoRA, score base + LoRA; returns both scores and the run's facts."""
     from .config import TrainConfig
-    from .phantoms import make_dataset
     from .train import train
 
     work = Path(cfg.work_dir)
     res = resolution_of(cfg.base)
-    kw = dict(steps=cfg.eval_steps, guidance=cfg.guidance_scale, seed=cfg.seed)
+    kw = {"steps": cfg.eval_steps, "guidance": cfg.guidance_scale, "seed": cfg.seed}
     before = adherence(load(cfg.base), cfg.per_class, **kw)
-    meta = make_dataset(work / "data", cfg.n_train, res, cfg.data_seed,
-                        finding_probs={"effusion": cfg.effusion_prob}, progress=False)
+    data = effusion_data(cfg.n_train, res, cfg.data_seed, cfg.effusion_prob)
     tc = TrainConfig(model=cfg.base, output_dir=str(work / "lora"), seed=cfg.seed,
-                     train="lora+text_encoder" if cfg.train_text_encoder else "lora",
-                     train_data=str(meta), patient_column="patient_id", val_fraction=0.0, resolution=res,
-                     cache_latents=True, caption_dropout=0.1, lora_rank=cfg.rank, train_batch_size=cfg.batch_size,
+                     train="lora+text_encoder" if cfg.train_text_encoder else "lora", resolution=res,
+                     cache_latents=True, cache_dir=str(work / "cache"), caption_dropout=0.1, lora_rank=cfg.rank,
+                     lora_target_modules=list(cfg.targets), train_batch_size=cfg.batch_size,
                      max_train_steps=cfg.steps, learning_rate=cfg.learning_rate, lr_scheduler="constant_with_warmup",
                      lr_warmup_steps=min(20, cfg.steps // 5), mixed_precision="no", device="cpu",
                      checkpointing_steps=0, validation_steps=0, validation_seeds=[], report_to="none")
     t0 = time.perf_counter()
-    result = train(tc)
+    result = train(tc, data)
     seconds = time.perf_counter() - t0
     pipe = load(cfg.base)
     pipe.load_lora_weights(str(work / "lora"))
