@@ -36,7 +36,7 @@ class VaeConfig:
     resolution: int = field(64, "image size the VAE is trained at")
     steps: int = field(250, "optimizer steps")
     batch_size: int = field(16, "images per step")
-    learning_rate: float = field(2e-3, "AdamW peak learning rate (cosine decay to 10%)")
+    learning_rate: float = field(2e-3, "AdamW peak learning rate (cosine decay to a tenth)")
     kl_weight: float = field(1e-6, "weight of the KL term (keeps latents near a Gaussian without blurring)")
     max_images: int | None = field(None, "use only the first N images")
     seed: int = field(0, "seed for initialisation and batch order")
