@@ -4,9 +4,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -24,6 +25,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_dir(final: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Fill a temp folder beside `final` with `write(tmp)`, then swap it in (replacing an older one),
+    so a model folder on disk is always complete."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    try:
+        write(tmp)
+        if final.exists():
+            old = final.with_name(f".old-{final.name}-{os.getpid()}")
+            final.rename(old)
+            shutil.rmtree(old)
+        tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -39,6 +39,7 @@ PROMPTS = {"left": "Large left pleural effusion.", "right": "Large right pleural
 
 @dataclass
 class EmbeddedConfig:
+    recipe: str = field("embedded", "lets `python -m finetune.train --config configs/embedded.yaml` run this recipe")
     work_dir: str = field("runs/embedded", "folder for the data set, VAE, training runs and checkpoints")
     out: str = field("models/embedded", "where the final pipeline (the shipped embedded model) is exported")
     base_out: str = field("models/embedded-no-effusion", "where the base that never saw an effusion is exported "
@@ -141,7 +142,7 @@ def init_pipeline(config_dir: str | Path, vae_dir: str | Path, out: str | Path, 
 
     from cxrcommon.tokenizer import clip_tokenizer
 
-    from .export import _atomic_dir
+    from cxrcommon.atomic import atomic_dir
     cd = Path(config_dir)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cd / "unet"))
@@ -150,7 +151,7 @@ def init_pipeline(config_dir: str | Path, vae_dir: str | Path, out: str | Path, 
         vae=AutoencoderKL.from_pretrained(vae_dir), text_encoder=text_encoder, tokenizer=clip_tokenizer(),
         unet=unet, scheduler=DDIMScheduler.from_config(DDIMScheduler.load_config(cd / "scheduler")),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    return _atomic_dir(Path(out), lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+    return atomic_dir(Path(out), lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
 
 
 def train_stage(cfg: EmbeddedConfig, model: Path, data: Path, name: str, steps: int,
@@ -179,13 +180,13 @@ def train_stage(cfg: EmbeddedConfig, model: Path, data: Path, name: str, steps: 
 
 def export(src: Path, dst: str | Path, card: str) -> Path:
     """Save the pipeline in fp16 safetensors (half the size; loaded back as fp32) plus README.md."""
-    from .export import _atomic_dir
+    from cxrcommon.atomic import atomic_dir
     pipe = load(src, torch.float16)
 
     def write(tmp: Path) -> None:
         pipe.save_pretrained(tmp, safe_serialization=True)
         (tmp / "README.md").write_text(card, encoding="utf-8")
-    return _atomic_dir(Path(dst), write)
+    return atomic_dir(Path(dst), write)
 
 
 def weights_mb(folder: str | Path) -> float:

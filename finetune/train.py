@@ -6,8 +6,10 @@ state plus the data position, so a resumed run reproduces an uninterrupted one."
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from cxrcommon.config import parse_config, save_config, to_dict
+from cxrcommon.config import load_yaml, parse_config, save_config, to_dict
 from cxrcommon.logs import setup_logging
 
 from . import checkpoint as ckpt
@@ -304,7 +306,23 @@ def _nan_message(losses: torch.Tensor, step: int, micro: int, ckpt_root: Path) -
             "corrupt images; then run again with --resume latest.")
 
 
-def main(argv: Sequence[str] | None = None) -> TrainResult:
+RECIPES = {"embedded": "finetune.embedded"}  # multi-stage recipes a YAML selects with `recipe: NAME`
+
+
+def _recipe(argv: Sequence[str]) -> str | None:
+    """The `recipe` key of the --config YAML, if any (e.g. configs/embedded.yaml)."""
+    if "--config" not in argv or argv.index("--config") + 1 >= len(argv):
+        return None
+    recipe = load_yaml(argv[argv.index("--config") + 1]).get("recipe")
+    if recipe is not None and recipe not in RECIPES:
+        raise SystemExit(f"unknown recipe {recipe!r} in the config; known: {', '.join(RECIPES)}")
+    return recipe
+
+
+def main(argv: Sequence[str] | None = None) -> Any:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if recipe := _recipe(argv):
+        return importlib.import_module(RECIPES[recipe]).main(argv)
     cfg = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0])
     setup_logging(cfg.verbose)
     return train(cfg)

@@ -78,7 +78,7 @@ def train_vae(images: torch.Tensor, config_dir: str | Path, out: str | Path, *, 
     The folder is written whole (temp folder, then rename) so an interrupted run leaves nothing half-saved."""
     from diffusers import AutoencoderKL
 
-    from .export import _atomic_dir
+    from cxrcommon.atomic import atomic_dir
 
     torch.manual_seed(seed)
     vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir))
@@ -107,7 +107,7 @@ def train_vae(images: torch.Tensor, config_dir: str | Path, out: str | Path, *, 
     vae.register_to_config(scaling_factor=scale)
     log.info("VAE: %d steps in %.0f s, final L1 %.4f (pixels in [-1, 1]), scaling_factor %.3f",
              steps, time.perf_counter() - t0, float(np.mean(l1s[-50:])), scale)
-    return _atomic_dir(Path(out), lambda tmp: vae.save_pretrained(tmp, safe_serialization=True)), l1s
+    return atomic_dir(Path(out), lambda tmp: vae.save_pretrained(tmp, safe_serialization=True)), l1s
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
