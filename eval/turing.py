@@ -209,9 +209,13 @@ def _report(result: dict[str, Any], out: Path) -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
+    usage = ("usage: python -m eval.turing build --real DIR --fake DIR --n 50 --out STUDY\n"
+             "       python -m eval.turing score STUDY answers*.csv   (add --help after build/score)")
+    if argv[:1] in (["-h"], ["--help"]):
+        print(usage)
+        raise SystemExit(0)
     if not argv or argv[0] not in ("build", "score"):
-        raise SystemExit("usage: python -m eval.turing build --real DIR --fake DIR --n 50 --out STUDY\n"
-                         "       python -m eval.turing score STUDY answers*.csv   (add --help after build/score)")
+        raise SystemExit(usage)
     command, rest = argv[0], argv[1:]
     if command == "build":
         cfg = parse(BuildConfig, rest, "Build a blinded, shuffled real/synthetic reading set with a hidden key.")
