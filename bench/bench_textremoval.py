@@ -25,7 +25,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from textremoval import TextRemovalConfig, TextRemover  # noqa: E402
-from textremoval.evaluate import REALCXR, read_manifest  # noqa: E402
+from textremoval.evaluate import REALCXR, realcxr_records  # noqa: E402
 from textremoval.segment import GlyphSegmenter  # noqa: E402
 from textremoval.detect import TextRegion  # noqa: E402
 from textremoval.synth_text import render  # noqa: E402
@@ -35,8 +35,8 @@ def images(n: int, seed: int = 0) -> list[np.ndarray]:
     """n 1024² CXRs with rendered text (real ones when the shared folder exists, else smooth noise)."""
     rng = np.random.default_rng(seed)
     if (REALCXR / "manifest.csv").is_file():
-        rows = read_manifest(REALCXR)
-        files = [REALCXR / "images" / rows[i]["file"] for i in rng.permutation(len(rows))[:n]]
+        rows = realcxr_records(REALCXR)
+        files = [rows[i].image for i in rng.permutation(len(rows))[:n]]
         bases = [cv2.resize(cv2.imread(str(f), cv2.IMREAD_GRAYSCALE), (1024, 1024), interpolation=cv2.INTER_AREA)
                  for f in files]
     else:

@@ -6,7 +6,6 @@ whole image), residual-text rate (OCR again on the cleaned image) and outside-ma
 then the residual-text rate on the manifest's `has_burnt_text=yes` images."""
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
@@ -16,10 +15,13 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+import torch
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from tqdm import tqdm
 
 from cxrcommon.atomic import atomic_write_text
 from cxrcommon.config import field, from_dict, load_yaml, parse_config
+from cxrcommon.manifest import Columns, Record, read_manifest
 
 from .clean import TextRemover
 from .config import TextRemovalConfig
@@ -59,26 +61,25 @@ def covered(box: Sequence[int], others: Sequence[Sequence[int]], shape: tuple[in
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return 99.0 if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+    """PSNR of 8-bit pixels (torchmetrics), capped at 99 dB for identical inputs so means stay finite."""
+    value = peak_signal_noise_ratio(torch.from_numpy(a).double(), torch.from_numpy(b).double(), data_range=255.0)
+    return min(float(value), 99.0)
 
 
 def ssim_map(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-pixel SSIM (Gaussian window, sigma 1.5, as in Wang et al. 2004) for 8-bit images."""
-    a, b = a.astype(np.float64), b.astype(np.float64)
-    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    blur = lambda x: cv2.GaussianBlur(x, (11, 11), 1.5)  # noqa: E731
-    ma, mb = blur(a), blur(b)
-    va, vb, cov = blur(a * a) - ma ** 2, blur(b * b) - mb ** 2, blur(a * b) - ma * mb
-    return ((2 * ma * mb + c1) * (2 * cov + c2)) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2))
+    """Per-pixel SSIM (torchmetrics; Gaussian window, sigma 1.5, Wang et al. 2004) of 8-bit images."""
+    _, full = structural_similarity_index_measure(torch.from_numpy(a).double()[None, None],
+                                                  torch.from_numpy(b).double()[None, None],
+                                                  data_range=255.0, return_full_image=True)
+    return full[0, 0].numpy()
 
 
-def read_manifest(data: Path) -> list[dict]:
+def realcxr_records(data: Path) -> list[Record]:
+    """Rows of the shared real-CXR manifest (image paths under images/, `has_burnt_text` in `extra`)."""
     path = data / "manifest.csv"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; pass --data pointing at the shared realcxr folder")
-    with open(path, newline="", encoding="utf-8") as fh:
-        return list(csv.DictReader(fh))
+    return read_manifest(path, Columns(image="file", text=None), image_root=data / "images", check_images=False)
 
 
 def eval_rendered(remover: TextRemover, files: list[Path], seed: int) -> dict:
@@ -150,7 +151,7 @@ def eval_burnt(remover: TextRemover, files: list[Path]) -> dict:
 
 def evaluate(cfg: EvalConfig) -> dict:
     data = Path(cfg.data)
-    rows = read_manifest(data)
+    rows = realcxr_records(data)
     removal = from_dict(TextRemovalConfig, load_yaml(cfg.removal_config), cfg.removal_config) \
         if cfg.removal_config else TextRemovalConfig()
     if cfg.det_max_side >= 0:
@@ -161,9 +162,9 @@ def evaluate(cfg: EvalConfig) -> dict:
                          "det_extra_sides": removal.det_extra_sides, "det_thresh": removal.det_thresh,
                          "det_box_thresh": removal.det_box_thresh, "segmenter": removal.segmenter,
                          "inpainter": removal.inpainter},
-              "rendered": eval_rendered(remover, [data / "images" / rows[i]["file"] for i in order], cfg.seed)}
+              "rendered": eval_rendered(remover, [rows[i].image for i in order], cfg.seed)}
     if cfg.burnt:
-        burnt = [data / "images" / r["file"] for r in rows if r.get("has_burnt_text") == "yes"]
+        burnt = [r.image for r in rows if r.extra.get("has_burnt_text") == "yes"]
         report["burnt"] = eval_burnt(remover, burnt)
     if cfg.report:
         atomic_write_text(cfg.report, json.dumps(report, indent=1))
