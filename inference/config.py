@@ -47,7 +47,7 @@ class GenerateConfig:
     device: str = field("auto", "auto, cpu, cuda, cuda:1, xpu, mps")
     precision: str = field("auto", "auto (fp32 on CPU, bf16/fp16 on GPUs), fp32, fp16, bf16")
     decode_batch: int = field(4, "latents decoded by the VAE at a time (caps decode memory)")
-    channels_last: str = field("auto", "UNet/VAE in channels-last memory format: auto (on for GPUs; off on CPU, "
-                                       "where it measured slower), true or false")
+    channels_last: str = field("auto", "UNet/VAE in channels-last memory format: auto (on for GPUs, whose "
+                                       "cuDNN convolutions prefer it; off on CPU), true or false")
     fuse_qkv: bool = field(False, "fuse attention QKV projections (faster on GPUs; last-bit float differences)")
     verbose: bool = field(False, "debug logging")
