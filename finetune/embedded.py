@@ -76,15 +76,15 @@ class EmbeddedConfig:
 
 def generate(pipe: Any, prompt: str, n: int, *, seed: int = 0, steps: int = 20, guidance: float = 4.0,
              batch: int = 25) -> list[np.ndarray]:
-    """n gray images (H x W float [0, 1]) for one prompt; image i uses seed + i whatever the batching."""
-    out: list[np.ndarray] = []
-    for lo in range(0, n, batch):
-        k = min(batch, n - lo)
-        gens = [torch.Generator("cpu").manual_seed(seed + lo + i) for i in range(k)]
-        imgs = pipe([prompt] * k, num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                    output_type="np").images
-        out += [im.mean(axis=-1).astype(np.float32) for im in imgs]
-    return out
+    """n gray images (H x W float [0, 1]) for one prompt through the product's sampler; image i uses
+    seed + i whatever the batching."""
+    from inference.sampler import CXRSampler, Request
+    sampler = CXRSampler(pipe, device=pipe.device, dtype=pipe.unet.dtype)
+    size = sampler.native_size
+    requests = [Request(prompt, seed + i) for i in range(n)]
+    return [im for lo in range(0, n, batch)
+            for im in sampler.generate(requests[lo:lo + batch], height=size, width=size, steps=steps,
+                                       guidance=guidance)]
 
 
 def adherence(pipe: Any, per_class: int, *, seed: int = 0, steps: int = 20, guidance: float = 4.0,
