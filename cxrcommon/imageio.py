@@ -289,12 +289,6 @@ def to_uint(arr: np.ndarray, bits: int = 8) -> np.ndarray:
     return np.rint(np.clip(arr, 0.0, 1.0) * top).astype(dtype)
 
 
-def to_pil_rgb(arr: np.ndarray) -> Image.Image:
-    """Gray (or RGB) [0, 1] array → 8-bit RGB PIL image, the form diffusers pipelines take."""
-    a = to_uint(_check_write(np.asarray(arr), Path("<array>"), allow_rgb=True), 8)
-    return Image.fromarray(a).convert("RGB")
-
-
 # ---------------------------------------------------------------- writing
 
 def write_png(path: str | os.PathLike, arr: np.ndarray, *, bits: int = 8,

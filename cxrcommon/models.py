@@ -86,12 +86,6 @@ def load_pipeline(pipeline_cls: Any, model: str | os.PathLike | None, *,
     return pipe
 
 
-def model_id(pipe_or_source: Any) -> str:
-    """A short, stable name of where a pipeline came from, for provenance."""
-    path = getattr(getattr(pipe_or_source, "config", None), "_name_or_path", None) or str(pipe_or_source)
-    return path
-
-
 def build_sd21_components(config_dir: str | os.PathLike = SD21_CONFIG_DIR, *, inpainting: bool = False,
                           dtype: torch.dtype = torch.float32) -> dict[str, Any]:
     """Full-size SD 2.1-base UNet/VAE/text encoder with random weights, from the real configs.
