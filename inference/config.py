@@ -46,7 +46,9 @@ class GenerateConfig:
                                "(discards its manifest and regenerates everything)")
     device: str = field("auto", "auto, cpu, cuda, cuda:1, xpu, mps")
     precision: str = field("auto", "auto (fp32 on CPU, bf16/fp16 on GPUs), fp32, fp16, bf16")
-    decode_batch: int = field(4, "latents decoded by the VAE at a time (caps decode memory)")
+    decode_batch: int = field(1, "latents decoded by the VAE at a time (caps decode memory); 1 keeps every "
+                                  "image bitwise independent of its batch-mates (a CPU convolution rounds "
+                                  "differently for other batch sizes)")
     channels_last: str = field("auto", "UNet/VAE in channels-last memory format: auto (on for GPUs, whose "
                                        "cuDNN convolutions prefer it; off on CPU), true or false")
     fuse_qkv: bool = field(False, "fuse attention QKV projections (faster on GPUs; last-bit float differences)")

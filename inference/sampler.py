@@ -45,6 +45,25 @@ def make_scheduler(name: str, config: Any) -> Any:
     return getattr(diffusers, cls_name).from_config(config, **extra)
 
 
+class SharedTimestep(torch.nn.Module):
+    """The UNet's timestep projection, computed on ONE row when the whole batch shares its timestep.
+
+    diffusers expands a scalar timestep to the batch size, so the time-embedding MLP runs as a GEMM with
+    M = batch rows, and a CPU GEMM rounds differently for different M. That was the one op in the UNet
+    whose per-row result depended on the batch size; with a single row the embedding broadcasts over
+    the batch (the resnets add it with broadcasting) and an image's pixels are bitwise the same in any
+    batch. An expanded scalar has stride 0, so the check needs no device sync."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
+        if timesteps.ndim == 1 and timesteps.shape[0] > 1 and timesteps.stride(0) == 0:
+            timesteps = timesteps[:1]
+        return self.inner(timesteps)
+
+
 def derive_seed(base: int, prompt_index: int, k: int) -> int:
     """Seed of image k of prompt i: a hash of (base, i, k), independent of batching and process count."""
     digest = hashlib.sha256(f"synthcxr/{base}/{prompt_index}/{k}".encode()).digest()
@@ -80,11 +99,13 @@ class CXRSampler:
 
     def __init__(self, pipe: Any, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  scheduler: str = "ddim", channels_last: bool | str = "auto", fuse_qkv: bool = False,
-                 decode_batch: int = 4, cache_size: int = 1024):
+                 decode_batch: int = 1, cache_size: int = 1024):
         self.device, self.dtype = torch.device(device), dtype
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):  # cast only if needed (diffusers warns on casts)
             module.to(self.device) if module.dtype == dtype else module.to(self.device, dtype)
         self.unet, self.vae, self.tokenizer, self.pipe = pipe.unet, pipe.vae, pipe.tokenizer, pipe
+        if not isinstance(self.unet.time_proj, SharedTimestep):
+            self.unet.time_proj = SharedTimestep(self.unet.time_proj)
         self.use_scheduler(scheduler)
         if str(channels_last).lower() not in ("auto", "true", "false"):
             raise ValueError(f"channels_last must be auto, true or false, got {channels_last!r}")
@@ -239,7 +260,8 @@ class CXRSampler:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents -> gray float32 images (N, H, W) in [0, 1], `decode_batch` at a time."""
+        """Latents -> gray float32 images (N, H, W) in [0, 1], `decode_batch` at a time (slices keep
+        decode memory flat; slices of 1 keep an image's pixels independent of its batch)."""
         out = []
         for chunk in latents.split(self.decode_batch):
             rgb = self.vae.decode(chunk / self.vae.config.scaling_factor, return_dict=False)[0]
