@@ -1,6 +1,9 @@
 """Phantom generator speed and analytic-scorer accuracy; prints a Markdown table for docs/BENCHMARKS.md.
 
-    python bench/bench_phantoms.py [--n 300]
+    python bench/bench_phantoms.py [--n 300] [--vae models/embedded]
+
+The "through the VAE" row scores real phantoms after an encode/decode by the embedded model's VAE: the
+best a generator with that decoder can show, so the scorer is validated on decoded images too.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -34,9 +38,24 @@ def writer_speed(n: int, size: int) -> float:
         return n / (time.perf_counter() - t)
 
 
-def accuracy(n: int, size: int, sizes: tuple[str, ...]) -> dict[str, float]:
+def vae_roundtrip(model: str) -> Callable[[np.ndarray], np.ndarray]:
+    """image -> the model VAE's decoded mean latent, as the generator's images are made."""
+    import torch
+    from finetune.embedded import load
+    vae = load(model).vae
+
+    @torch.inference_mode()
+    def run(img: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(img)[None, None].repeat(1, 3, 1, 1) * 2 - 1
+        y = vae.decode(vae.encode(x).latent_dist.mode()).sample
+        return ((y.mean(1)[0] + 1) / 2).clamp(0, 1).numpy()
+    return run
+
+
+def accuracy(n: int, size: int, sizes: tuple[str, ...], through: Callable | None = None) -> dict[str, float]:
     hits: dict[str, list[bool]] = {}
     for img, side in ps.effusion_set(n, size, seed=0, sizes=sizes):  # held out: calibration uses 1e6+
+        img = through(img) if through else img
         hits.setdefault(side, []).append(ps.classify_effusion(img) == side)
     return {k: float(np.mean(v)) for k, v in hits.items()}
 
@@ -57,8 +76,10 @@ def ctr_corr(n: int) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=300, help="phantoms per class / per timing run")
-    n = ap.parse_args().n
-    print(f"command: python bench/bench_phantoms.py --n {n}")
+    ap.add_argument("--vae", default="models/embedded", help="model whose VAE the round-trip row uses ('' skips)")
+    args = ap.parse_args()
+    n = args.n
+    print(f"command: python bench/bench_phantoms.py --n {n} --vae '{args.vae}'")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
           f"Python {platform.python_version()}\n")
     print("| measure | value |\n|---|---|")
@@ -68,6 +89,10 @@ def main() -> None:
     for size in (128, 64):
         acc = accuracy(n, size, ("moderate", "large"))
         print(f"| effusion accuracy {size}², moderate/large, n={n}/class | "
+              + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + " |")
+    if args.vae:
+        acc = accuracy(n, 64, ("moderate", "large"), through=vae_roundtrip(args.vae))
+        print(f"| effusion accuracy 64², moderate/large, through the VAE of {args.vae}, n={n}/class | "
               + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + " |")
     acc = accuracy(n, 128, ("small",))
     print(f"| effusion accuracy 128², small only, n={n}/class | "

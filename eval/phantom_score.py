@@ -2,9 +2,10 @@
 
 Why: proving that the embedded model learns needs a judge that is independent of the model. The
 phantom generator (finetune.phantoms) draws findings in known places, so simple region statistics
-read them back: brightness of each costophrenic region (pleural effusion) and heart width over chest
-width (cardiomegaly). Pneumothorax is not scored yet. Works on any size; image RIGHT is the
-patient's LEFT. Thresholds are calibrated on phantoms from one seed range (`calibrate`) and tested on
+read them back: brightness of each costophrenic region over the upper lung, which lies above even a
+large effusion so a bilateral one reads as bilateral (pleural effusion), and heart width over chest
+width (cardiomegaly). Pneumothorax is not scored yet. Works on any size; image RIGHT is the patient's
+LEFT. Thresholds are calibrated on phantoms from one seed range (`calibrate`) and tested on
 another; rerun `python -m eval.phantom_score --calibrate` after changing the generator.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ CALIBRATION_SEED = 1_000_000  # calibration phantoms use seeds from here; tests 
 @dataclass(frozen=True)
 class Thresholds:
     """Decision thresholds; defaults are the output of `calibrate()` (see module docstring)."""
-    effusion: float = 0.285       # costophrenic minus darkest mid-lung brightness (normalised units)
+    effusion: float = 0.265       # costophrenic minus darkest upper-lung brightness (normalised units)
     bilateral_margin: float = 0.5  # both sides above threshold and within this ratio -> bilateral
     cardiomegaly_ctr: float = 0.55
 
@@ -70,9 +71,8 @@ def _side_features(a: np.ndarray, c: float, s: float) -> dict[str, float]:
         """A low percentile: the aerated lung in the box, ignoring heart, ribs and wall that intrude."""
         u0, u1 = sorted((c + s * d0, c + s * d1))
         return float(np.percentile(_roi(a, max(u0, 0), min(u1, 1), v0, v1), q))
-    return {"mid": band(0.12, 0.30, 0.28, 0.48),
-            "costophrenic": band(0.24, 0.36, 0.60, 0.72),
-}
+    # the reference sits above the fluid line of a large effusion, so a bilateral one cannot raise it
+    return {"upper": band(0.12, 0.30, 0.20, 0.35), "costophrenic": band(0.24, 0.36, 0.60, 0.72)}
 
 
 def measure(img) -> dict:
@@ -80,7 +80,7 @@ def measure(img) -> dict:
     a = _gray(img)
     c = _midline(a)
     left, right = _side_features(a, c, +1.0), _side_features(a, c, -1.0)
-    ref = min(left["mid"], right["mid"])
+    ref = min(left["upper"], right["upper"])
     out = {"midline": c,
            "effusion_score_left": left["costophrenic"] - ref,
            "effusion_score_right": right["costophrenic"] - ref,
@@ -140,22 +140,23 @@ def _effusion_from(m: dict, t: Thresholds) -> str:
     return "left" if sl > sr else "right"
 
 
-def effusion_set(n: int, size: int, seed: int, sizes: Sequence[str] = ("moderate", "large")):
-    """n phantoms per class none/left/right (other findings random), for calibration and tests.
+def effusion_set(n: int, size: int, seed: int, sizes: Sequence[str] = ("moderate", "large"),
+                 classes: Sequence[str] = ("none", "left", "right", "bilateral")):
+    """n phantoms per class (other findings random), for calibration and tests.
 
-    Yields (image, expected side). Seeds are `seed + i`, so disjoint ranges give disjoint sets."""
+    Yields (image, expected class). Seeds are `seed + i`, so disjoint ranges give disjoint sets."""
     from finetune.phantoms import render, sample_spec  # the scorer itself needs no generator
     for i in range(n):
         rng = np.random.default_rng(seed + i)
         spec = sample_spec(rng, exclude=("effusion",))
-        for side in ("none", "left", "right"):
+        for side in classes:
             s = spec if side == "none" else dataclasses.replace(
                 spec, effusion=side, effusion_size=str(rng.choice(list(sizes))))
             yield render(s, size)[0], side
 
 
 def calibrate(n: int = 200, size: int = 128, seed: int = CALIBRATION_SEED) -> Thresholds:
-    """Pick the effusion threshold that best separates none/left/right on phantoms from `seed` on.
+    """Pick the effusion threshold that best separates none/left/right/bilateral on phantoms from `seed` on.
 
     The cardiomegaly threshold is the generator's own CTR cut-off (the CTR is measured directly)."""
     scores = [(measure(img), side) for img, side in effusion_set(n, size, seed)]
