@@ -340,8 +340,12 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(GenerateConfig, argv, "Generate synthetic chest X-rays from a prompt file (resumable; "
                                              "every image is tagged synthetic). Several GPUs: `accelerate launch "
-                                             "-m inference.generate ...`; several CPU processes: `torchrun "
-                                             "--nproc_per_node N -m inference.generate ...`.")
+                                             "-m inference.generate ...`; several CPU processes: `accelerate "
+                                             "launch --multi_gpu --num_processes N -m inference.generate ...` "
+                                             "(accelerate's torchrun launcher; plain `accelerate launch` on a "
+                                             "CPU machine starts ONE process) or `torchrun --nproc_per_node N`. "
+                                             "Images are bitwise the same whatever the batch size or process "
+                                             "count.")
     setup_logging(cfg.verbose)
     log.debug("config: %s", to_dict(cfg))
     s = generate(cfg)

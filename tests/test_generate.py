@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +112,25 @@ def test_shards_union_equals_single_process_run(cfg, tmp_path):
     assert generate(sharded).skipped == 6  # a later single-process run finds all of them and merges the parts
     out = tmp_path / "sharded"
     assert not list(out.glob("manifest.part*"))
+    assert same_pixels(images(out), single)
+
+
+def test_accelerate_launch_two_cpu_processes_equals_single_process_run(cfg, tmp_path):
+    """The real launcher: `accelerate launch --multi_gpu --num_processes 2` (accelerate's name for its
+    torchrun launcher; with no GPU the ranks run on the CPU over gloo) splits the prompts between ranks."""
+    single = images(generate(dataclasses.replace(cfg, out=str(tmp_path / "single"))).out)
+    out = tmp_path / "launched"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}  # no user accelerate config
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
+           "-m", "inference.generate", "--prompts", cfg.prompts, "--out", str(out), "--model", cfg.model,
+           "--n-per-prompt", "2", "--batch-size", "4", "--steps", "3", "--height", "32", "--width", "32",
+           "--seed", "11"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = [line for line in proc.stdout.splitlines() if "image(s) written" in line]
+    assert len(written) == 2 and sum(int(line.split()[0]) for line in written) == 6  # two ranks, 6 images
+    assert generate(dataclasses.replace(cfg, out=str(out))).skipped == 6  # merges the rank manifests
     assert same_pixels(images(out), single)
 
 
