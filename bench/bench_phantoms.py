@@ -1,4 +1,4 @@
-"""Phantom generator speed and analytic-scorer accuracy; prints a Markdown table for docs/BENCHMARKS.md.
+"""Phantom generator speed and analytic-scorer accuracy (effusion, pneumothorax, CTR); prints a Markdown table for docs/BENCHMARKS.md.
 
     python bench/bench_phantoms.py [--n 300] [--vae models/embedded]
 
@@ -53,10 +53,14 @@ def vae_roundtrip(model: str) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def accuracy(n: int, size: int, sizes: tuple[str, ...], through: Callable | None = None) -> dict[str, float]:
+    return _hits(ps.effusion_set(n, size, seed=0, sizes=sizes), ps.classify_effusion, through)
+
+
+def _hits(images, judge: Callable, through: Callable | None = None) -> dict[str, float]:
+    """Per-class accuracy of a judge on (image, class) pairs; held out: calibration uses seeds 1e6+."""
     hits: dict[str, list[bool]] = {}
-    for img, side in ps.effusion_set(n, size, seed=0, sizes=sizes):  # held out: calibration uses 1e6+
-        img = through(img) if through else img
-        hits.setdefault(side, []).append(ps.classify_effusion(img) == side)
+    for img, side in images:
+        hits.setdefault(side, []).append(judge(through(img) if through else img) == side)
     return {k: float(np.mean(v)) for k, v in hits.items()}
 
 
@@ -86,14 +90,20 @@ def main() -> None:
     for size in (64, 128, 256):
         print(f"| render speed {size}² | {speed(n, size):.0f} images/s |")
     print(f"| make_dataset 128² (render + atomic fsynced PNG) | {writer_speed(n, 128):.0f} images/s |")
-    for size in (128, 64):
-        acc = accuracy(n, size, ("moderate", "large"))
-        print(f"| effusion accuracy {size}², moderate/large, n={n}/class | "
-              + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + " |")
+    runs = [(128, None, ""), (64, None, "")]
     if args.vae:
-        acc = accuracy(n, 64, ("moderate", "large"), through=vae_roundtrip(args.vae))
-        print(f"| effusion accuracy 64², moderate/large, through the VAE of {args.vae}, n={n}/class | "
+        runs.append((64, vae_roundtrip(args.vae), f"through the VAE of {args.vae}, "))
+    for size, through, how in runs:
+        acc = accuracy(n, size, ("moderate", "large"), through)
+        print(f"| effusion accuracy {size}², moderate/large, {how}n={n}/class | "
               + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + " |")
+    for size, through, how in runs:
+        acc = _hits(ps.pneumothorax_set(n, size, seed=0), ps.classify_pneumothorax, through)
+        print(f"| pneumothorax accuracy {size}², {how}n={n}/class | "
+              + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + " |")
+    eff = [ps.classify_pneumothorax(img) for img, side in ps.effusion_set(n, 128, seed=0) if side != "none"]
+    print(f"| pneumothorax false alarms on effusion phantoms 128², n={len(eff)} | "
+          f"{1 - eff.count('none') / len(eff):.3f} |")
     acc = accuracy(n, 128, ("small",))
     print(f"| effusion accuracy 128², small only, n={n}/class | "
           + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + " |")

@@ -4,7 +4,8 @@ Why: proving that the embedded model learns needs a judge that is independent of
 phantom generator (finetune.phantoms) draws findings in known places, so simple region statistics
 read them back: brightness of each costophrenic region over the upper lung, which lies above even a
 large effusion so a bilateral one reads as bilateral (pleural effusion), and heart width over chest
-width (cardiomegaly). Pneumothorax is not scored yet. Works on any size; image RIGHT is the patient's
+width (cardiomegaly), and for pneumothorax the upper lateral lung of each side: collapsed lung leaves a
+darker rim crossed by a sharp pleural line. Works on any size; image RIGHT is the patient's
 LEFT. Thresholds are calibrated on phantoms from one seed range (`calibrate`) and tested on
 another; rerun `python -m eval.phantom_score --calibrate` after changing the generator.
 """
@@ -32,6 +33,7 @@ class Thresholds:
     effusion: float = 0.265       # costophrenic minus darkest upper-lung brightness (normalised units)
     bilateral_margin: float = 0.5  # both sides above threshold and within this ratio -> bilateral
     cardiomegaly_ctr: float = 0.55
+    pneumothorax: float = 0.023    # |left - right| pneumothorax score above this -> that side
 
 
 THRESHOLDS = Thresholds()
@@ -75,6 +77,17 @@ def _side_features(a: np.ndarray, c: float, s: float) -> dict[str, float]:
     return {"upper": band(0.12, 0.30, 0.20, 0.35), "costophrenic": band(0.24, 0.36, 0.60, 0.72)}
 
 
+def _pneumothorax_side(a: np.ndarray, c: float, s: float) -> float:
+    """Upper lateral lung of one side: fine detail (the pleural line) minus 0.1 x its darkest tenth.
+
+    A pneumothorax raises the first (a sharp line where smooth lung was) and lowers the second (no lung
+    tissue in the rim); 0.1 puts both on one scale (they move by ~0.02 and ~0.2 on phantoms)."""
+    u0, u1 = sorted((c + s * 0.10, c + s * 0.34))
+    box = (max(u0, 0), min(u1, 1), 0.12, 0.45)
+    detail = _roi(a - cv2.GaussianBlur(a, (0, 0), 2.0), *box)
+    return float(detail.std()) - 0.1 * float(np.percentile(_roi(a, *box), 10))
+
+
 def measure(img) -> dict:
     """Measured attributes of one image (patient sides: 'left' = image right)."""
     a = _gray(img)
@@ -84,7 +97,8 @@ def measure(img) -> dict:
     out = {"midline": c,
            "effusion_score_left": left["costophrenic"] - ref,
            "effusion_score_right": right["costophrenic"] - ref,
-           "ctr": _ctr(a, c)}
+           "ctr": _ctr(a, c),
+           "pneumothorax_score": _pneumothorax_side(a, c, +1.0) - _pneumothorax_side(a, c, -1.0)}
     return out
 
 
@@ -140,30 +154,57 @@ def _effusion_from(m: dict, t: Thresholds) -> str:
     return "left" if sl > sr else "right"
 
 
+def classify_pneumothorax(img, thresholds: Thresholds | None = None) -> str:
+    """'left' | 'right' | 'none'."""
+    return _pneumothorax_from(measure(img), thresholds or THRESHOLDS)
+
+
+def _pneumothorax_from(m: dict, t: Thresholds) -> str:
+    d = m["pneumothorax_score"]
+    return "none" if abs(d) < t.pneumothorax else "left" if d > 0 else "right"
+
+
 def effusion_set(n: int, size: int, seed: int, sizes: Sequence[str] = ("moderate", "large"),
                  classes: Sequence[str] = ("none", "left", "right", "bilateral")):
     """n phantoms per class (other findings random), for calibration and tests.
 
     Yields (image, expected class). Seeds are `seed + i`, so disjoint ranges give disjoint sets."""
+    def with_effusion(spec, side, rng):
+        return dataclasses.replace(spec, effusion=side, effusion_size=str(rng.choice(list(sizes))))
+    return _finding_set("effusion", with_effusion, n, size, seed, classes)
+
+
+def pneumothorax_set(n: int, size: int, seed: int, collapse: tuple[float, float] = (0.15, 0.40),
+                     classes: Sequence[str] = ("none", "left", "right")):
+    """Like effusion_set, for pneumothorax (collapsed fraction drawn from `collapse`, the generator's range)."""
+    def with_pneumothorax(spec, side, rng):
+        return dataclasses.replace(spec, pneumothorax=side, pneumothorax_size=float(rng.uniform(*collapse)))
+    return _finding_set("pneumothorax", with_pneumothorax, n, size, seed, classes)
+
+
+def _finding_set(finding: str, add, n: int, size: int, seed: int, classes: Sequence[str]):
     from finetune.phantoms import render, sample_spec  # the scorer itself needs no generator
     for i in range(n):
         rng = np.random.default_rng(seed + i)
-        spec = sample_spec(rng, exclude=("effusion",))
+        spec = sample_spec(rng, exclude=(finding,))
         for side in classes:
-            s = spec if side == "none" else dataclasses.replace(
-                spec, effusion=side, effusion_size=str(rng.choice(list(sizes))))
-            yield render(s, size)[0], side
+            yield render(spec if side == "none" else add(spec, side, rng), size)[0], side
 
 
 def calibrate(n: int = 200, size: int = 128, seed: int = CALIBRATION_SEED) -> Thresholds:
-    """Pick the effusion threshold that best separates none/left/right/bilateral on phantoms from `seed` on.
+    """Pick the effusion threshold that best separates none/left/right/bilateral, and the pneumothorax
+    threshold for none/left/right, on phantoms from `seed` on (the middle of each best plateau).
 
     The cardiomegaly threshold is the generator's own CTR cut-off (the CTR is measured directly)."""
-    scores = [(measure(img), side) for img, side in effusion_set(n, size, seed)]
-    grid = np.linspace(0.02, 0.5, 97)
-    acc = [np.mean([_effusion_from(m, Thresholds(effusion=float(t))) == side for m, side in scores]) for t in grid]
-    best = np.flatnonzero(np.asarray(acc) >= max(acc) - 1e-9)
-    return Thresholds(effusion=round(float(grid[best].mean()), 3))  # middle of the best plateau
+    def best(rule, images, grid: np.ndarray, key: str) -> float:
+        scores = [(measure(img), side) for img, side in images]
+        acc = [np.mean([rule(m, Thresholds(**{key: float(t)})) == side for m, side in scores]) for t in grid]
+        top = np.flatnonzero(np.asarray(acc) >= max(acc) - 1e-9)
+        return round(float(grid[top].mean()), 4)
+    return Thresholds(effusion=best(_effusion_from, effusion_set(n, size, seed), np.linspace(0.02, 0.5, 97),
+                                    "effusion"),
+                      pneumothorax=best(_pneumothorax_from, pneumothorax_set(n, size, seed),
+                                        np.linspace(0.0, 0.03, 61), "pneumothorax"))
 
 
 def has_cardiomegaly(img, thresholds: Thresholds | None = None) -> bool:
@@ -180,9 +221,10 @@ def prompt_adherence(images: Sequence, expected_labels: Sequence, attribute: str
         raise ValueError(f"{len(images)} images but {len(expected_labels)} expected labels")
     if not images:
         raise ValueError("no images to score")
-    judge = {"effusion": classify_effusion, "cardiomegaly": has_cardiomegaly}.get(attribute)
+    judge = {"effusion": classify_effusion, "cardiomegaly": has_cardiomegaly,
+             "pneumothorax": classify_pneumothorax}.get(attribute)
     if judge is None:
-        raise ValueError(f"unknown attribute {attribute!r}; use effusion or cardiomegaly")
+        raise ValueError(f"unknown attribute {attribute!r}; use effusion, cardiomegaly or pneumothorax")
     hits = 0
     for img, exp in zip(images, expected_labels):
         exp = exp[attribute] if isinstance(exp, dict) else exp
@@ -204,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         m = measure(path)
         m["effusion"] = _effusion_from(m, THRESHOLDS)
         m["cardiomegaly"] = m["ctr"] > THRESHOLDS.cardiomegaly_ctr
+        m["pneumothorax"] = _pneumothorax_from(m, THRESHOLDS)
         print(json.dumps({"file": str(path), **m}))
 
 

@@ -152,6 +152,19 @@ def test_scorer_classifies_effusion_on_held_out_phantoms(size):
     assert min(acc.values()) >= 0.95, acc  # bilateral too: a two-sided effusion never counts as one side
 
 
+@pytest.mark.parametrize("size", [128, 64])
+def test_scorer_finds_the_pneumothorax_side_on_held_out_phantoms(size):
+    hits: dict[str, list[bool]] = {}
+    for img, side in ps.pneumothorax_set(100, size, seed=0):
+        hits.setdefault(side, []).append(ps.classify_pneumothorax(img) == side)
+    acc = {k: float(np.mean(v)) for k, v in hits.items()}
+    assert set(acc) == {"none", "left", "right"}
+    assert min(acc.values()) >= 0.85, acc
+    # an effusion is mostly not read as a pneumothorax (a large one reaches into the upper box: 70/90 at 128)
+    eff = [ps.classify_pneumothorax(img) for img, side in ps.effusion_set(30, size, seed=500) if side != "none"]
+    assert eff.count("none") >= 0.7 * len(eff)
+
+
 def test_scorer_ctr_rises_with_the_cardiomegaly_parameter(clean):
     ctrs = [0.40, 0.48, 0.56, 0.64]
     measured = [np.mean([ps.measure(ph.render(dataclasses.replace(clean, ctr=c), 128, seed=s)[0])["ctr"]
