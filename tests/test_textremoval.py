@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 from functools import partial
+from types import SimpleNamespace
 from pathlib import Path
 
 import cv2
@@ -244,3 +245,87 @@ def test_dicom_in_dicom_out_keeps_tags(tmp_path):
     assert rec["masked_pixels"] == mask.sum() > 0 and mask[gt].mean() > 0.9
     assert np.array_equal(out.pixel_array[~mask], stored[~mask])   # stored values kept outside the mask
     assert out.pixel_array[gt].mean() < stored[gt].mean() - 1000
+
+
+# ---------------------------------------------------------------- glyph detector (lone markers)
+
+def film(seed: int, n: int = 256) -> np.ndarray:
+    """A CXR-like background: smooth blotches, four bright rib-like arcs, grain (float, 0-255)."""
+    rng = np.random.default_rng(seed)
+    bg = cv2.GaussianBlur(rng.normal(0, 1, (n, n)), (0, 0), 12)
+    bg = 70 + 40 * bg / bg.std()
+    yy, xx = np.mgrid[0:n, 0:n]
+    for k in range(4):
+        bg += 25 * np.exp(-((yy - (60 + 45 * k) - 0.002 * (xx - n / 2) ** 2) / 6.0) ** 2)
+    return np.clip(bg + rng.normal(0, 3, bg.shape), 0, 255)
+
+
+def letter(bg: np.ndarray, text: str, xy, size: int, level: float):
+    """`text` printed at grey `level` onto `bg`; returns (uint8 image, glyph bounding box)."""
+    layer = Image.new("L", bg.shape[::-1], 0)
+    d = ImageDraw.Draw(layer)
+    font = ImageFont.truetype(str(FONT), size) if FONT else ImageFont.load_default(size=size)
+    d.text(xy, text, font=font, fill=255)
+    a = np.asarray(layer, np.float32) / 255
+    return np.clip(bg * (1 - a) + level * a, 0, 255).astype(np.uint8), d.textbbox(xy, text, font=font)
+
+
+@pytest.mark.parametrize("seed,text,xy", [(0, "L", (200, 30)), (1, "I", (120, 150))])
+def test_glyph_detector_finds_lone_markers_the_line_detector_misses(seed, text, xy):
+    from textremoval.evaluate import covered
+    img, box = letter(film(seed), text, xy, 16, 230)
+    line_only = build_detector(TextRemovalConfig(recognize=False, glyph_detector=False))(img)
+    assert covered(box, [r.box for r in line_only], img.shape) < 0.5          # the old path misses it
+    regions = build_detector(TextRemovalConfig(recognize=False))(img)
+    glyphs = [r for r in regions if r.source == "glyph"]
+    assert len(glyphs) == 1 and covered(box, [glyphs[0].box], img.shape) == 1.0
+    assert glyphs[0].text.upper() in {text, "1"} and glyphs[0].score >= 0.8
+
+
+def test_glyph_detector_does_not_fire_on_anatomy_or_devices():
+    img = film(2)
+    cv2.circle(img, (70, 190), 9, 215, 3)                                     # an ECG electrode ring
+    cv2.polylines(img, [np.int32([[20, 250], [90, 120], [140, 60], [230, 20]])], False, 200, 3)  # a line/tube
+    cv2.ellipse(img, (190, 180), (30, 14), 20, 0, 360, 190, -1)               # a bright oval blob
+    img = cv2.GaussianBlur(img, (0, 0), 0.8).astype(np.uint8)
+    det = build_detector(TextRemovalConfig(recognize=False))
+    assert det(img) == []
+    assert det(film(2).astype(np.uint8)) == []
+
+
+def test_glyph_candidates_cover_dark_print_and_reject_low_contrast():
+    from textremoval.glyphs import find_candidates
+    img, box = letter(np.full((200, 200), 200.0), "R", (90, 80), 24, 30)     # dark "R" on bright ground
+    hits = [c for c in find_candidates(img) if c.box[0] <= box[2] and box[0] <= c.box[2]
+            and c.box[1] <= box[3] and box[1] <= c.box[3]]
+    assert hits and all(c.polarity == -1 and c.contrast > 100 for c in hits)
+    faint, _ = letter(np.full((200, 200), 200.0), "R", (90, 80), 24, 175)    # 25 grey levels: below 40
+    assert find_candidates(faint) == []
+
+
+def test_confirm_scores_the_marker_alphabet_as_one_verdict():
+    from rapidocr.ch_ppocr_rec.utils import CTCLabelDecode
+    from textremoval.glyphs import Candidate, confirm
+
+    chars = ["1", "I", "C", "L"]
+    decode = CTCLabelDecode(character=chars)      # classes: blank, 1, I, C, L, space
+    def probs(row):                                # one step that is the glyph, blanks around it
+        p = np.zeros((3, 6), np.float32)
+        p[[0, 2], 0] = 1.0
+        p[1] = row
+        return p
+    batch = np.stack([probs([0, .6, .35, .05, 0, 0]),     # a bar: "1" 0.6 + "I" 0.35 -> 0.95, accepted
+                      probs([0, 0, 0, .9, .1, 0]),        # reads "C": not a marker
+                      probs([0, 0, 0, .5, .5, 0])])       # "C"/"L" tie goes to "C": rejected
+    rec = SimpleNamespace(session=lambda x: batch, postprocess_op=decode)
+    cands = [Candidate((10 * i, 10, 10 * i + 5, 30), 1, 100.0) for i in range(3)]
+    out = confirm(rec, np.zeros((64, 64), np.uint8), cands, ["L", "I", "1"], 0.9)
+    assert [(c.box, t, round(s, 2)) for c, t, s in out] == [((0, 10, 5, 30), "1", 0.95)]
+    assert confirm(rec, np.zeros((64, 64), np.uint8), cands, ["L", "I", "1"], 0.96) == []
+
+
+def test_keep_markers_keeps_a_glyph_found_marker_untouched():
+    img, box = letter(film(0), "L", (200, 30), 16, 230)
+    res = TextRemover.from_config(TextRemovalConfig(keep_markers=True))(img)
+    assert [(r.source, r.action) for r in res.regions] == [("glyph", "kept")]
+    assert np.array_equal(res.image, img) and not res.mask.any()

@@ -8,6 +8,8 @@ from cxrcommon.models import DEFAULT_INPAINT_MODEL
 
 # Single-letter (and short) laterality markers: English L/R, Spanish D/I (derecha/izquierda), Italian Sx/Dx.
 MARKER_PATTERN = r"^(L|R|D|I|SX|DX|LT|RT)$"
+# What an isolated glyph found by the glyph detector must read as: a marker letter, or "1" (how a lone I reads).
+GLYPH_ACCEPT = ["L", "R", "D", "I", "1", "S", "X", "SX", "DX", "LT", "RT"]
 
 
 @dataclass
@@ -23,6 +25,16 @@ class TextRemovalConfig:
     det_thresh: float = field(0.2, "DBNet pixel probability above which a pixel is text")
     det_box_thresh: float = field(0.2, "DBNet box score (mean probability) below which a detection is dropped")
     det_unclip_ratio: float = field(1.6, "how far DBNet grows each text kernel into a box")
+    glyph_detector: bool = field(True, "also look for isolated marker glyphs (L, R, D, I, Sx) that the line "
+                                       "detector misses: compact high-contrast top-hat blobs, each confirmed by "
+                                       "the recogniser (textremoval/glyphs.py)")
+    glyph_contrast: float = field(40.0, "glyph detector: minimum grey-level difference (0-255) between a "
+                                        "candidate glyph and its surrounding")
+    glyph_min_score: float = field(0.8, "glyph detector: minimum recogniser probability (0-1) that a candidate "
+                                        "is a marker glyph")
+    glyph_accept: list[str] = field(GLYPH_ACCEPT, "glyph detector: what a candidate must read as "
+                                                  "(case-insensitive); its score is the recogniser's probability "
+                                                  "on these strings' characters")
     max_box_fraction: float = field(0.25, "drop boxes larger than this fraction of the image in both width and "
                                           "height (DBNet sometimes boxes the whole film)")
     recognize: bool = field(True, "read the text in each box (needed for --keep-markers / --erase-pattern)")

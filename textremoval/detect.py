@@ -3,7 +3,8 @@
 Detection runs on a downscaled copy (longest side `det_max_side`), which is cheaper than full size and
 finds as much: CXR annotations are large. PP-OCR is trained on text lines, and its response to an isolated
 letter (a side marker) flips on and off with scale, so one or more cheap extra passes at other scales
-(`det_extra_sides`) add the boxes the first pass missed. Boxes are returned in full-size coordinates."""
+(`det_extra_sides`) add the boxes the first pass missed, and the glyph detector (glyphs.py) adds lone
+marker letters that no pass sees. Boxes are returned in full-size coordinates."""
 from __future__ import annotations
 
 import re
@@ -13,6 +14,7 @@ import cv2
 import numpy as np
 
 from .config import TextRemovalConfig
+from .glyphs import confirm, find_candidates
 
 
 @dataclass
@@ -24,6 +26,7 @@ class TextRegion:
     text: str = ""                          # recognised text ("" when not read)
     text_score: float = 0.0                 # recognition confidence
     action: str = "erased"                  # "erased" or "kept"
+    source: str = "line"                    # "line" (PP-OCR text-line detector) or "glyph" (glyphs.py)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -63,7 +66,7 @@ class RapidOCRDetector:
         self.cfg = cfg
         engine = RapidOCR(params=params)
         self.det = engine._load_det_model()  # the engine's own lazy loaders; we call the stages directly
-        self.rec = engine._load_rec_model() if cfg.recognize else None
+        self.rec = engine._load_rec_model() if cfg.recognize or cfg.glyph_detector else None
 
     def detect_at(self, gray: np.ndarray, size: tuple[int, int]) -> tuple[np.ndarray, list[float]]:
         """DBNet on `gray` resized to `size` (h, w; multiples of 32); quads in full-size pixels."""
@@ -105,10 +108,32 @@ class RapidOCRDetector:
             for r in new:
                 found[r.box[1]:r.box[3], r.box[0]:r.box[2]] = True
             regions += new
-        if self.rec is not None and regions:
+        if self.cfg.recognize and regions:
             self._read(gray, regions)
+        if self.cfg.glyph_detector:
+            regions += self.glyphs(gray, found)
         for r in regions:
             r.action = decide_action(r.text, self.cfg)
+        return regions
+
+    def glyphs(self, gray: np.ndarray, found: np.ndarray) -> list[TextRegion]:
+        """Lone marker glyphs outside the line detector's boxes, as regions with a margin of 30 % of their
+        height (like DBNet's unclipped boxes, so the glyph segmenter sees background on every side)."""
+        h, w = gray.shape
+        cands = [c for c in find_candidates(gray, min_contrast=self.cfg.glyph_contrast)
+                 if found[c.box[1]:c.box[3], c.box[0]:c.box[2]].mean() < 0.5]
+        regions = []
+        reads = confirm(self.rec, gray, cands, self.cfg.glyph_accept, self.cfg.glyph_min_score)
+        for c, text, score in sorted(reads, key=lambda read: -read[2]):  # best reading of a glyph first
+            x0, y0, x1, y1 = c.box
+            if found[y0:y1, x0:x1].mean() >= 0.5:
+                continue  # the same glyph seen in the other polarity (e.g. the inside of a "D")
+            m = max(2, round(0.3 * (y1 - y0)))
+            x0, y0, x1, y1 = max(0, x0 - m), max(0, y0 - m), min(w, x1 + m), min(h, y1 + m)
+            found[y0:y1, x0:x1] = True
+            regions.append(TextRegion(box=(x0, y0, x1, y1), polygon=[(x0, y0), (x1 - 1, y0), (x1 - 1, y1 - 1),
+                                                                     (x0, y1 - 1)],
+                                      score=round(score, 4), text=text, text_score=round(score, 4), source="glyph"))
         return regions
 
     def _read(self, gray: np.ndarray, regions: list[TextRegion]) -> None:

@@ -36,6 +36,9 @@ class EvalConfig:
     data: str = field(str(REALCXR), "folder with manifest.csv and images/ (the shared real-CXR set)")
     n: int = field(100, "number of images to render text onto (seeded sample)")
     seed: int = field(0, "sampling and rendering seed")
+    exclude_seed: int = field(-1, "sample only from images NOT in the `--n 100` sample of this seed, e.g. "
+                                  "--exclude-seed 0 for a development split disjoint from the reported one "
+                                  "(-1 = sample from all images)")
     removal_config: str | None = field(None, "YAML of text-removal options (configs/textremoval.yaml); default options if unset")
     det_max_side: int = field(-1, "override det_max_side of the removal config (-1 = keep)")
     burnt: bool = field(True, "also measure the residual-text rate on has_burnt_text=yes images")
@@ -85,7 +88,7 @@ def realcxr_records(data: Path) -> list[Record]:
 def eval_rendered(remover: TextRemover, files: list[Path], seed: int) -> dict:
     rng = np.random.default_rng(seed)
     det = remover.detector
-    n_gt = n_found = n_resid = n_det = n_tp = n_pre = n_changed_outside = 0
+    n_gt = n_found = n_resid = n_det = n_tp = n_pre = n_changed_outside = n_glyph_pre = 0
     ious, cover, ps_in, ps_in0, ps_all, ss_in, ss_all, secs = [], [], [], [], [], [], [], []
     for f in tqdm(files, desc="rendered", unit="img"):
         original = cv2.imread(str(f), cv2.IMREAD_GRAYSCALE)
@@ -93,7 +96,9 @@ def eval_rendered(remover: TextRemover, files: list[Path], seed: int) -> dict:
             log.warning("skipping unreadable %s", f)
             continue
         s = render(original, rng)
-        pre = [r.box for r in det(original)]                      # text already on the film
+        pre_regions = det(original)                               # text already on the film
+        pre = [r.box for r in pre_regions]
+        n_glyph_pre += sum(r.source == "glyph" for r in pre_regions)
         t = time.perf_counter()
         res = remover(s.image)
         secs.append(time.perf_counter() - t)
@@ -126,6 +131,7 @@ def eval_rendered(remover: TextRemover, files: list[Path], seed: int) -> dict:
         n_changed_outside += int((res.image[~pm] != s.image[~pm]).any())
     return {"images": len(ious), "gt_items": n_gt, "recall": n_found / max(1, n_gt),
             "precision": n_tp / max(1, n_det), "pre_existing_text_boxes": n_pre,
+            "glyph_boxes_on_originals": n_glyph_pre,
             "mask_iou": float(np.mean(ious)), "glyph_coverage": float(np.mean(cover)),
             "psnr_text_regions_before": float(np.mean(ps_in0)), "psnr_text_regions": float(np.mean(ps_in)),
             "psnr_whole": float(np.mean(ps_all)), "ssim_text_regions": float(np.mean(ss_in)),
@@ -149,6 +155,11 @@ def eval_burnt(remover: TextRemover, files: list[Path]) -> dict:
             "images_with_residual": n_img_resid, "leftovers": leftovers}
 
 
+def sample(count: int, n: int, seed: int) -> list[int]:
+    """The seeded sample of `n` of `count` images (the same indices for the same seed, count and n)."""
+    return np.random.default_rng(seed).permutation(count)[:n].tolist()
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     data = Path(cfg.data)
     rows = realcxr_records(data)
@@ -157,11 +168,13 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.det_max_side >= 0:
         removal.det_max_side = cfg.det_max_side
     remover = TextRemover.from_config(removal)
-    order = np.random.default_rng(cfg.seed).permutation(len(rows))[:cfg.n]
-    report = {"config": {"n": cfg.n, "seed": cfg.seed, "det_max_side": removal.det_max_side,
+    pool = sample(len(rows), 100, cfg.exclude_seed) if cfg.exclude_seed >= 0 else []
+    pool = [i for i in range(len(rows)) if i not in set(pool)]
+    order = [pool[i] for i in sample(len(pool), cfg.n, cfg.seed)]
+    report = {"config": {"n": cfg.n, "seed": cfg.seed, "exclude_seed": cfg.exclude_seed, "det_max_side": removal.det_max_side,
                          "det_extra_sides": removal.det_extra_sides, "det_thresh": removal.det_thresh,
                          "det_box_thresh": removal.det_box_thresh, "segmenter": removal.segmenter,
-                         "inpainter": removal.inpainter},
+                         "inpainter": removal.inpainter, "glyph_detector": removal.glyph_detector},
               "rendered": eval_rendered(remover, [rows[i].image for i in order], cfg.seed)}
     if cfg.burnt:
         burnt = [r.image for r in rows if r.extra.get("has_burnt_text") == "yes"]
