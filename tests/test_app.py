@@ -94,6 +94,16 @@ def test_api_clean_bad_upload(client, tmp_path):
         client.predict(handle_file(str(bad)), True, api_name="/clean")
 
 
+def test_uploads_over_the_size_limit_are_refused(server, tmp_path):
+    """The server (max_file_size 5mb here) refuses a 6 MB upload before it reaches any handler."""
+    import httpx
+    url = server[0] + "gradio_api/upload"
+    small = httpx.post(url, files={"files": ("ok.png", b"x" * 1000)}, timeout=60)
+    assert small.status_code == 200
+    big = httpx.post(url, files={"files": ("big.png", b"x" * 6_000_000)}, timeout=60)
+    assert big.status_code == 413, (big.status_code, big.text[:200])
+
+
 def test_api_batch_zip_has_images_and_manifest(client, tmp_path):
     from gradio_client import handle_file
     prompts = tmp_path / "p.txt"
