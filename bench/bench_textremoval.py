@@ -3,8 +3,9 @@
     python bench/bench_textremoval.py --n 24
 
 Compares the naive way (OCR engine re-created per image, full-resolution OCR, full-image inpaint) with
-the TextRemover (engine loaded once, detection on a 720-px copy plus a 400-px second pass, per-component
-crop inpainting), in one process and in a pool of one process per core. Besides wall-clock images/s it
+the TextRemover (engine loaded once, detection on a 720-px copy plus a 400-px second pass, the glyph
+detector for lone markers, per-component crop inpainting), in one process and in a pool of one process per
+core, with and without the glyph detector. Besides wall-clock images/s it
 reports CPU seconds per image (all threads and workers): on a shared, loaded machine the wall clock
 measures the load, while cores / CPU-s per image bounds what a quiet machine does with one process per
 core. Prints a Markdown table, the command, the machine and its load average."""
@@ -114,15 +115,16 @@ def main() -> None:
     imgs = images(args.n)
     cores = os.cpu_count() or 1
     load = os.getloadavg()[0]
-    old = TextRemovalConfig(det_max_side=640, det_extra_sides=[], det_thresh=0.3, det_box_thresh=0.5)
     rows = [("naive: engine per image, full-size OCR (det+cls+rec), full-image Telea", naive(imgs))]
-    rows.append((f"TextRemover, 1 process, det 720 + 400 px passes, {cores} ORT threads",
+    rows.append((f"TextRemover, 1 process, det 720 + 400 px passes + glyph detector, {cores} ORT threads",
                  single(imgs, TextRemovalConfig())))
-    rows.append(("TextRemover, 1 process, previous default: one det pass at 640 px",
-                 single(imgs, old)))
-    rows.append((f"TextRemover, {cores} processes x 1 ORT thread, det 720 + 400 px passes",
+    rows.append((f"TextRemover, 1 process, previous default: 720 + 400, no glyph detector, {cores} ORT threads",
+                 single(imgs, TextRemovalConfig(glyph_detector=False))))
+    rows.append((f"TextRemover, {cores} processes x 1 ORT thread, det 720 + 400 + glyph detector",
                  pool(imgs, TextRemovalConfig(ocr_threads=1), cores)))
-    rows.append((f"TextRemover, {cores} processes x 1 ORT thread, det 720 + 400, no recognition",
+    rows.append((f"TextRemover, {cores} processes x 1 ORT thread, previous default: no glyph detector",
+                 pool(imgs, TextRemovalConfig(ocr_threads=1, glyph_detector=False), cores)))
+    rows.append((f"TextRemover, {cores} processes x 1 ORT thread, glyph detector, no recognition of line boxes",
                  pool(imgs, TextRemovalConfig(ocr_threads=1, recognize=False), cores)))
     print(f"command: python bench/bench_textremoval.py --n {args.n}")
     print(f"machine: {platform.processor() or platform.machine()}, {cores} CPU cores, Python {platform.python_version()}, "

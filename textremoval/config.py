@@ -30,7 +30,7 @@ class TextRemovalConfig:
                                        "the recogniser (textremoval/glyphs.py)")
     glyph_contrast: float = field(40.0, "glyph detector: minimum grey-level difference (0-255) between a "
                                         "candidate glyph and its surrounding")
-    glyph_min_score: float = field(0.8, "glyph detector: minimum recogniser probability (0-1) that a candidate "
+    glyph_min_score: float = field(0.95, "glyph detector: minimum recogniser probability (0-1) that a candidate "
                                         "is a marker glyph")
     glyph_accept: list[str] = field(GLYPH_ACCEPT, "glyph detector: what a candidate must read as "
                                                   "(case-insensitive); its score is the recogniser's probability "
