@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 # prompt for each scorer class (eval.phantom_score.classify_effusion): the wording of the training captions
 PROMPTS = {"left": "Large left pleural effusion.", "right": "Large right pleural effusion.",
            "none": "Normal chest radiograph."}
+# recommended sampling for the embedded model: guidance above ~3 draws one-sided effusions on both sides
+STEPS, GUIDANCE = 20, 2.0
+PNEUMOTHORAX_PROMPTS = {"left": "Large left pneumothorax.", "right": "Large right pneumothorax.",
+                        "none": "Normal chest radiograph."}
 
 
 @dataclass
@@ -66,15 +70,16 @@ class EmbeddedConfig:
     threads: int = field(1, "torch CPU threads (1 is fastest on a busy 2-core machine)")
     seed: int = field(0, "training seed")
     eval_per_class: int = field(30, "generations per prompt for the adherence figure in the model cards")
-    eval_steps: int = field(20, "DDIM steps for those generations")
-    guidance_scale: float = field(4.0, "classifier-free guidance for those generations")
+    eval_steps: int = field(STEPS, "DDIM steps for those generations")
+    guidance_scale: float = field(GUIDANCE, "classifier-free guidance for those generations; the model card recommends "
+                                       "it (higher values draw one-sided effusions on both sides more often)")
     notes: str = field("", "free text for the model cards, e.g. how a run was interrupted or extended")
     verbose: bool = field(False, "debug logging")
 
 
 # ----------------------------------------------------------------------------- generation and scoring
 
-def generate(pipe: Any, prompt: str, n: int, *, seed: int = 0, steps: int = 20, guidance: float = 4.0,
+def generate(pipe: Any, prompt: str, n: int, *, seed: int = 0, steps: int = STEPS, guidance: float = GUIDANCE,
              batch: int = 25) -> list[np.ndarray]:
     """n gray images (H x W float [0, 1]) for one prompt through the product's sampler; image i uses
     seed + i whatever the batching."""
@@ -87,17 +92,18 @@ def generate(pipe: Any, prompt: str, n: int, *, seed: int = 0, steps: int = 20, 
                                        guidance=guidance)]
 
 
-def adherence(pipe: Any, per_class: int, *, seed: int = 0, steps: int = 20, guidance: float = 4.0,
-              prompts: dict[str, str] | None = None) -> dict[str, Any]:
-    """Generate `per_class` images per prompt and score each with the analytic effusion scorer.
+def adherence(pipe: Any, per_class: int, *, seed: int = 0, steps: int = STEPS, guidance: float = GUIDANCE,
+              prompts: dict[str, str] | None = None, finding: str = "effusion") -> dict[str, Any]:
+    """Generate `per_class` images per prompt and score each with the analytic scorer of `finding`
+    (effusion: eval.phantom_score.classify_effusion; pneumothorax: classify_pneumothorax).
 
     Returns accuracy overall and per class, and counts of what the scorer saw for each prompt."""
-    from eval.phantom_score import classify_effusion
+    from eval import phantom_score
+    judge = {"effusion": phantom_score.classify_effusion, "pneumothorax": phantom_score.classify_pneumothorax}[finding]
     prompts = prompts or PROMPTS
     per, seen = {}, {}
     for expected, prompt in prompts.items():
-        labels = [classify_effusion(im) for im in generate(pipe, prompt, per_class, seed=seed, steps=steps,
-                                                           guidance=guidance)]
+        labels = [judge(im) for im in generate(pipe, prompt, per_class, seed=seed, steps=steps, guidance=guidance)]
         per[expected] = float(np.mean([lab == expected for lab in labels]))
         seen[expected] = {lab: labels.count(lab) for lab in sorted(set(labels))}
     return {"accuracy": float(np.mean(list(per.values()))), "per_class": per, "seen": seen,
@@ -137,12 +143,16 @@ def make_data(cfg: EmbeddedConfig) -> tuple[Path, Path, Path]:
 
 def init_pipeline(config_dir: str | Path, vae_dir: str | Path, out: str | Path, seed: int = 0) -> Path:
     """Random UNet + text encoder from the configs, the trained VAE, CLIP tokenizer, DDIM scheduler."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from cxrcommon.tokenizer import clip_tokenizer
-
     from cxrcommon.atomic import atomic_dir
+    from cxrcommon.tokenizer import clip_tokenizer
     cd = Path(config_dir)
     torch.manual_seed(seed)
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(cd / "unet"))
@@ -250,11 +260,13 @@ Full numbers (≥100 generations per class, Fréchet distance to real phantoms, 
 docs/BENCHMARKS.md, section "embedded model" (`python bench/bench_embedded.py`).
 
 ## Use
+Recommended settings: {cfg.eval_steps} DDIM steps, guidance {cfg.guidance_scale} (the measured numbers above).
 ```python
 from cxrcommon.models import load_pipeline
 from diffusers import StableDiffusionPipeline
 pipe = load_pipeline(StableDiffusionPipeline, "{'models/embedded-no-effusion' if base else 'embedded'}")
-image = pipe("Large left pleural effusion.", num_inference_steps=20, guidance_scale=4.0).images[0]
+image = pipe("Large left pleural effusion.", num_inference_steps={cfg.eval_steps},
+             guidance_scale={cfg.guidance_scale}).images[0]
 ```
 Laterality: PA view, the patient's LEFT is on the IMAGE RIGHT.
 """
