@@ -6,11 +6,12 @@ from types import SimpleNamespace
 
 import cv2
 import numpy as np
+import pytest
 
 from cxrcommon.config import from_dict, load_yaml, to_dict
 from textremoval.config import TextRemovalConfig
 from textremoval.detect import build_detector
-from textremoval.evaluate import EvalConfig, covered, evaluate, ioa, psnr, ssim_map
+from textremoval.evaluate import EvalConfig, covered, eval_indices, evaluate, ioa, psnr, ssim_map, sample
 from textremoval.synth_text import render
 
 from conftest import ROOT
@@ -84,3 +85,13 @@ def test_evaluate_end_to_end_on_a_tiny_folder(tmp_path):
     assert r["recall"] > 0.5 and r["psnr_text_regions"] > r["psnr_text_regions_before"]
     assert rep["burnt"]["images"] == 1 and rep["burnt"]["erased_regions"] >= 1
     assert (tmp_path / "r.json").is_file()
+
+
+def test_dev_split_is_disjoint_from_the_reported_sample():
+    report = eval_indices(446, 100, 0)
+    assert report == sample(446, 100, 0) and len(set(report)) == 100        # no exclusion: the old sampling
+    dev = eval_indices(446, 80, 1, exclude_seed=0)
+    assert len(set(dev)) == 80 and not set(dev) & set(report)
+    assert dev == eval_indices(446, 80, 1, exclude_seed=0) != eval_indices(446, 80, 2, exclude_seed=0)
+    with pytest.raises(ValueError, match="exclude-seed"):
+        eval_indices(50, 10, 1, exclude_seed=0)

@@ -160,6 +160,17 @@ def sample(count: int, n: int, seed: int) -> list[int]:
     return np.random.default_rng(seed).permutation(count)[:n].tolist()
 
 
+def eval_indices(count: int, n: int, seed: int, exclude_seed: int = -1, exclude_n: int = 100) -> list[int]:
+    """Indices of the images to render onto: the seeded sample of `n`, drawn from the images outside the
+    `exclude_n` sample of `exclude_seed` when that is >= 0 (a development split disjoint from the report)."""
+    held = set(sample(count, exclude_n, exclude_seed)) if exclude_seed >= 0 else set()
+    pool = [i for i in range(count) if i not in held]
+    if not pool:
+        raise ValueError(f"--exclude-seed {exclude_seed} leaves no image: all {count} are in its {exclude_n}-image "
+                         "sample; use a larger data folder or drop --exclude-seed")
+    return [pool[i] for i in sample(len(pool), n, seed)]
+
+
 def evaluate(cfg: EvalConfig) -> dict:
     data = Path(cfg.data)
     rows = realcxr_records(data)
@@ -168,9 +179,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.det_max_side >= 0:
         removal.det_max_side = cfg.det_max_side
     remover = TextRemover.from_config(removal)
-    pool = sample(len(rows), 100, cfg.exclude_seed) if cfg.exclude_seed >= 0 else []
-    pool = [i for i in range(len(rows)) if i not in set(pool)]
-    order = [pool[i] for i in sample(len(pool), cfg.n, cfg.seed)]
+    order = eval_indices(len(rows), cfg.n, cfg.seed, cfg.exclude_seed)
     report = {"config": {"n": cfg.n, "seed": cfg.seed, "exclude_seed": cfg.exclude_seed, "det_max_side": removal.det_max_side,
                          "det_extra_sides": removal.det_extra_sides, "det_thresh": removal.det_thresh,
                          "det_box_thresh": removal.det_box_thresh, "segmenter": removal.segmenter,
