@@ -13,14 +13,14 @@ import platform
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from eval import phantom_score as ps  # noqa: E402
-from finetune import phantoms as ph  # noqa: E402
+from eval import phantom_score as ps
+from finetune import phantoms as ph
 
 
 def speed(n: int, size: int) -> float:
@@ -41,6 +41,7 @@ def writer_speed(n: int, size: int) -> float:
 def vae_roundtrip(model: str) -> Callable[[np.ndarray], np.ndarray]:
     """image -> the model VAE's decoded mean latent, as the generator's images are made."""
     import torch
+
     from finetune.embedded import load
     vae = load(model).vae
 

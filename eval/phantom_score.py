@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
 
 import cv2
 import numpy as np
@@ -183,7 +183,10 @@ def pneumothorax_set(n: int, size: int, seed: int, collapse: tuple[float, float]
 
 
 def _finding_set(finding: str, add, n: int, size: int, seed: int, classes: Sequence[str]):
-    from finetune.phantoms import render, sample_spec  # the scorer itself needs no generator
+    from finetune.phantoms import (  # the scorer itself needs no generator
+        render,
+        sample_spec,
+    )
     for i in range(n):
         rng = np.random.default_rng(seed + i)
         spec = sample_spec(rng, exclude=(finding,))
