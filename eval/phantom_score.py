@@ -183,10 +183,8 @@ def pneumothorax_set(n: int, size: int, seed: int, collapse: tuple[float, float]
 
 
 def _finding_set(finding: str, add, n: int, size: int, seed: int, classes: Sequence[str]):
-    from finetune.phantoms import (  # the scorer itself needs no generator
-        render,
-        sample_spec,
-    )
+    # imported here: the scorer itself needs no generator
+    from finetune.phantoms import render, sample_spec
     for i in range(n):
         rng = np.random.default_rng(seed + i)
         spec = sample_spec(rng, exclude=(finding,))
