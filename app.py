@@ -228,6 +228,14 @@ def evaluate_sets(out_dir: Path, real: Sequence[str] | None, fake: Sequence[str]
     return Path(result["report"]["markdown"]).read_text(encoding="utf-8"), result["report"]["json"]
 
 
+def slider_defaults(model: str | None) -> tuple[int, float]:
+    """(steps, guidance) the sliders start at: the embedded demonstrator's measured best, else SD's usual."""
+    from cxrcommon.models import EMBEDDED, EMBEDDED_DIR, EMBEDDED_GUIDANCE, EMBEDDED_STEPS
+    if model in (None, EMBEDDED) or Path(model).resolve() == EMBEDDED_DIR.resolve():
+        return EMBEDDED_STEPS, EMBEDDED_GUIDANCE
+    return 30, 4.0
+
+
 # --- UI --------------------------------------------------------------------------------------
 
 def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
@@ -236,6 +244,7 @@ def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
 
     services = services or Services(cfg)
     root = Path(tempfile.mkdtemp(prefix="synthcxr-app-"))
+    default_steps, default_guidance = slider_defaults(cfg.model)
 
     progress = gr.Progress(track_tqdm=True)
 
@@ -268,8 +277,8 @@ def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
                     gr.Examples(EXAMPLES, inputs=report)
                     negative = gr.Textbox(label="Negative prompt", value="")
                     with gr.Row():
-                        steps = gr.Slider(1, 150, value=30, step=1, label="Steps")
-                        guidance = gr.Slider(1.0, 15.0, value=4.0, step=0.5, label="Guidance")
+                        steps = gr.Slider(1, 150, value=default_steps, step=1, label="Steps")
+                        guidance = gr.Slider(1.0, 15.0, value=default_guidance, step=0.5, label="Guidance")
                     with gr.Row():
                         scheduler = gr.Dropdown(list(SCHEDULERS), value="ddim", label="Scheduler")
                         seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)")
@@ -286,8 +295,8 @@ def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
             prompt_file = gr.File(label="Prompt file (.txt / .csv / .jsonl)", file_types=[".txt", ".csv", ".jsonl"])
             with gr.Row():
                 b_n = gr.Number(value=1, precision=0, label="Images per prompt (where the file gives no n)")
-                b_steps = gr.Slider(1, 150, value=30, step=1, label="Steps")
-                b_guidance = gr.Slider(1.0, 15.0, value=4.0, step=0.5, label="Guidance")
+                b_steps = gr.Slider(1, 150, value=default_steps, step=1, label="Steps")
+                b_guidance = gr.Slider(1.0, 15.0, value=default_guidance, step=0.5, label="Guidance")
                 b_seed = gr.Number(value=0, precision=0, label="Base seed")
                 b_fmt = gr.Dropdown(["png", "png16", "dcm"], value="png", label="Format")
             b_go = gr.Button("Build dataset", variant="primary")

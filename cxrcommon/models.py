@@ -20,6 +20,9 @@ DEFAULT_INPAINT_MODEL = "sd2-community/stable-diffusion-2-inpainting"
 SD21_CONFIG_DIR = REPO_ROOT / "configs" / "sd21base"
 EMBEDDED = "embedded"
 EMBEDDED_DIR = REPO_ROOT / "models" / "embedded"
+# the embedded demonstrator's measured best sampling (docs/BENCHMARKS.md, "embedded model"): 20 DDIM steps,
+# guidance 2; guidance above ~3 draws a one-sided effusion on both sides
+EMBEDDED_STEPS, EMBEDDED_GUIDANCE = 20, 2.0
 
 
 class ModelNotFoundError(RuntimeError):

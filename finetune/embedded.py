@@ -29,14 +29,14 @@ import torch
 from cxrcommon.atomic import atomic_write_text
 from cxrcommon.config import field, parse_config
 from cxrcommon.logs import setup_logging
+from cxrcommon.models import EMBEDDED_GUIDANCE, EMBEDDED_STEPS
 
 log = logging.getLogger(__name__)
 
 # prompt for each scorer class (eval.phantom_score.classify_effusion): the wording of the training captions
 PROMPTS = {"left": "Large left pleural effusion.", "right": "Large right pleural effusion.",
            "none": "Normal chest radiograph."}
-# recommended sampling for the embedded model: guidance above ~3 draws one-sided effusions on both sides
-STEPS, GUIDANCE = 20, 2.0
+STEPS, GUIDANCE = EMBEDDED_STEPS, EMBEDDED_GUIDANCE  # its recommended sampling
 PNEUMOTHORAX_PROMPTS = {"left": "Large left pneumothorax.", "right": "Large right pneumothorax.",
                         "none": "Normal chest radiograph."}
 

@@ -52,6 +52,13 @@ def test_binds_loopback_by_default():
     assert app.AppConfig().host == "127.0.0.1"
 
 
+def test_sliders_start_at_the_embedded_models_measured_best(tiny_model_dir):
+    import app
+    from cxrcommon.models import EMBEDDED_DIR
+    assert app.slider_defaults("embedded") == app.slider_defaults(str(EMBEDDED_DIR)) == (20, 2.0)
+    assert app.slider_defaults(str(tiny_model_dir)) == (30, 4.0)
+
+
 def test_api_generate_returns_marked_images_and_reusable_seed(client):
     gallery, files, seed = client.predict("Moderate left pleural effusion.", "", 2, 4.0, "ddim", 1234, 2, False,
                                           api_name="/generate")
