@@ -108,6 +108,56 @@ def test_glyph_mask_covers_glyphs_not_whole_box():
     assert grown.sum() > mask.sum() and grown[mask].all()
 
 
+def box_region(box) -> TextRegion:
+    x0, y0, x1, y1 = box
+    return TextRegion(box=box, polygon=[(x0, y0), (x1, y0), (x1, y1), (x0, y1)], score=1.0)
+
+
+def plate_film(fill=250, border=5, ink=5):
+    """Textured film with a bordered label plate (outer 40..84 x 30..74) holding a digit; a DBNet-like box."""
+    img, _, _ = draw((128, 128), [])
+    img = np.clip(img.astype(np.int16) + 90, 0, 255).astype(np.uint8)  # grey anatomy, as on figure panels
+    img[30:75, 40:85] = border
+    img[33:72, 43:82] = fill
+    font = ImageFont.truetype(str(FONT), 30) if FONT else ImageFont.load_default(size=30)
+    layer = Image.fromarray(img)
+    ImageDraw.Draw(layer).text((55, 36), "2", font=font, fill=ink)
+    return np.asarray(layer).copy(), box_region((34, 26, 91, 79))
+
+
+@pytest.mark.parametrize("fill, border, ink, left_without", [(250, 5, 5, True),   # white plate, black outline
+                                                          (8, 8, 245, False)])  # black banner, white print
+def test_label_plate_is_masked_whole_and_cleaned_away(fill, border, ink, left_without):
+    img, region = plate_film(fill, border, ink)
+    plate = np.zeros(img.shape, bool)
+    plate[30:75, 40:85] = True
+    mask = GlyphSegmenter(TextRemovalConfig(dilate=0))(img, [region])
+    assert mask[plate].all()                                   # fill and outline, not just the digit
+    assert not mask[:, :34 - 29].any() and not mask[:, 91 + 29:].any()   # growth bounded by 0.5 box per side
+    around = ~cv2.dilate(plate.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+    around[:, :20] = around[:, 105:] = around[:10] = around[95:] = False
+
+    def unlike_around(a):  # share of plate pixels far from the surrounding film's level: a visible box
+        return float(np.mean(np.abs(a[plate].astype(float) - np.median(a[around])) > 60))
+
+    assert unlike_around(img) > 0.9
+    for cfg, stays in ((TextRemovalConfig(), False), (TextRemovalConfig(label_plates=False), left_without)):
+        res = TextRemover.from_config(cfg)(img, regions=[region])
+        assert (unlike_around(res.image) > 0.1) == stays, unlike_around(res.image)
+        assert (res.image[~res.mask] == img[~res.mask]).all()
+
+
+def test_label_plates_leave_text_on_anatomy_or_open_backgrounds_alone():
+    img, _, boxes = draw((160, 320), [("PORTABLE", (20, 20), 28), ("R", (250, 90), 44), ("D", (150, 90), 40)])
+    regions = [box_region((b[0] - 5, b[1] - 5, b[2] + 5, b[3] + 5)) for b in boxes]
+    flat = np.full((160, 320), 12, np.uint8)                    # a uniform field reaching past the box: no plate
+    cv2.putText(flat, "L", (150, 100), cv2.FONT_HERSHEY_SIMPLEX, 1.6, 240, 4)
+    for film, regs in ((img, regions), (flat, [box_region((140, 55, 195, 110))])):
+        on = GlyphSegmenter(TextRemovalConfig(dilate=0))(film, regs)
+        off = GlyphSegmenter(TextRemovalConfig(dilate=0, label_plates=False))(film, regs)
+        assert on.any() and (on == off).all()
+
+
 def tiny_sam(img_size: int = 128) -> torch.nn.Module:
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 

@@ -49,6 +49,15 @@ class TextRemovalConfig:
                                    "box (whole box) | sam (Segment Anything box prompts)")
     sam_checkpoint: str | None = field(None, "SAM weights (.pth loaded with weights_only=True, or .safetensors)")
     sam_model_type: str = field("vit_b", "SAM size matching the checkpoint: vit_b | vit_l | vit_h")
+    label_plates: bool = field(True, "glyph segmenter: when text sits on a uniform plate (a white or black box, "
+                                     "maybe outlined) that contrasts with its surroundings, mask the whole plate "
+                                     "and outline too, so no blank box is left (textremoval/plates.py)")
+    plate_tolerance: float = field(20.0, "label plates: grey levels (0-255) a plate pixel may differ from the "
+                                         "plate's fill level")
+    plate_contrast: float = field(40.0, "label plates: minimum grey-level difference between the fill and what "
+                                        "lies outside the plate")
+    plate_max_growth: float = field(0.5, "label plates: how far (fraction of the box's width/height, per side) "
+                                         "a plate may reach beyond the text box; larger plates are left alone")
     dilate: int = field(3, "grow the mask by this many pixels so glyph edges and halos are covered")
     # inpaint
     inpainter: str = field("telea", "telea | ns (OpenCV, fast, offline) | sd (Stable Diffusion inpainting)")

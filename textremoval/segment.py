@@ -1,7 +1,7 @@
 """Stage 2: turn text boxes into a pixel mask, so inpainting touches glyphs, not whole rectangles.
 
 `glyph` (default, no weights): Otsu threshold inside each box, the glyph side being the class that is
-not the box's border. `sam`: Segment Anything box prompts, one image embedding per image. `box`: the
+not the box's border, plus the whole label plate when the text sits on one (plates.py). `sam`: Segment Anything box prompts, one image embedding per image. `box`: the
 detector's quadrilateral as is. Every mask is grown by `dilate` px to cover anti-aliased edges."""
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import torch
 
 from .config import TextRemovalConfig
 from .detect import TextRegion
+from .plates import plate_mask
 
 log = logging.getLogger(__name__)
 MIN_CONTRAST = 8       # grey levels between glyph and background below which Otsu is noise -> whole box
@@ -59,15 +60,22 @@ def glyph_mask(gray: np.ndarray, region: TextRegion) -> np.ndarray:
 
 
 class GlyphSegmenter:
+    """Glyph masks, grown over the label plate a box's text sits on when `label_plates` is set."""
+
     def __init__(self, cfg: TextRemovalConfig):
-        self.dilate = cfg.dilate
+        self.cfg = cfg
 
     def __call__(self, gray: np.ndarray, regions: list[TextRegion]) -> np.ndarray:
         mask = np.zeros(gray.shape, bool)
         for r in regions:
             x0, y0, x1, y1 = r.box
-            mask[y0:y1, x0:x1] |= glyph_mask(gray, r)
-        return dilate(mask, self.dilate)
+            glyph = glyph_mask(gray, r)
+            mask[y0:y1, x0:x1] |= glyph
+            plate = plate_mask(gray, r.box, glyph, self.cfg) if self.cfg.label_plates else None
+            if plate is not None:
+                (wx0, wy0, wx1, wy1), m = plate
+                mask[wy0:wy1, wx0:wx1] |= m
+        return dilate(mask, self.cfg.dilate)
 
 
 class BoxSegmenter:
