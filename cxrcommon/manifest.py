@@ -132,6 +132,11 @@ def read_manifest(path: str | Path, columns: Columns | None = None, *, on_error:
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     path = Path(path)
+    if path.is_dir():  # an imagefolder: its metadata.jsonl is the manifest
+        if not (path / IMAGEFOLDER_NAME).is_file():
+            raise FileNotFoundError(f"{path} is a folder without {IMAGEFOLDER_NAME} — pass a CSV/JSONL manifest or "
+                                    f"an imagefolder (images plus {IMAGEFOLDER_NAME} with file_name and text)")
+        path = path / IMAGEFOLDER_NAME
     if not path.is_file():
         raise FileNotFoundError(f"manifest {path} not found — check the path")
     if path.suffix.lower() not in (".csv", ".jsonl"):

@@ -168,6 +168,10 @@ def test_imagefolder_metadata_jsonl(tmp_path):
         (folder / "0001.png", "Right lower lobe pneumonia.", "p9", 1),
         (folder / "sub" / "0002.png", "No acute process.", None, 2)]
     assert read_manifest(folder / "metadata.jsonl")[1].extra == {}
+    assert read_manifest(folder, Columns(patient="patient")) == recs  # the folder itself is accepted
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="folder without metadata.jsonl"):
+        read_manifest(tmp_path / "empty")
 
 
 def _records(n_patients: int, per_patient: int, n_single: int) -> list[Record]:
