@@ -4,8 +4,9 @@ Annotation on figure panels and some films sits on a white or black plate, often
 Erasing only the glyphs leaves a blank plate that still reads as an annotation (and OCR re-detects it).
 A plate is accepted only when all of these hold, so text printed straight on anatomy is left alone:
 one side of the box's glyph/background split has a dominant grey level (the fill); the pixels near that
-level form one connected region that stays inside the box grown by `plate_max_growth` per side (image
-edges excepted) and encloses print as holes smaller than itself; and both the fill and that print differ
+level form one connected region that spans at least 60 % of the box's width and height, stays inside the
+box grown by `plate_max_growth` per side (image edges excepted) and encloses print as holes smaller
+than itself; and both the fill and that print differ
 from what lies outside the plate and its border by at least `plate_contrast` grey levels (a glyph's
 counter shows the anatomy behind it, so a letter is not taken for a plate)."""
 from __future__ import annotations
@@ -78,6 +79,8 @@ def _plate_at(gray: np.ndarray, box: tuple[int, int, int, int], fill: float,
     if holes.sum() < max(10, 0.02 * plate.sum()) or holes.sum() > comp.sum():
         return None  # nothing printed on it, or more print than fill: a glyph's own counter, not a plate
     ys, xs = np.nonzero(plate)
+    if np.ptp(xs) + 1 < 0.6 * (x1 - x0) or np.ptp(ys) + 1 < 0.6 * (y1 - y0):
+        return None  # much smaller than the text box: a glyph (a blurred "0", "8") inside a line, not a plate
     max_border = max(3, int(min(np.ptp(ys), np.ptp(xs)) + 1) // 6)
     outer_ring = _ring(plate, max_border + 2, max_border + 6)
     if not outer_ring.any():
