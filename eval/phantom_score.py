@@ -212,6 +212,10 @@ def has_cardiomegaly(img, thresholds: Thresholds | None = None) -> bool:
     return measure(img)["ctr"] > (thresholds or THRESHOLDS).cardiomegaly_ctr
 
 
+# attribute -> its scorer (image, thresholds=None) -> label
+JUDGES = {"effusion": classify_effusion, "cardiomegaly": has_cardiomegaly, "pneumothorax": classify_pneumothorax}
+
+
 def prompt_adherence(images: Sequence, expected_labels: Sequence, attribute: str = "effusion",
                      thresholds: Thresholds | None = None) -> float:
     """Fraction of images whose measured `attribute` equals the expected one.
@@ -222,8 +226,7 @@ def prompt_adherence(images: Sequence, expected_labels: Sequence, attribute: str
         raise ValueError(f"{len(images)} images but {len(expected_labels)} expected labels")
     if not images:
         raise ValueError("no images to score")
-    judge = {"effusion": classify_effusion, "cardiomegaly": has_cardiomegaly,
-             "pneumothorax": classify_pneumothorax}.get(attribute)
+    judge = JUDGES.get(attribute)
     if judge is None:
         raise ValueError(f"unknown attribute {attribute!r}; use effusion, cardiomegaly or pneumothorax")
     hits = 0

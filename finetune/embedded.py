@@ -99,7 +99,7 @@ def adherence(pipe: Any, per_class: int, *, seed: int = 0, steps: int = STEPS, g
 
     Returns accuracy overall and per class, and counts of what the scorer saw for each prompt."""
     from eval import phantom_score
-    judge = {"effusion": phantom_score.classify_effusion, "pneumothorax": phantom_score.classify_pneumothorax}[finding]
+    judge = phantom_score.JUDGES[finding]
     prompts = prompts or PROMPTS
     per, seen = {}, {}
     for expected, prompt in prompts.items():

@@ -1,8 +1,9 @@
 """Stage 2: turn text boxes into a pixel mask, so inpainting touches glyphs, not whole rectangles.
 
 `glyph` (default, no weights): Otsu threshold inside each box, the glyph side being the class that is
-not the box's border, plus the whole label plate when the text sits on one (plates.py). `sam`: Segment Anything box prompts, one image embedding per image. `box`: the
-detector's quadrilateral as is. Every mask is grown by `dilate` px to cover anti-aliased edges."""
+not the box's border, plus the whole label plate when the text sits on one (plates.py). `sam`: Segment
+Anything box prompts, one image embedding per image. `box`: the detector's quadrilateral as is. Every
+mask is grown by `dilate` px to cover anti-aliased edges."""
 from __future__ import annotations
 
 import logging
