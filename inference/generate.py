@@ -250,7 +250,7 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
     if sampler is None:
         sampler = CXRSampler.load(model_source, lora=cfg.lora, lora_scale=cfg.lora_scale, device=device,
                                   precision=cfg.precision, scheduler=cfg.scheduler, channels_last=cfg.channels_last,
-                                  fuse_qkv=cfg.fuse_qkv, decode_batch=cfg.decode_batch)
+                                  fuse_qkv=cfg.fuse_qkv, compile=cfg.compile, decode_batch=cfg.decode_batch)
     elif sampler.scheduler_name != cfg.scheduler:
         sampler.use_scheduler(cfg.scheduler)
     log.info("model: %s%s (%s on %s); LoRA: %s; %sx%s px", cfg.model,

@@ -102,6 +102,20 @@ def test_schedulers_swap_by_name(tiny_pipe):
     assert img.shape == (1, 32, 32) and img.dtype == np.float32 and 0 <= img.min() and img.max() <= 1
 
 
+def test_compiled_unet_gives_the_eager_images(tiny_pipe):
+    """`compile` wraps the UNet in torch.compile (the GPU lever); the eager backend traces the same graph
+    through dynamo without minutes of inductor codegen, so CI checks the wiring and the numbers."""
+    reqs = [Request("Left effusion.", 1), Request("Clear lungs.", 2)]
+    eager = CXRSampler(tiny_pipe).generate(reqs, **SIZE, steps=3, guidance=4.0)
+    torch._dynamo.reset()
+    compiled = CXRSampler(tiny_pipe, compile="default", compile_backend="eager")
+    assert isinstance(compiled.unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert compiled.native_size == 64  # config reads go through the wrapper
+    np.testing.assert_allclose(compiled.generate(reqs, **SIZE, steps=3, guidance=4.0), eager, atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="compile must be one of off"):
+        CXRSampler(tiny_pipe, compile="fast")
+
+
 def init_image():
     yy, xx = np.mgrid[0:32, 0:32] / 31.0
     return (0.2 + 0.6 * yy * xx).astype(np.float32)
