@@ -28,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from cxrcommon.models import SD21_CONFIG_DIR, build_sd21_components  # noqa: E402
+from inference.sampler import COMPILE_MODES, CXRSampler, Request, make_scheduler  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 PROMPT = "Moderate left pleural effusion. Heart size is enlarged. Case {}."
@@ -54,7 +55,6 @@ def flops_per_image(size: int, steps: int, config_dir: Path = SD21_CONFIG_DIR) -
 def build_pipeline(dtype: torch.dtype, device: str, scheduler: str):
     from diffusers import StableDiffusionPipeline
 
-    from inference.sampler import make_scheduler
     torch.manual_seed(0)
     pipe = StableDiffusionPipeline(**build_sd21_components(dtype=dtype), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -91,7 +91,6 @@ def stock_call(pipe, batch: int, args) -> None:
 
 
 def ours_call(sampler, batch: int, args) -> None:
-    from inference.sampler import Request
     sampler.generate([Request(p, i) for i, p in enumerate(prompts(batch))], height=args.size, width=args.size,
                      steps=args.steps, guidance=4.0)
 
@@ -107,8 +106,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2, help="timed calls per batch size, after one warm-up call")
     ap.add_argument("--fuse-qkv", action=argparse.BooleanOptionalAction, default=True,
                     help="ours: fused attention QKV projections")
-    ap.add_argument("--compile", default="off", help="ours: torch.compile mode of the UNet (inference.sampler."
-                                                     "COMPILE_MODES); compiles once per batch size, in the warm-up")
+    ap.add_argument("--compile", default="off", choices=COMPILE_MODES,
+                    help="ours: torch.compile mode of the UNet; compiles once per batch size, in the warm-up "
+                         "(max-autotune: minutes per size, so time one batch size per command)")
     ap.add_argument("--decode-batch", type=int, default=8, help="ours: latents per VAE decode call")
     ap.add_argument("--skip-stock", action="store_true", help="time ours only")
     ap.add_argument("--peak-tflops", type=float, default=790.0,
@@ -116,7 +116,8 @@ def main() -> None:
     ap.add_argument("--json", help="also write the results to this JSON file")
     args = ap.parse_args()
 
-    from inference.sampler import CXRSampler
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(args.device)  # memory stats and syncs below read the current device
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
     flops = flops_per_image(args.size, args.steps)
@@ -145,6 +146,8 @@ def main() -> None:
               f"| {o / s:.2f}x |")
     best_o = max(b / r["ours"][0] for b, r in rows.items())
     best_s = max((b / r["stock"][0] for b, r in rows.items() if "stock" in r), default=float("nan"))
+    print("\nPeak memory is one process's peak so far: ours also holds the unfused q/k/v weights beside the fused "
+          "ones (fuse_qkv keeps them) and, when compiled, the CUDA-graph pools of earlier batch sizes.")
     print(f"\nbest: ours {best_o:.2f} images/s, stock {best_s:.2f} images/s ({best_o / best_s:.2f}x)")
     print(f"FLOP floor: UNet {flops['unet_pass'] / 1e9:.1f} GFLOP per pass x 2 x {args.steps} + VAE decode "
           f"{flops['vae_decode'] / 1e9:.0f} GFLOP = {flops['image'] / 1e12:.1f} TFLOP per image; at "

@@ -11,7 +11,8 @@ product working and prove that our trainer learns. The recipe, each stage skippe
   6. lateral: then on the phantoms without a bilateral effusion, min-SNR weighted, to teach left vs right;
   7. export: both pipelines in fp16 safetensors, with model cards, to `out` and `base_out`.
 Stages 4 to 6 are `finetune.train.train` runs (--train unet+text_encoder); `finetune.train --config
-configs/embedded.yaml` itself cannot run this file, whose keys are the recipe's, not TrainConfig's.
+configs/embedded.yaml` dispatches here through the YAML's `recipe: embedded` key (its keys are the recipe's,
+not TrainConfig's).
 The base never saw a pleural effusion in any of its parts; it is the starting point of the LoRA proof
 (finetune.lora_proof): effusion must be absent before a LoRA and present after it."""
 from __future__ import annotations
@@ -172,8 +173,6 @@ def train_stage(cfg: EmbeddedConfig, model: Path, data: Path, name: str, steps: 
     from .config import TrainConfig
     from .train import train
     out = Path(cfg.work_dir) / name
-    if (out / "pipeline" / "model_index.json").is_file():
-        return out / "pipeline"
     tc = TrainConfig(model=str(model), output_dir=str(out), train="unet+text_encoder", seed=cfg.seed,
                      train_data=str(data), patient_column="patient_id", val_fraction=0.02,
                      resolution=cfg.resolution, caption_dropout=cfg.caption_dropout, cache_latents=True,
@@ -184,10 +183,26 @@ def train_stage(cfg: EmbeddedConfig, model: Path, data: Path, name: str, steps: 
                      validation_steps=0, validation_prompts=list(PROMPTS.values()), validation_seeds=[0, 1],
                      validation_inference_steps=cfg.eval_steps, validation_guidance_scale=cfg.guidance_scale,
                      report_to="tensorboard")
+    if (out / "pipeline" / "model_index.json").is_file():
+        _check_finished_stage(out, tc)
+        return out / "pipeline"
     result = train(tc)
     log.info("%s: %d steps, final loss %.4f, %.1f images/s", name, result.steps,
              result.losses[-1] if result.losses else float("nan"), result.images_per_s)
     return result.outputs["pipeline"]
+
+
+def _check_finished_stage(out: Path, tc: Any) -> None:
+    """A finished stage is reused only if it was trained with these settings; otherwise a changed config
+    would silently ship the old weights under a model card that states the new ones."""
+    from cxrcommon.config import load_yaml
+    saved = load_yaml(out / "train_config.yaml") if (out / "train_config.yaml").is_file() else {}
+    keys = ("model", "train_data", "max_train_steps", "learning_rate", "snr_gamma", "train_batch_size", "seed",
+            "resolution", "caption_dropout", "lr_warmup_steps")
+    changed = [f"{k}: {saved.get(k)!r} -> {getattr(tc, k)!r}" for k in keys if saved.get(k) != getattr(tc, k)]
+    if changed:
+        raise SystemExit(f"{out} holds a finished stage trained with other settings ({'; '.join(changed)}); "
+                         f"pass another --work-dir or delete {out} to retrain it")
 
 
 def export(src: Path, dst: str | Path, card: str) -> Path:

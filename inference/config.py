@@ -52,7 +52,8 @@ class GenerateConfig:
     channels_last: str = field("auto", "UNet/VAE in channels-last memory format: auto (on for GPUs, whose "
                                        "cuDNN convolutions prefer it; off on CPU), true or false")
     fuse_qkv: bool = field(False, "fuse attention QKV projections (faster on GPUs; last-bit float differences)")
-    compile: str = field("off", "torch.compile the UNet: off, default, reduce-overhead (adds CUDA graphs) or "
-                                "max-autotune; compiles once per batch shape (minutes), pays on GPUs for long jobs, "
-                                "not on this project's CPUs (docs/BENCHMARKS.md)")
+    compile: str = field("off", "torch.compile the UNet: off, default, reduce-overhead (adds CUDA graphs), "
+                                "max-autotune (tuned kernels + CUDA graphs) or max-autotune-no-cudagraphs; compiles "
+                                "once per batch shape (minutes); may pay on GPUs for long jobs, did not on this "
+                                "project's CPU (docs/BENCHMARKS.md)")
     verbose: bool = field(False, "debug logging")

@@ -36,8 +36,9 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
-# torch.compile modes for the UNet; reduce-overhead adds CUDA graphs (GPU only pays), max-autotune also tunes GEMMs
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+# torch.compile modes for the UNet: reduce-overhead and max-autotune add CUDA graphs (on GPUs), max-autotune also
+# tunes GEMMs and convolutions; max-autotune-no-cudagraphs tunes without graphs
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def make_scheduler(name: str, config: Any) -> Any:
@@ -121,9 +122,11 @@ class CXRSampler:
             self.vae.to(memory_format=torch.channels_last)
         if fuse_qkv:
             self.unet.fuse_qkv_projections()
+        compile = "off" if compile is False else compile  # YAML reads a bare `off` as false
         if compile not in COMPILE_MODES:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
-        if compile != "off":  # compiled lazily on the first call, once per batch shape
+        self.compiled = compile != "off"
+        if self.compiled:  # compiled lazily on the first call, once per batch shape
             self.unet = torch.compile(self.unet, mode=compile, backend=compile_backend, dynamic=False)
         self.decode_batch = max(1, decode_batch)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -197,8 +200,8 @@ class CXRSampler:
             x = torch.cat([x, extra if uncond is None else torch.cat([extra, extra])], dim=1)
         emb = cond if uncond is None else torch.cat([uncond, cond])
         pred = self.unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
-        if uncond is None:
-            return pred
+        if uncond is None:  # a CUDA-graph replay overwrites its output buffer; multistep schedulers keep `pred`
+            return pred.clone() if self.compiled else pred
         pred_uncond, pred_cond = pred.chunk(2)
         guided = pred_uncond + guidance * (pred_cond - pred_uncond)
         if rescale > 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,3 +107,30 @@ def test_model_card_states_what_it_is_and_the_numbers():
     assert f"{cfg.main_steps} steps on all phantoms" in card and "55 min" in card
     base = model_card(cfg, kind="base", stages={}, scores=None)
     assert "WITHOUT pleural effusion" in base and "on all phantoms" not in base and "not measured" in base
+
+
+def test_a_finished_stage_is_reused_only_with_the_same_settings(tmp_path, monkeypatch):
+    """Rerunning the recipe skips finished stages, but one trained with other settings (say fewer steps
+    in an older config) stops the run instead of shipping old weights under the new model card."""
+    import types
+
+    import finetune.train
+    from cxrcommon.config import save_config
+    from finetune.embedded import train_stage
+    runs = []
+
+    def fake_train(tc):
+        runs.append(tc.max_train_steps)
+        (Path(tc.output_dir) / "pipeline").mkdir(parents=True)
+        (Path(tc.output_dir) / "pipeline" / "model_index.json").write_text("{}")
+        save_config(tc, Path(tc.output_dir) / "train_config.yaml")
+        return types.SimpleNamespace(steps=tc.max_train_steps, losses=[0.1], images_per_s=1.0,
+                                     outputs={"pipeline": Path(tc.output_dir) / "pipeline"})
+    monkeypatch.setattr(finetune.train, "train", fake_train)
+    cfg = EmbeddedConfig(work_dir=str(tmp_path))
+    first = train_stage(cfg, tmp_path / "init", tmp_path / "data.jsonl", "lateral", 4200, 3e-4, 5.0)
+    again = train_stage(cfg, tmp_path / "init", tmp_path / "data.jsonl", "lateral", 4200, 3e-4, 5.0)
+    assert first == again == tmp_path / "lateral" / "pipeline" and runs == [4200]  # reused, not retrained
+    with pytest.raises(SystemExit, match=r"other settings \(max_train_steps: 4200 -> 2400\).*--work-dir"):
+        train_stage(cfg, tmp_path / "init", tmp_path / "data.jsonl", "lateral", 2400, 3e-4, 5.0)
+    assert runs == [4200]
