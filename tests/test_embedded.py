@@ -75,7 +75,7 @@ def test_lora_teaches_a_finding_the_base_never_saw(tmp_path):
     out = lora_proof(LoraProofConfig(base=str(BASE_DIR), work_dir=str(tmp_path), n_train=160, steps=120,
                                      batch_size=16, per_class=8, eval_steps=15))
     assert out["steps"] == 120
-    # 16 effusion-prompt images each side of the LoRA (measured on the previous base: 0/16 before, 7/16 after)
+    # 16 effusion-prompt images each side of the LoRA; measured on the shipped base: 0/16 before, 8/16 after
     assert out["presence_before"] <= 1 / 16, out["before"]
     assert out["presence_after"] >= 4 / 16, out["after"]
     assert out["after"]["per_class"]["none"] >= 0.75, out["after"]  # "normal" still draws no effusion
