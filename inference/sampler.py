@@ -122,9 +122,9 @@ class CXRSampler:
             self.vae.to(memory_format=torch.channels_last)
         if fuse_qkv:
             self.unet.fuse_qkv_projections()
-        compile = "off" if compile is False else compile  # YAML reads a bare `off` as false
-        if compile not in COMPILE_MODES:
-            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
+        if compile not in COMPILE_MODES:  # YAML reads a bare `off` as false, hence the hint
+            raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r} "
+                             f"(in YAML quote it: compile: \"off\")")
         self.compiled = compile != "off"
         if self.compiled:  # compiled lazily on the first call, once per batch shape
             self.unet = torch.compile(self.unet, mode=compile, backend=compile_backend, dynamic=False)
