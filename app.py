@@ -23,6 +23,7 @@ import numpy as np
 
 from cxrcommon.atomic import atomic_write_text
 from cxrcommon.config import field, parse_config
+from cxrcommon.optional import MissingPackageError
 
 log = logging.getLogger("synthcxr.app")
 
@@ -107,7 +108,7 @@ def user_errors(fn: Any) -> Any:
     def handler(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ValueError, OSError, RuntimeError) as exc:
+        except (ValueError, OSError, RuntimeError, MissingPackageError) as exc:
             log.warning("request failed: %s", exc)
             raise gr.Error(str(exc).splitlines()[0][:500]) from exc
     return handler

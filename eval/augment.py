@@ -20,6 +20,7 @@ from tqdm import tqdm
 from cxrcommon.atomic import atomic_write_text
 from cxrcommon.config import field
 from cxrcommon.device import pick_device
+from cxrcommon.optional import require
 from cxrcommon.logs import setup_logging
 
 from .cli import parse, user_errors
@@ -74,6 +75,7 @@ def train_classifier(x: torch.Tensor, y: torch.Tensor, n_classes: int, *, arch: 
                      batch_size: int = 32, lr: float = 1e-3, seed: int = 0, device: str = "auto",
                      desc: str = "train") -> torch.nn.Module:
     """A randomly initialised torchvision classifier trained with AdamW + cross-entropy."""
+    require("eval.augment's classifier", "torchvision")
     import torchvision
     dev = pick_device(device)
     torch.manual_seed(seed)

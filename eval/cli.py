@@ -6,6 +6,7 @@ import sys
 from typing import Iterator, Sequence, TypeVar
 
 from cxrcommon.config import parse_config
+from cxrcommon.optional import MissingPackageError
 
 T = TypeVar("T")
 
@@ -34,7 +35,7 @@ def user_errors(verbose: bool = False) -> Iterator[None]:
     ends the command with that one line; --verbose keeps the traceback."""
     try:
         yield
-    except (OSError, ValueError) as exc:  # WeightsMissingError, ManifestError, ImageReadError are among these
+    except (OSError, ValueError, MissingPackageError) as exc:  # also WeightsMissingError, ManifestError, ImageReadError
         if verbose:
             raise
         raise SystemExit(f"error: {exc}") from exc

@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cxrcommon.device import pick_device
+from cxrcommon.optional import require
 from cxrcommon.provenance import file_sha256
 
 from . import cache
@@ -103,6 +104,7 @@ def inception_weights_path(explicit: str | Path | None = None) -> Path:
 
 def _inception(weights: str | Path | None, device: torch.device) -> Backbone:
     path = inception_weights_path(weights)
+    require("the Inception FID backbone (--features inception)", "torchvision", "torch_fidelity")
     from torchmetrics.image.fid import NoTrainInceptionV3  # a heavy import: only once the weights exist
     # torch-fidelity re-loads the file with weights_only=False; refuse anything that is not plain tensors first.
     try:

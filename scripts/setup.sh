@@ -1,34 +1,68 @@
 #!/usr/bin/env bash
 # Create .venv and install synthcxr (idempotent: a second run only checks).
 #
-# torch: PyPI's torch 2.14.1 / torchvision 0.29.1 wheels run on CUDA 13 GPUs and on plain CPUs, and
-# torchvision is needed by segment-anything and the Inception FID backbone, so that pair is the default
-# everywhere. Override with TORCH_INDEX_URL (e.g. https://download.pytorch.org/whl/cu126 or .../whl/xpu)
-# or TORCH_SPEC (e.g. "torch==2.13.0" for a CPU-only install without SAM / Inception FID).
+# Two torch routes (README "Install"):
+#   full  PyPI's torch 2.14.1 + torchvision 0.29.1 (about 7 GB with its CUDA 13 libraries; runs on GPU and CPU).
+#         Everything works, including Segment Anything masks, the Inception FID backbone and eval.augment,
+#         which need torchvision.
+#   cpu   the CPU-only torch 2.13.0 wheel (about 1 GB installed). PyPI has no CPU torchvision, so the three
+#         features above are left out and say so, with this fix, when asked for.
+# TORCH_ROUTE=full|cpu picks one; unset, a machine with an NVIDIA GPU or 20 GiB of free disk gets full,
+# any other gets cpu. TORCH_SPEC (and TORCH_INDEX_URL, e.g. https://download.pytorch.org/whl/xpu) install
+# another torch build instead; the torchvision extras follow whether torchvision imports afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
-TORCH_SPEC=${TORCH_SPEC:-"torch==2.14.1 torchvision==0.29.1"}
-STAMP="$VENV/.synthcxr-installed"
-want="$(cat requirements.txt pyproject.toml | sha256sum | cut -c1-16) ${TORCH_SPEC} ${TORCH_INDEX_URL:-}"
+FULL_SPEC="torch==2.14.1 torchvision==0.29.1"
+CPU_SPEC="torch==2.13.0"
+# Packages that need torchvision: left out of the cpu route (open-clip-torch is kept, without its
+# dependencies, because the tokenizer reads only its BPE vocabulary file).
+VISION_ONLY="torch-fidelity"
+NO_DEPS="open-clip-torch"
 
+STAMP="$VENV/.synthcxr-installed"
+want="$(cat requirements.txt pyproject.toml | sha256sum | cut -c1-16) ${TORCH_SPEC:-${TORCH_ROUTE:-auto}} ${TORCH_INDEX_URL:-}"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   echo "[setup] $VENV is up to date"
   exit 0
 fi
 [ -x "$VENV/bin/python" ] || { echo "[setup] creating $VENV"; "$PYTHON" -m venv "$VENV"; }
-PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+# --no-cache-dir: the CUDA wheels are GBs and would otherwise stay in ~/.cache/pip as a second copy.
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check --no-cache-dir -q)
 
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1; then echo "[setup] NVIDIA GPU found"; else echo "[setup] no CUDA GPU found: torch will run on the CPU"; fi
+  if [ -z "${TORCH_SPEC:-}" ]; then
+    route=${TORCH_ROUTE:-auto}
+    free_gib=$(( $(df -Pk "$VENV" | awk 'NR==2 {print $4}') / 1048576 ))
+    if [ "$route" = auto ]; then
+      if command -v nvidia-smi >/dev/null 2>&1 || [ "$free_gib" -ge 20 ]; then route=full; else route=cpu; fi
+      echo "[setup] route $route (${free_gib} GiB free disk; TORCH_ROUTE=full|cpu picks one)"
+    fi
+    case "$route" in
+      full) TORCH_SPEC=$FULL_SPEC ;;
+      cpu) TORCH_SPEC=$CPU_SPEC ;;
+      *) echo "[setup] TORCH_ROUTE=$route: use full or cpu" >&2; exit 2 ;;
+    esac
+  fi
   echo "[setup] installing ${TORCH_SPEC}"
   # shellcheck disable=SC2086
   if [ -n "${TORCH_INDEX_URL:-}" ]; then "${PIP[@]}" ${TORCH_SPEC} --index-url "$TORCH_INDEX_URL"; else "${PIP[@]}" ${TORCH_SPEC}; fi
 fi
 echo "[setup] installing requirements.txt"
-"${PIP[@]}" -r requirements.txt
+if "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
+  "${PIP[@]}" -r requirements.txt
+else
+  echo "[setup] no torchvision: leaving out ${VISION_ONLY} (SAM masks, Inception FID and eval.augment need the full route)"
+  reqs=$(mktemp)
+  grep -v -E "^(${VISION_ONLY// /|}|${NO_DEPS// /|})==" requirements.txt > "$reqs"
+  "${PIP[@]}" -r "$reqs"
+  rm -f "$reqs"
+  # shellcheck disable=SC2046
+  "${PIP[@]}" --no-deps $(grep -E "^(${NO_DEPS// /|})==" requirements.txt)
+fi
 "${PIP[@]}" --no-deps -e .
-"$VENV/bin/python" -c "import torch; print('[setup] torch', torch.__version__, '| cuda:', torch.cuda.is_available())"
+"$VENV/bin/python" -c "import torch, importlib.util as u; print('[setup] torch', torch.__version__, '| cuda:', torch.cuda.is_available(), '| torchvision:', u.find_spec('torchvision') is not None)"
 echo "$want" > "$STAMP"

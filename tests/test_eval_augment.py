@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import needs_torchvision
 from sklearn.metrics import accuracy_score, roc_auc_score
 
 from cxrcommon.imageio import write_png
@@ -31,6 +32,7 @@ def make_set(folder, n, seed):
     return folder / "manifest.csv"
 
 
+@needs_torchvision
 def test_augment_end_to_end_matches_sklearn(tmp_path):
     real, syn, test = (make_set(tmp_path / name, n, s) for name, n, s in (("real", 12, 0), ("syn", 12, 1),
                                                                             ("test", 16, 2)))

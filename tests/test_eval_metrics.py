@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import needs_torch_fidelity
 import torch
 
 from cxrcommon.imageio import write_png
@@ -85,6 +86,7 @@ def test_n_subsamples_and_manifest_input(real_dir, tmp_path):
     assert r["n_real"] == 15 and r["n_fake"] == 15
 
 
+@needs_torch_fidelity
 def test_prdc_identical_disjoint_and_matches_torch_fidelity():
     from torch_fidelity.metric_prc import calculate_precision_recall_full
     g = torch.Generator().manual_seed(0)
@@ -171,6 +173,7 @@ class NotATensor:
     pass
 
 
+@needs_torch_fidelity
 def test_inception_path_with_stand_in_weights(tmp_path, monkeypatch):
     """The real Inception code path (weights_only check, uint8 3-channel input, 2048-d pool) with random
     weights saved under the expected name: the real file cannot be downloaded here."""

@@ -10,6 +10,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import needs_torchvision
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
@@ -172,6 +173,7 @@ def tiny_sam(img_size: int = 128) -> torch.nn.Module:
                                                                       num_heads=2))).eval()
 
 
+@needs_torchvision
 def test_sam_path_one_embedding_per_image_masks_within_boxes():
     sam = tiny_sam()
     calls = []
@@ -190,6 +192,7 @@ def test_sam_path_one_embedding_per_image_masks_within_boxes():
     assert len(calls) == 2                               # next image, next embedding
 
 
+@needs_torchvision
 def test_sam_checkpoint_loading_is_safe_and_checks_the_model_type(tmp_path):
     with pytest.raises(FileNotFoundError, match="--sam-checkpoint"):
         load_sam(tmp_path / "missing.pth")

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from cxrcommon.atomic import atomic_path, atomic_write_text
 from cxrcommon.config import build_parser, from_dict, load_yaml, to_dict
+from cxrcommon.optional import MissingPackageError
 
 from .config import TextRemovalConfig
 from .detect import TextRegion, build_detector, to_uint8_view
@@ -249,7 +250,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = load_yaml(cfg_path) if cfg_path else {}
     data.update(args)
     cfg = from_dict(TextRemovalConfig, data, source=str(cfg_path or "command line"))
-    summary = clean(cli["inputs"], cli["out"], cfg, workers=cli["workers"], overwrite=cli["overwrite"])
+    try:
+        summary = clean(cli["inputs"], cli["out"], cfg, workers=cli["workers"], overwrite=cli["overwrite"])
+    except (FileNotFoundError, MissingPackageError) as exc:  # a missing model file or package: one line, the fix
+        raise SystemExit(f"error: {exc}") from exc
     log.info("done %d, skipped (already done) %d, failed %d; outputs in %s", len(summary["done"]),
              len(summary["skipped"]), len(summary["failed"]), cli["out"])
     for line in summary["failed"]:

@@ -14,6 +14,8 @@ import cv2
 import numpy as np
 import torch
 
+from cxrcommon.optional import require
+
 from .config import TextRemovalConfig
 from .detect import TextRegion
 from .plates import plate_mask
@@ -92,12 +94,13 @@ class BoxSegmenter:
 
 def load_sam(checkpoint: str | Path, model_type: str = "vit_b", device: torch.device | str = "cpu") -> torch.nn.Module:
     """A SAM model from an official checkpoint, read safely (safetensors, or torch.load weights_only)."""
-    from segment_anything import sam_model_registry
-
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"SAM checkpoint {path} not found; download sam_{model_type}_*.pth from the "
                                 f"segment-anything release page and pass its path with --sam-checkpoint")
+    require("Segment Anything masks (--sam-checkpoint)", "torchvision")
+    from segment_anything import sam_model_registry
+
     if model_type not in sam_model_registry:
         raise ValueError(f"--sam-model-type {model_type!r} is not one of vit_b, vit_l, vit_h")
     sam = sam_model_registry[model_type]()
