@@ -47,7 +47,7 @@ def ours(model: Path, prompts: Path, out: Path, args) -> float:
     from inference.config import GenerateConfig
     from inference.generate import generate
     cfg = GenerateConfig(prompts=str(prompts), out=str(out), model=str(model), batch_size=args.batch,
-                         steps=args.steps, guidance=4.0, height=args.size, width=args.size)
+                         steps=args.steps, guidance=4.0, height=args.size, width=args.size, compile=args.compile)
     s = generate(cfg)
     assert s.generated == args.n, s
     return s.seconds
@@ -60,7 +60,7 @@ def ours_launched(model: Path, prompts: Path, out: Path, args) -> float:
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0",
            "-m", "inference.generate", "--prompts", str(prompts), "--out", str(out), "--model", str(model),
            "--batch-size", str(args.batch), "--steps", str(args.steps), "--guidance", "4.0",
-           "--height", str(args.size), "--width", str(args.size)]
+           "--height", str(args.size), "--width", str(args.size), "--compile", args.compile]
     start = time.perf_counter()
     proc = subprocess.run(cmd, check=True, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
                           cwd=ROOT)
@@ -104,6 +104,8 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=24, help="images per method and round")
     ap.add_argument("--batch", type=int, default=8, help="our batch size")
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--compile", default="off", help="ours with torch.compile in this mode (inference.sampler."
+                    "COMPILE_MODES); each round is a fresh job, so its compile time counts against us")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--procs", type=int, default=1, help="ours as this many 1-thread ranks (accelerate launch); "
                                                           "the stock pipeline then gets this many threads")
@@ -153,7 +155,8 @@ def main() -> None:
     print("| method | seconds | images/s | vs stock loop |\n|---|---|---|---|")
     for name, sec in best.items():
         ranks = f", {args.procs} ranks x 1 thread, launch included" if args.procs > 1 else ""
-        label = f"ours (`generate`, batch {args.batch}{ranks}, writes PNGs)" if name == "ours" else \
+        comp = f", compile {args.compile}" if args.compile != "off" else ""
+        label = f"ours (`generate`, batch {args.batch}{ranks}{comp}, writes PNGs)" if name == "ours" else \
             ("stock `StableDiffusionPipeline`, one call per image" if name == "stock loop"
              else f"stock `StableDiffusionPipeline`, one call with all {args.n}")
         print(f"| {label} | {sec:.2f} | {args.n / sec:.2f} | {args.n / sec / loop:.2f}x |")
