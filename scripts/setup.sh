@@ -28,41 +28,56 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   echo "[setup] $VENV is up to date"
   exit 0
 fi
-[ -x "$VENV/bin/python" ] || { echo "[setup] creating $VENV"; "$PYTHON" -m venv "$VENV"; }
 # --no-cache-dir: the CUDA wheels are GBs and would otherwise stay in ~/.cache/pip as a second copy.
 PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check --no-cache-dir -q)
 
-if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
-  if command -v nvidia-smi >/dev/null 2>&1; then echo "[setup] NVIDIA GPU found"; else echo "[setup] no CUDA GPU found: torch will run on the CPU"; fi
-  if [ -z "${TORCH_SPEC:-}" ]; then
-    route=${TORCH_ROUTE:-auto}
-    free_gib=$(( $(df -Pk "$VENV" | awk 'NR==2 {print $4}') / 1048576 ))
-    if [ "$route" = auto ]; then
-      if command -v nvidia-smi >/dev/null 2>&1 || [ "$free_gib" -ge 20 ]; then route=full; else route=cpu; fi
-      echo "[setup] route $route (${free_gib} GiB free disk; TORCH_ROUTE=full|cpu picks one)"
-    fi
-    case "$route" in
-      full) TORCH_SPEC=$FULL_SPEC ;;
-      cpu) TORCH_SPEC=$CPU_SPEC ;;
-      *) echo "[setup] TORCH_ROUTE=$route: use full or cpu" >&2; exit 2 ;;
-    esac
+install() {  # $1: the torch spec to install when .venv has no torch yet (`|| return`: set -e is off in `if !`)
+  [ -x "$VENV/bin/python" ] || { echo "[setup] creating $VENV"; "$PYTHON" -m venv "$VENV" || return; }
+  if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+    echo "[setup] installing $1"
+    # shellcheck disable=SC2086
+    if [ -n "${TORCH_INDEX_URL:-}" ]; then "${PIP[@]}" $1 --index-url "$TORCH_INDEX_URL" || return; else "${PIP[@]}" $1 || return; fi
   fi
-  echo "[setup] installing ${TORCH_SPEC}"
-  # shellcheck disable=SC2086
-  if [ -n "${TORCH_INDEX_URL:-}" ]; then "${PIP[@]}" ${TORCH_SPEC} --index-url "$TORCH_INDEX_URL"; else "${PIP[@]}" ${TORCH_SPEC}; fi
+  echo "[setup] installing requirements.txt"
+  if "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
+    "${PIP[@]}" -r requirements.txt || return
+  else
+    echo "[setup] no torchvision: leaving out ${VISION_ONLY} (SAM masks, Inception FID and eval.augment need the full route)"
+    local reqs
+    reqs=$(mktemp)
+    grep -v -E "^(${VISION_ONLY// /|}|${NO_DEPS// /|})==" requirements.txt > "$reqs"
+    "${PIP[@]}" -r "$reqs" || return
+    rm -f "$reqs"
+    # shellcheck disable=SC2046
+    "${PIP[@]}" --no-deps $(grep -E "^(${NO_DEPS// /|})==" requirements.txt) || return
+  fi
+  "${PIP[@]}" --no-deps -e . || return
+}
+
+spec=${TORCH_SPEC:-}
+route=${TORCH_ROUTE:-auto}
+if [ -z "$spec" ] && ! { [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import torch" 2>/dev/null; }; then
+  if command -v nvidia-smi >/dev/null 2>&1; then echo "[setup] NVIDIA GPU found"; else echo "[setup] no CUDA GPU found: torch will run on the CPU"; fi
+  if [ "$route" = auto ]; then
+    mkdir -p "$VENV"
+    free_gib=$(( $(df -Pk "$VENV" | awk 'NR==2 {print $4}') / 1048576 ))
+    if command -v nvidia-smi >/dev/null 2>&1 || [ "$free_gib" -ge 20 ]; then picked=full; else picked=cpu; fi
+    echo "[setup] route $picked (${free_gib} GiB free disk; TORCH_ROUTE=full|cpu picks one)"
+  else
+    picked=$route
+  fi
+  case "$picked" in
+    full) spec=$FULL_SPEC ;;
+    cpu) spec=$CPU_SPEC ;;
+    *) echo "[setup] TORCH_ROUTE=$route: use full or cpu" >&2; exit 2 ;;
+  esac
 fi
-echo "[setup] installing requirements.txt"
-if "$VENV/bin/python" -c "import torchvision" 2>/dev/null; then
-  "${PIP[@]}" -r requirements.txt
-else
-  echo "[setup] no torchvision: leaving out ${VISION_ONLY} (SAM masks, Inception FID and eval.augment need the full route)"
-  reqs=$(mktemp)
-  grep -v -E "^(${VISION_ONLY// /|}|${NO_DEPS// /|})==" requirements.txt > "$reqs"
-  "${PIP[@]}" -r "$reqs"
-  rm -f "$reqs"
-  # shellcheck disable=SC2046
-  "${PIP[@]}" --no-deps $(grep -E "^(${NO_DEPS// /|})==" requirements.txt)
+if ! install "$spec"; then
+  # A full install chosen by `auto` can still run out of disk on a shared machine: start again, lean.
+  [ "$route" = auto ] && [ "$spec" = "$FULL_SPEC" ] || exit 1
+  echo "[setup] the full route failed; removing $VENV and installing the CPU route instead"
+  rm -rf "$VENV"
+  install "$CPU_SPEC"
 fi
-"${PIP[@]}" --no-deps -e .
 "$VENV/bin/python" -c "import torch, importlib.util as u; print('[setup] torch', torch.__version__, '| cuda:', torch.cuda.is_available(), '| torchvision:', u.find_spec('torchvision') is not None)"
 echo "$want" > "$STAMP"
