@@ -377,8 +377,17 @@ def test_confirm_scores_the_marker_alphabet_as_one_verdict():
     assert confirm(rec, np.zeros((64, 64), np.uint8), cands, ["L", "I", "1"], 0.96) == []
 
 
-def test_keep_markers_keeps_a_glyph_found_marker_untouched():
-    img, box = letter(film(0), "L", (200, 30), 16, 230)
+@pytest.mark.parametrize("marker", ["L", "I"])
+def test_keep_markers_keeps_a_glyph_found_marker_untouched(marker):
+    """A lone "I" (Spanish/Italian left) reads as "1"; found as a lone glyph it is the marker, and kept."""
+    img, box = letter(film(0), marker, (200, 30), 16, 230)
     res = TextRemover.from_config(TextRemovalConfig(keep_markers=True))(img)
     assert [(r.source, r.action) for r in res.regions] == [("glyph", "kept")]
     assert np.array_equal(res.image, img) and not res.mask.any()
+
+
+def test_a_lone_one_is_the_I_marker_only_when_the_glyph_detector_found_it():
+    cfg = TextRemovalConfig(keep_markers=True)
+    assert decide_action("1", cfg, source="glyph") == "kept"
+    assert decide_action("1", cfg) == "erased"                       # a "1" on a text line is a digit
+    assert decide_action("1", TextRemovalConfig(), source="glyph") == "erased"

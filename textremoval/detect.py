@@ -42,9 +42,14 @@ def to_uint8_view(image: np.ndarray) -> np.ndarray:
     return np.zeros(g.shape, np.uint8) if hi <= lo else ((g - lo) * (255.0 / (hi - lo)) + 0.5).astype(np.uint8)
 
 
-def decide_action(text: str, cfg: TextRemovalConfig) -> str:
-    """'kept' for markers under --keep-markers and for non-matching text under --erase-pattern."""
+def decide_action(text: str, cfg: TextRemovalConfig, source: str = "line") -> str:
+    """'kept' for markers under --keep-markers and for non-matching text under --erase-pattern.
+
+    A lone glyph read as "1" is the "I" marker: the glyph detector scores "1" and "I" as one verdict, since
+    the recogniser splits a lone bar between them (glyphs.confirm)."""
     stripped = re.sub(r"[^0-9A-Za-z]", "", text)
+    if source == "glyph" and stripped == "1":
+        stripped = "I"
     if cfg.keep_markers and stripped and re.match(cfg.marker_pattern, stripped, re.IGNORECASE):
         return "kept"
     if cfg.erase_pattern and not re.search(cfg.erase_pattern, text, re.IGNORECASE):
@@ -113,7 +118,7 @@ class RapidOCRDetector:
         if self.cfg.glyph_detector:
             regions += self.glyphs(gray, found)
         for r in regions:
-            r.action = decide_action(r.text, self.cfg)
+            r.action = decide_action(r.text, self.cfg, r.source)
         return regions
 
     def glyphs(self, gray: np.ndarray, found: np.ndarray) -> list[TextRegion]:
