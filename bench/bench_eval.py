@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cxrcommon.device import pick_device  # noqa: E402
+from cxrcommon.optional import require  # noqa: E402
 from eval.features import WeightsMissingError, embed_paths, load_backbone  # noqa: E402
 from eval.sources import list_images  # noqa: E402
 
@@ -35,6 +36,7 @@ def cpu_name() -> str:
 
 def script(folder: str, arch: str) -> str:
     """A TorchScript feature extractor (classifier head removed) with random weights: same cost as trained."""
+    require("bench_eval's TorchScript backbones", "torchvision")
     import torchvision
     kw = {"aux_logits": False, "init_weights": False} if arch == "inception_v3" else {}
     net = torchvision.models.get_model(arch, weights=None, **kw)

@@ -6,7 +6,7 @@ deep inside an import."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 
 FULL_ROUTE_FIX = ("reinstall with the full torch route: `rm -rf .venv && TORCH_ROUTE=full bash scripts/setup.sh` "
                   "(PyPI's torch 2.14.1 + torchvision 0.29.1, about 7 GB; runs on CPU and CUDA)")
@@ -16,8 +16,18 @@ class MissingPackageError(ImportError):
     """A feature's package is not installed; the message names the feature, the packages and the fix."""
 
 
+def available(module: str) -> bool:
+    """Whether `module` imports: installed is not enough (a CUDA-only torchvision beside a CPU torch is
+    installed and fails on import)."""
+    try:
+        importlib.import_module(module)
+    except Exception:
+        return False
+    return True
+
+
 def require(feature: str, *packages: str) -> None:
-    """Raise MissingPackageError unless every module in `packages` can be imported."""
-    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    """Raise MissingPackageError unless every module in `packages` imports."""
+    missing = [p for p in packages if not available(p)]
     if missing:
         raise MissingPackageError(f"{feature} needs {', '.join(missing)}, which this install left out; {FULL_ROUTE_FIX}")

@@ -103,8 +103,8 @@ def inception_weights_path(explicit: str | Path | None = None) -> Path:
 
 
 def _inception(weights: str | Path | None, device: torch.device) -> Backbone:
-    path = inception_weights_path(weights)
     require("the Inception FID backbone (--features inception)", "torchvision", "torch_fidelity")
+    path = inception_weights_path(weights)
     from torchmetrics.image.fid import NoTrainInceptionV3  # a heavy import: only once the weights exist
     # torch-fidelity re-loads the file with weights_only=False; refuse anything that is not plain tensors first.
     try:

@@ -5,10 +5,11 @@
 #   full  PyPI's torch 2.14.1 + torchvision 0.29.1 (about 7 GB with its CUDA 13 libraries; runs on GPU and CPU).
 #         Everything works, including Segment Anything masks, the Inception FID backbone and eval.augment,
 #         which need torchvision.
-#   cpu   the CPU-only torch 2.13.0 wheel (about 1 GB installed). PyPI has no CPU torchvision, so the three
+#   cpu   the CPU-only torch 2.13.0 wheel (a 2.3 GB venv in all). PyPI has no CPU torchvision, so the three
 #         features above are left out and say so, with this fix, when asked for.
 # TORCH_ROUTE=full|cpu picks one; unset, a machine with an NVIDIA GPU or 20 GiB of free disk gets full,
-# any other gets cpu. TORCH_SPEC (and TORCH_INDEX_URL, e.g. https://download.pytorch.org/whl/xpu) install
+# any other gets cpu, and a full install picked for free disk alone that fails (the disk filled up) is
+# replaced by the cpu route. Both apply to a new .venv: `rm -rf .venv` to switch. TORCH_SPEC (and TORCH_INDEX_URL, e.g. https://download.pytorch.org/whl/xpu) install
 # another torch build instead; the torchvision extras follow whether torchvision imports afterwards.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ VISION_ONLY="torch-fidelity"
 NO_DEPS="open-clip-torch"
 
 STAMP="$VENV/.synthcxr-installed"
-want="$(cat requirements.txt pyproject.toml | sha256sum | cut -c1-16) ${TORCH_SPEC:-${TORCH_ROUTE:-auto}} ${TORCH_INDEX_URL:-}"
+want="$(cat requirements.txt pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16) ${TORCH_SPEC:-${TORCH_ROUTE:-auto}} ${TORCH_INDEX_URL:-}"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   echo "[setup] $VENV is up to date"
   exit 0
@@ -43,11 +44,12 @@ install() {  # $1: the torch spec to install when .venv has no torch yet (`|| re
     "${PIP[@]}" -r requirements.txt || return
   else
     echo "[setup] no torchvision: leaving out ${VISION_ONLY} (SAM masks, Inception FID and eval.augment need the full route)"
-    local reqs
-    reqs=$(mktemp)
-    grep -v -E "^(${VISION_ONLY// /|}|${NO_DEPS// /|})==" requirements.txt > "$reqs"
-    "${PIP[@]}" -r "$reqs" || return
+    local reqs status=0
+    reqs=$(mktemp) || return
+    grep -v -E "^(${VISION_ONLY// /|}|${NO_DEPS// /|})==" requirements.txt > "$reqs" \
+      && grep -q "^diffusers==" "$reqs" && "${PIP[@]}" -r "$reqs" || status=$?
     rm -f "$reqs"
+    [ "$status" = 0 ] || return "$status"
     # shellcheck disable=SC2046
     "${PIP[@]}" --no-deps $(grep -E "^(${NO_DEPS// /|})==" requirements.txt) || return
   fi
@@ -56,12 +58,18 @@ install() {  # $1: the torch spec to install when .venv has no torch yet (`|| re
 
 spec=${TORCH_SPEC:-}
 route=${TORCH_ROUTE:-auto}
-if [ -z "$spec" ] && ! { [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import torch" 2>/dev/null; }; then
-  if command -v nvidia-smi >/dev/null 2>&1; then echo "[setup] NVIDIA GPU found"; else echo "[setup] no CUDA GPU found: torch will run on the CPU"; fi
+gpu=no
+command -v nvidia-smi >/dev/null 2>&1 && gpu=yes
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  if [ -n "${TORCH_SPEC:-}${TORCH_ROUTE:-}" ]; then
+    echo "[setup] $VENV already has torch $("$VENV/bin/python" -c "import torch; print(torch.__version__)"): TORCH_SPEC/TORCH_ROUTE apply to a new one (rm -rf $VENV first)"
+  fi
+elif [ -z "$spec" ]; then
+  if [ "$gpu" = yes ]; then echo "[setup] NVIDIA GPU found"; else echo "[setup] no CUDA GPU found: torch will run on the CPU"; fi
   if [ "$route" = auto ]; then
     mkdir -p "$VENV"
     free_gib=$(( $(df -Pk "$VENV" | awk 'NR==2 {print $4}') / 1048576 ))
-    if command -v nvidia-smi >/dev/null 2>&1 || [ "$free_gib" -ge 20 ]; then picked=full; else picked=cpu; fi
+    if [ "$gpu" = yes ] || [ "$free_gib" -ge 20 ]; then picked=full; else picked=cpu; fi
     echo "[setup] route $picked (${free_gib} GiB free disk; TORCH_ROUTE=full|cpu picks one)"
   else
     picked=$route
@@ -73,10 +81,11 @@ if [ -z "$spec" ] && ! { [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "imp
   esac
 fi
 if ! install "$spec"; then
-  # A full install chosen by `auto` can still run out of disk on a shared machine: start again, lean.
-  [ "$route" = auto ] && [ "$spec" = "$FULL_SPEC" ] || exit 1
+  # A full install picked for free disk alone can still run out of it on a shared machine: start again, lean.
+  # (Never on a GPU machine, whose failure should be seen and fixed, not hidden behind a CPU torch.)
+  [ "$route" = auto ] && [ "$spec" = "$FULL_SPEC" ] && [ "$gpu" = no ] || exit 1
   echo "[setup] the full route failed; removing $VENV and installing the CPU route instead"
-  rm -rf "$VENV"
+  rm -rf "$(readlink -f "$VENV")" "$VENV"
   install "$CPU_SPEC"
 fi
 "$VENV/bin/python" -c "import torch, importlib.util as u; print('[setup] torch', torch.__version__, '| cuda:', torch.cuda.is_available(), '| torchvision:', u.find_spec('torchvision') is not None)"

@@ -1,7 +1,6 @@
 """Shared fixtures: tiny models, an offline and network-free environment, the real-CXR folder."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import socket
 import sys
@@ -11,20 +10,21 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from cxrcommon.optional import available  # noqa: E402
 REALCXR = ROOT.parent / "shared" / "data" / "realcxr"
-
-# The cpu torch route (scripts/setup.sh) installs no torchvision / torch-fidelity: tests of the features that
-# need them skip there, and tests/test_optional.py checks those features then refuse with the fix.
-needs_torchvision = pytest.mark.skipif(importlib.util.find_spec("torchvision") is None,
-                                       reason="torchvision not installed (cpu torch route)")
-needs_torch_fidelity = pytest.mark.skipif(importlib.util.find_spec("torch_fidelity") is None,
-                                          reason="torch-fidelity not installed (cpu torch route)")
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The cpu torch route (scripts/setup.sh) installs no torchvision / torch-fidelity: tests of the features that
+# need them skip there, and tests/test_optional.py checks those features then refuse with the fix.
+needs_torchvision = pytest.mark.skipif(not available("torchvision"),
+                                       reason="torchvision not installed (cpu torch route)")
+needs_torch_fidelity = pytest.mark.skipif(not (available("torchvision") and available("torch_fidelity")),
+                                          reason="torch-fidelity not installed (cpu torch route)")
 
 
 def _loopback_only(real_connect):

@@ -155,6 +155,7 @@ def test_unreadable_image_is_skipped_and_reported(real_dir, tmp_path):
     assert r["n_fake"] == 10 and len(r["skipped"]) == 1 and "broken.png" in r["skipped"][0]
 
 
+@needs_torch_fidelity
 def test_missing_inception_weights_offline_gives_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
     with pytest.raises(feats.WeightsMissingError) as err:

@@ -94,12 +94,13 @@ class BoxSegmenter:
 
 def load_sam(checkpoint: str | Path, model_type: str = "vit_b", device: torch.device | str = "cpu") -> torch.nn.Module:
     """A SAM model from an official checkpoint, read safely (safetensors, or torch.load weights_only)."""
+    require("Segment Anything masks (--sam-checkpoint)", "torchvision")  # before asking for a download
+    from segment_anything import sam_model_registry
+
     path = Path(checkpoint)
     if not path.is_file():
         raise FileNotFoundError(f"SAM checkpoint {path} not found; download sam_{model_type}_*.pth from the "
                                 f"segment-anything release page and pass its path with --sam-checkpoint")
-    require("Segment Anything masks (--sam-checkpoint)", "torchvision")
-    from segment_anything import sam_model_registry
 
     if model_type not in sam_model_registry:
         raise ValueError(f"--sam-model-type {model_type!r} is not one of vit_b, vit_l, vit_h")
