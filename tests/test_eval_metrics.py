@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import needs_torch_fidelity
+from conftest import needs_torch_fidelity, needs_torchvision
 import torch
 
 from cxrcommon.imageio import write_png
@@ -197,6 +197,7 @@ def test_inception_path_with_stand_in_weights(tmp_path, monkeypatch):
         feats.load_backbone("inception", inception_weights=evil)
 
 
+@needs_torchvision
 def test_xrv_absent_names_the_install(monkeypatch):
     import sys
     monkeypatch.setitem(sys.modules, "torchxrayvision", None)

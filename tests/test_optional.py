@@ -44,7 +44,7 @@ def test_sam_without_torchvision(without, tmp_path):
         main([str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--sam-checkpoint", str(ckpt)])
 
 
-def test_inception_without_torch_fidelity(without, tmp_path):
+def test_fid_backbones_without_their_packages(without, tmp_path):
     from eval import features
     from eval.fid import main
     weights = tmp_path / features.INCEPTION_FILE
@@ -52,6 +52,9 @@ def test_inception_without_torch_fidelity(without, tmp_path):
     without("torch_fidelity")
     with pytest.raises(MissingPackageError, match="torch_fidelity"):
         features.load_backbone("inception", inception_weights=weights)
+    without("torchvision")
+    with pytest.raises(MissingPackageError, match="--features xrv"):   # before `pip install torchxrayvision`
+        features.load_backbone("xrv")
     with pytest.raises(SystemExit, match="TORCH_ROUTE=full"):
         main(["--real", str(tmp_path), "--fake", str(tmp_path), "--inception-weights", str(weights),
               "--out", str(tmp_path / "o")])
