@@ -379,7 +379,7 @@ def test_confirm_scores_the_marker_alphabet_as_one_verdict():
 
 @pytest.mark.parametrize("marker", ["L", "I"])
 def test_keep_markers_keeps_a_glyph_found_marker_untouched(marker):
-    """A lone "I" (Spanish/Italian left) reads as "1"; found as a lone glyph it is the marker, and kept."""
+    """A lone "I" (izquierda, Spanish left) reads as "1"; found as a lone glyph it is the marker, and kept."""
     img, box = letter(film(0), marker, (200, 30), 16, 230)
     res = TextRemover.from_config(TextRemovalConfig(keep_markers=True))(img)
     assert [(r.source, r.action) for r in res.regions] == [("glyph", "kept")]
