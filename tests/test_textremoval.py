@@ -91,8 +91,8 @@ def test_erase_pattern_and_marker_policy():
     cfg = TextRemovalConfig(erase_pattern=r"\d{2}/\d{2}/\d{4}")
     assert decide_action("12/03/2020", cfg) == "erased" and decide_action("PORTABLE", cfg) == "kept"
     cfg = TextRemovalConfig(keep_markers=True)
-    assert [decide_action(t, cfg) for t in ("L", "r.", "Sx", "D", "LA", "AP")] == \
-        ["kept", "kept", "kept", "kept", "erased", "erased"]
+    assert [decide_action(t, cfg) for t in ("L", "r.", "Sx", "D", "LA", "AP", "1")] == \
+        ["kept", "kept", "kept", "kept", "erased", "erased", "erased"]   # a "1" read on a text line is a digit
 
 
 def test_glyph_mask_covers_glyphs_not_whole_box():
@@ -382,12 +382,5 @@ def test_keep_markers_keeps_a_glyph_found_marker_untouched(marker):
     """A lone "I" (izquierda, Spanish left) reads as "1"; found as a lone glyph it is the marker, and kept."""
     img, box = letter(film(0), marker, (200, 30), 16, 230)
     res = TextRemover.from_config(TextRemovalConfig(keep_markers=True))(img)
-    assert [(r.source, r.action) for r in res.regions] == [("glyph", "kept")]
+    assert [(r.source, r.text, r.action) for r in res.regions] == [("glyph", marker, "kept")]
     assert np.array_equal(res.image, img) and not res.mask.any()
-
-
-def test_a_lone_one_is_the_I_marker_only_when_the_glyph_detector_found_it():
-    cfg = TextRemovalConfig(keep_markers=True)
-    assert decide_action("1", cfg, source="glyph") == "kept"
-    assert decide_action("1", cfg) == "erased"                       # a "1" on a text line is a digit
-    assert decide_action("1", TextRemovalConfig(), source="glyph") == "erased"

@@ -42,14 +42,9 @@ def to_uint8_view(image: np.ndarray) -> np.ndarray:
     return np.zeros(g.shape, np.uint8) if hi <= lo else ((g - lo) * (255.0 / (hi - lo)) + 0.5).astype(np.uint8)
 
 
-def decide_action(text: str, cfg: TextRemovalConfig, source: str = "line") -> str:
-    """'kept' for markers under --keep-markers and for non-matching text under --erase-pattern.
-
-    A lone glyph read as "1" is the "I" marker: the glyph detector scores "1" and "I" as one verdict, since
-    the recogniser splits a lone bar between them (glyphs.confirm)."""
+def decide_action(text: str, cfg: TextRemovalConfig) -> str:
+    """'kept' for markers under --keep-markers and for non-matching text under --erase-pattern."""
     stripped = re.sub(r"[^0-9A-Za-z]", "", text)
-    if source == "glyph" and stripped == "1":
-        stripped = "I"
     if cfg.keep_markers and stripped and re.match(cfg.marker_pattern, stripped, re.IGNORECASE):
         return "kept"
     if cfg.erase_pattern and not re.search(cfg.erase_pattern, text, re.IGNORECASE):
@@ -118,7 +113,7 @@ class RapidOCRDetector:
         if self.cfg.glyph_detector:
             regions += self.glyphs(gray, found)
         for r in regions:
-            r.action = decide_action(r.text, self.cfg, r.source)
+            r.action = decide_action(r.text, self.cfg)
         return regions
 
     def glyphs(self, gray: np.ndarray, found: np.ndarray) -> list[TextRegion]:
@@ -128,6 +123,7 @@ class RapidOCRDetector:
         cands = [c for c in find_candidates(gray, min_contrast=self.cfg.glyph_contrast)
                  if found[c.box[1]:c.box[3], c.box[0]:c.box[2]].mean() < 0.5]
         regions = []
+        # A lone bar reads as "1" or "I" (confirm scores both as one verdict); a lone glyph is a marker, so "I".
         reads = confirm(self.rec, gray, cands, self.cfg.glyph_accept, self.cfg.glyph_min_score)
         for c, text, score in sorted(reads, key=lambda read: -read[2]):  # best reading of a glyph first
             x0, y0, x1, y1 = c.box
@@ -138,7 +134,8 @@ class RapidOCRDetector:
             found[y0:y1, x0:x1] = True
             regions.append(TextRegion(box=(x0, y0, x1, y1), polygon=[(x0, y0), (x1 - 1, y0), (x1 - 1, y1 - 1),
                                                                      (x0, y1 - 1)],
-                                      score=round(score, 4), text=text, text_score=round(score, 4), source="glyph"))
+                                      score=round(score, 4), text="I" if text == "1" else text,  # a lone bar
+                                      text_score=round(score, 4), source="glyph"))
         return regions
 
     def _read(self, gray: np.ndarray, regions: list[TextRegion]) -> None:

@@ -101,7 +101,6 @@ def load_sam(checkpoint: str | Path, model_type: str = "vit_b", device: torch.de
     if not path.is_file():
         raise FileNotFoundError(f"SAM checkpoint {path} not found; download sam_{model_type}_*.pth from the "
                                 f"segment-anything release page and pass its path with --sam-checkpoint")
-
     if model_type not in sam_model_registry:
         raise ValueError(f"--sam-model-type {model_type!r} is not one of vit_b, vit_l, vit_h")
     sam = sam_model_registry[model_type]()
