@@ -57,8 +57,8 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
         conv = _bool if tp is bool else tp
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
         flag = "--" + f.name.replace("_", "-")
-        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS,
-                              "help": f"{f.metadata.get('help', '')} (default: {default!r})"}
+        help_text = f"{f.metadata.get('help', '')} (default: {default!r})".replace("%", "%%")  # plain prose
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
         if is_list:
             kw.update(nargs="*", type=conv)
         elif tp is bool:

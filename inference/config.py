@@ -54,6 +54,6 @@ class GenerateConfig:
     fuse_qkv: bool = field(False, "fuse attention QKV projections (faster on GPUs; last-bit float differences)")
     compile: str = field("off", "torch.compile the UNet: off, default, reduce-overhead (adds CUDA graphs), "
                                 "max-autotune (tuned kernels + CUDA graphs) or max-autotune-no-cudagraphs; compiles "
-                                "once per batch shape (a C++ compiler on CPU); 6-20 % faster on this project's 2-core "
+                                "once per batch shape (a C++ compiler on CPU); 1.06-1.2x faster on this project's 2-core "
                                 "CPU for the tiny model, untimed on GPUs (docs/BENCHMARKS.md)")
     verbose: bool = field(False, "debug logging")

@@ -91,6 +91,17 @@ def test_config_help_lists_every_field(capsys):
         assert "--" + f.name.replace("_", "-") in out and f.metadata["help"] in out
 
 
+@dataclasses.dataclass
+class _Percent:
+    rate: str = config.field("50%", "a help text with 6-20 % in it, as prose")
+
+
+def test_config_help_takes_percent_signs_literally(capsys):
+    with pytest.raises(SystemExit):
+        config.build_parser(_Percent, "t").parse_args(["--help"])
+    assert "6-20 % in it, as prose (default: '50%')" in " ".join(capsys.readouterr().out.split())
+
+
 # --- atomic writes ------------------------------------------------------------------------------
 
 def test_atomic_write_leaves_old_file_on_failure(tmp_path):
