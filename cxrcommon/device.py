@@ -1,6 +1,9 @@
 """Device and precision policy, so no stage hard-codes "cuda"."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 _ORDER = ("cuda", "xpu", "mps", "cpu")
@@ -30,7 +33,24 @@ def pick_device(preference: str | None = "auto") -> torch.device:
     if not _available(kind):
         raise RuntimeError(f"device {preference!r} was requested but is not available; "
                            f"use --device auto or one of: {', '.join(k for k in _ORDER if _available(k))}")
-    return torch.device(preference)
+    return with_index(preference)
+
+
+def with_index(device: torch.device | str) -> torch.device:
+    """`cuda` -> `cuda:<current device>`: torch 2.11's `torch.cuda.set_device("cuda")` raises "Expected a
+    torch.device with a specified index", and memory statistics want one device, not a kind."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def persistent_compile_cache() -> Path:
+    """Point inductor's on-disk caches (FX graphs, autotuning, Triton kernels) at the user cache, unless
+    TORCHINDUCTOR_CACHE_DIR is set, so a second run reuses the first run's compile instead of paying it
+    again. Inductor's default folder lives in /tmp, which a reboot or a fresh container empties."""
+    default = Path(os.environ.get("SYNTHCXR_CACHE", Path.home() / ".cache" / "synthcxr")) / "torchinductor"
+    return Path(os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(default)))
 
 
 def pick_dtype(device: torch.device | str, precision: str = "auto") -> torch.dtype:

@@ -1,14 +1,18 @@
-"""Radiology report text -> CLIP prompt: pick sections, clean placeholders, fit the 77-token limit.
+"""Radiology report text -> CLIP prompt: pick sections, clean placeholders, fit the token budget.
 
-SD 2.x's text encoder sees at most 77 tokens (BOS and EOS included); anything longer is silently
-dropped by the pipeline. Cutting here, at a sentence boundary and with a count of how many reports
-were cut, makes that loss visible and keeps the prompt grammatical."""
+SD 2.x's text encoder sees 77 positions (BOS and EOS included); the stock pipeline silently drops the
+rest. We encode long reports in windows of 75 tokens (`cxrcommon.prompt_windows`), up to a cap of
+`max_windows`. Only a report longer than that cap is cut, and then by salience: the IMPRESSION first
+(the line that says what the image shows), then the FINDINGS, then the rest, dropping whole trailing
+sentences; every cut is counted and an impression that had to be shortened is logged."""
 from __future__ import annotations
 
 import dataclasses
 import logging
 import re
 from typing import Any, Mapping, Sequence
+
+from .prompt_windows import DEFAULT_MAX_WINDOWS, WINDOW, count_tokens
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +48,43 @@ class ReportTooLongError(ValueError):
 
 @dataclasses.dataclass
 class ReportStats:
-    """How many reports went in, how many were cut to fit CLIP, how many ended up empty."""
+    """How many reports went in, how many needed more than one CLIP window, how many were cut to the
+    window cap (and how many of those lost part of their impression), how many ended up empty."""
     total: int = 0
     cut: int = 0
     empty: int = 0
     policy: str = "sentence"
-    max_tokens: int = 77
+    max_windows: int = DEFAULT_MAX_WINDOWS
+    multi_window: int = 0
+    impression_cut: int = 0
 
     def summary(self) -> str:
-        pct = 100.0 * self.cut / self.total if self.total else 0.0
-        return (f"{self.total} reports: {self.cut} ({pct:.1f}%) cut to {self.max_tokens} CLIP tokens "
-                f"(policy {self.policy}), {self.empty} empty")
+        pct = lambda n: 100.0 * n / self.total if self.total else 0.0  # noqa: E731
+        return (f"{self.total} reports: {self.multi_window} ({pct(self.multi_window):.1f}%) longer than one CLIP "
+                f"window of {WINDOW} tokens, {self.cut} ({pct(self.cut):.1f}%) cut to {self.max_windows} "
+                f"window(s) (policy {self.policy}; impression shortened in {self.impression_cut}), "
+                f"{self.empty} empty")
+
+    def add(self, fitted: "FittedText") -> None:
+        self.multi_window += fitted.windows > 1
+        self.cut += fitted.cut
+        self.impression_cut += fitted.impression_cut
+
+
+@dataclasses.dataclass(frozen=True)
+class FittedText:
+    """A prompt as it will be encoded, and what fitting it to the window cap did to it."""
+    text: str
+    tokens: int                   # CLIP tokens of `text` (no BOS/EOS)
+    windows: int                  # 75-token windows it fills
+    cut: bool = False             # something of the original was dropped
+    impression_cut: bool = False  # ... and that included part of the impression
+
+    def tags(self, original: str) -> dict[str, str | None]:
+        """Provenance/manifest fields: the whole original text whenever it differs from what was encoded."""
+        return {"prompt_windows": str(self.windows), "prompt_truncated": "true" if self.cut else None,
+                "prompt_impression_cut": "true" if self.impression_cut else None,
+                "prompt_original": original if original != self.text else None}
 
 
 def _is_header(text: str, m: re.Match[str]) -> bool:
@@ -155,16 +185,82 @@ def fit_clip_limit(text: str, tokenizer: Any, *, max_tokens: int = 77, policy: s
     return _hard_cut(text, tokenizer, max_tokens), True
 
 
+def _sections(text: str) -> tuple[str, list[tuple[str, str, str]]]:
+    """(text before the first header, [(section name, header as written, body)]) in report order."""
+    headers = [m for m in _HEADER_RE.finditer(text) if _is_header(text, m)]
+    lead = text[:headers[0].start()] if headers else text
+    return lead.strip(), [(_HEADER_NAMES[m.group("name").lower()], text[m.start():m.end()],
+                           text[m.end():nxt.start() if nxt else len(text)].strip())
+                          for m, nxt in zip(headers, headers[1:] + [None])]
+
+
+SALIENCE = ("impression", "findings")  # what is kept first when a report must be cut
+
+
+def salient_order(text: str) -> tuple[str, str]:
+    """(the report with its IMPRESSION first, then FINDINGS, then the rest; the impression's text).
+
+    A report without an impression header comes back unchanged, with "" as its impression."""
+    lead, parts = _sections(text)
+    impression = impression_of(text)
+    if not impression:
+        return text, ""
+    rank = lambda part: SALIENCE.index(part[0]) if part[0] in SALIENCE else len(SALIENCE)  # noqa: E731
+    ordered = [f"{header} {body}" for _, header, body in sorted(parts, key=rank) if body]
+    rest_at = sum(1 for p in parts if p[0] in SALIENCE and p[2])
+    ordered.insert(rest_at, lead)
+    return " ".join(t for t in ordered if t), impression
+
+
+def impression_of(report: str | Mapping[str, Any]) -> str:
+    """The IMPRESSION section's text, "" when the report has none (a report without headers has none)."""
+    if isinstance(report, Mapping):
+        return extract_sections(report, ["impression"])
+    return " ".join(body for name, _, body in _sections(report)[1] if name == "impression" and body)
+
+
+def fit_windows(text: str, tokenizer: Any, *, max_windows: int = DEFAULT_MAX_WINDOWS, policy: str = "sentence",
+                name: str | None = None, salient: tuple[str, str] | None = None) -> FittedText:
+    """`text` as it will be encoded in at most `max_windows` windows of 75 CLIP tokens.
+
+    A text that fits is returned unchanged. A longer one is cut by `policy` ("sentence": whole trailing
+    sentences, "hard": tokens, "error": raise ReportTooLongError naming `name`) after putting its
+    impression first (`salient_order`, or `salient` = (ordered text, impression) from a caller that
+    knows the sections); a shortened impression is logged, never dropped silently."""
+    if max_windows < 1:
+        raise ValueError(f"max_windows must be at least 1, got {max_windows}")
+    count = count_tokens(tokenizer, [text])[0]
+    if count.tokens <= WINDOW * max_windows:
+        return FittedText(text, count.tokens, count.windows)
+    if policy == "error":
+        raise ReportTooLongError(
+            f"report {name or repr(text[:60] + '...')} has {count.tokens} CLIP tokens, more than {max_windows} "
+            f"window(s) of {WINDOW} hold — shorten it, raise --max-windows, or use policy 'sentence' or 'hard' "
+            f"to cut it (impression kept first)")
+    ordered, impression = salient or salient_order(text)
+    limit = WINDOW * max_windows + 2
+    cut, _ = fit_clip_limit(ordered, tokenizer, max_tokens=limit, policy=policy, name=name)
+    lost = bool(impression) and normalize_report(impression) not in normalize_report(cut)
+    if lost:
+        log.warning("%s: the report's impression is longer than %d window(s); kept its first %s",
+                    name or repr(text[:60] + "..."), max_windows, "sentences" if cut else "tokens")
+    final = count_tokens(tokenizer, [cut])[0]
+    return FittedText(cut, final.tokens, final.windows, cut=True, impression_cut=lost)
+
+
 def prepare_reports(texts: Sequence[str | Mapping[str, Any]], tokenizer: Any = None, *,
                     sections: Sequence[str] = ("findings", "impression"), policy: str = "sentence",
-                    max_tokens: int = 77, names: Sequence[str] | None = None) -> tuple[list[str], ReportStats]:
+                    max_windows: int = DEFAULT_MAX_WINDOWS,
+                    names: Sequence[str] | None = None) -> tuple[list[str], ReportStats]:
     """Reports -> CLIP-ready prompts (same order and length; empty ones stay "") plus counts, logged.
 
-    `tokenizer` defaults to the offline CLIP tokenizer; `names` label reports in errors."""
+    A report over `max_windows` windows is cut with its impression first. `tokenizer` defaults to the
+    offline CLIP tokenizer; `names` label reports in errors."""
     if tokenizer is None:
         from .tokenizer import clip_tokenizer
         tokenizer = clip_tokenizer()
-    stats = ReportStats(total=len(texts), policy=policy, max_tokens=max_tokens)
+    stats = ReportStats(total=len(texts), policy=policy, max_windows=max_windows)
+    by_salience = sorted(sections, key=lambda s: SALIENCE.index(s) if s in SALIENCE else len(SALIENCE))
     out: list[str] = []
     for i, raw in enumerate(texts):
         text = normalize_report(extract_sections(raw, sections))
@@ -172,9 +268,11 @@ def prepare_reports(texts: Sequence[str | Mapping[str, Any]], tokenizer: Any = N
             stats.empty += 1
             out.append("")
             continue
-        name = names[i] if names is not None else f"#{i}"
-        text, was_cut = fit_clip_limit(text, tokenizer, max_tokens=max_tokens, policy=policy, name=name)
-        stats.cut += was_cut
-        out.append(text)
+        salient = (normalize_report(extract_sections(raw, by_salience)),
+                   normalize_report(impression_of(raw)) if "impression" in sections else "")
+        fitted = fit_windows(text, tokenizer, max_windows=max_windows, policy=policy,
+                             name=names[i] if names is not None else f"#{i}", salient=salient)
+        stats.add(fitted)
+        out.append(fitted.text)
     log.info(stats.summary())
     return out, stats

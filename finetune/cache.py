@@ -76,18 +76,23 @@ def build_latent_cache(path: Path, n: int, pixels: Callable[[int], torch.Tensor]
     return LatentCache(path)
 
 
-def build_text_cache(path: Path, input_ids: torch.Tensor, encode: Callable[[torch.Tensor], torch.Tensor],
-                     batch_size: int) -> torch.Tensor:
-    """Encoder hidden states for every row of `input_ids` (fp32), computed once."""
+def build_text_cache(path: Path, input_ids: torch.Tensor, windows: torch.Tensor, text_encoder: Any,
+                     batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every caption's encoder hidden states over its own windows only, concatenated along the
+    sequence axis ((sum of windows) x 77, D), fp32, plus each caption's window count; computed once.
+    Storing no padding keeps the cache as small as the captions are long."""
+    from cxrcommon.prompt_windows import WINDOW_LEN, encode_padded
     if not path.is_file():
         out = []
         for lo in tqdm(range(0, len(input_ids), batch_size), desc="caching captions", unit="batch"):
             with torch.no_grad():
-                out.append(encode(input_ids[lo:lo + batch_size]).float().cpu())
+                hidden, _ = encode_padded(text_encoder, input_ids[lo:lo + batch_size], windows[lo:lo + batch_size])
+            out += [h[:w * WINDOW_LEN].float().cpu() for h, w in zip(hidden, windows[lo:lo + batch_size].tolist())]
         with atomic_path(path) as tmp:
-            save_file({"hidden": torch.cat(out).contiguous()}, str(tmp))
+            save_file({"hidden": torch.cat(out).contiguous(), "windows": windows.contiguous()}, str(tmp))
         log.info("cached %d caption embeddings in %s", len(input_ids), path)
-    return load_file(str(path))["hidden"]
+    table = load_file(str(path))
+    return table["hidden"], table["windows"]
 
 
 def cache_dir(cfg: Any) -> Path:
@@ -100,4 +105,4 @@ def latent_key(vae: Any, images: Sequence[str], cfg: Any) -> str:
 
 
 def text_key(text_encoder: Any, captions: Sequence[str]) -> str:
-    return cache_key(kind="text", text_encoder=model_identity(text_encoder), captions=list(captions))
+    return cache_key(kind="text-windows", text_encoder=model_identity(text_encoder), captions=list(captions))

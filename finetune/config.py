@@ -28,8 +28,12 @@ class TrainConfig:
     on_error: str = field("fail", "bad manifest rows/images: fail (stop, listing every bad line) or skip (log them)")
     sections: list[str] = field(["findings", "impression"], "report sections kept as the caption (whole text "
                                 "when a report has no headers)")
-    token_policy: str = field("sentence", "reports longer than CLIP's 77 tokens: sentence (drop whole trailing "
-                                          "sentences), hard (cut at 77 tokens), error (stop)")
+    token_policy: str = field("sentence", "reports longer than --max-windows CLIP windows: sentence (keep the "
+                                          "IMPRESSION first, then FINDINGS, dropping whole trailing sentences), hard "
+                                          "(same order, cut tokens), error (stop)")
+    max_windows: int = field(3, "captions are encoded whole in windows of 75 CLIP tokens (3 = 225 tokens; 1 = the "
+                                "stock 77-token limit); a batch's shorter captions are padded and masked out of "
+                                "cross-attention")
     val_fraction: float = field(0.05, "fraction of PATIENTS held out for validation (never in training)")
     max_train_samples: int | None = field(None, "use only the first N training rows (debugging)")
     resolution: int = field(512, "training image size (square); SD 2.1-base was trained at 512")
@@ -87,6 +91,11 @@ class TrainConfig:
     channels_last: bool = field(False, "channels-last memory format for the UNet (faster convs on GPUs)")
     sdpa: bool = field(True, "PyTorch scaled-dot-product attention (flash/memory-efficient kernels)")
     allow_tf32: bool = field(True, "allow TF32 matmuls on Ampere+ NVIDIA GPUs")
+    logging_steps: int = field(10, "read the loss back and log loss, learning rate and images/s every N optimizer "
+                                   "steps (also before every checkpoint and validation); each read waits for the "
+                                   "GPU, so 1 (every step) slows training")
+    timing_warmup_steps: int = field(3, "optimizer steps timed as warm-up (compilation, cuDNN autotuning, memory "
+                                        "growth); images/s is reported for them and for the steady state apart")
     # --- checkpoints, validation, logging
     checkpointing_steps: int = field(500, "save a resumable checkpoint every N optimizer steps (0: never)")
     checkpoints_total_limit: int | None = field(3, "keep only the newest K checkpoints (None keeps all)")
@@ -120,6 +129,8 @@ def check_config(cfg: TrainConfig) -> None:
                         "its embeddings change every step; drop --cache-text")
     if not 0.0 <= cfg.caption_dropout <= 1.0:
         problems.append(f"--caption-dropout {cfg.caption_dropout} must lie in [0, 1]")
+    if cfg.logging_steps < 1 or cfg.timing_warmup_steps < 0:
+        problems.append("--logging-steps must be >= 1 and --timing-warmup-steps >= 0")
     if cfg.gradient_accumulation_steps < 1 or cfg.train_batch_size < 1:
         problems.append("--train-batch-size and --gradient-accumulation-steps must be >= 1")
     if problems:

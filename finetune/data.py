@@ -32,7 +32,7 @@ class TrainData:
 
 
 def load_train_data(cfg: Any, tokenizer: Any) -> TrainData:
-    """Read the manifest, split by patient, and turn reports into CLIP-sized captions."""
+    """Read the manifest, split by patient, and turn reports into captions of at most `max_windows` CLIP windows."""
     from cxrcommon.manifest import Columns, patient_split, read_manifest
     from cxrcommon.reports import prepare_reports
 
@@ -47,7 +47,8 @@ def load_train_data(cfg: Any, tokenizer: Any) -> TrainData:
         train = train[:cfg.max_train_samples]
     def captions(rows: list) -> list[str]:
         return prepare_reports([r.text for r in rows], tokenizer, sections=tuple(cfg.sections),
-                               policy=cfg.token_policy, names=[f"{cfg.train_data}:{r.line}" for r in rows])[0]
+                               policy=cfg.token_policy, max_windows=cfg.max_windows,
+                               names=[f"{cfg.train_data}:{r.line}" for r in rows])[0]
     texts, val_texts = captions(train), captions(val) if val else []
     log.info("data: %d training / %d validation images from %s (patient-level split)",
              len(train), len(val), cfg.train_data)
@@ -132,11 +133,11 @@ def make_loader(dataset: TrainDataset, sampler: StepSampler, num_workers: int) -
     return iter(loader)
 
 
-def tokenize(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
-    """Token ids padded to the tokenizer's 77, with the empty prompt as the last row (for EMPTY)."""
-    ids = tokenizer(list(captions) + [""], padding="max_length", truncation=True,
-                    max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-    return ids
+def tokenize(tokenizer: Any, captions: Sequence[str], max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N+1, W, 77) token ids in 75-token windows with the empty prompt as the last row (for EMPTY), and
+    each row's window count (cxrcommon.prompt_windows)."""
+    from cxrcommon.prompt_windows import tokenize_padded
+    return tokenize_padded(tokenizer, list(captions) + [""], max_windows)
 
 
 def caption_rows(caption_idx: torch.Tensor, n_captions: int) -> torch.Tensor:

@@ -6,9 +6,12 @@ import torch.nn.functional as F
 
 
 def diffusion_loss(unet: torch.nn.Module, scheduler: object, latents: torch.Tensor, hidden: torch.Tensor, *,
-                   snr_gamma: float | None = None, noise_offset: float = 0.0) -> torch.Tensor:
+                   encoder_mask: torch.Tensor | None = None, snr_gamma: float | None = None,
+                   noise_offset: float = 0.0) -> torch.Tensor:
     """Mean (optionally min-SNR-weighted) MSE between the UNet output and the scheduler's target.
 
+    `encoder_mask` (B, L) bool marks the caption tokens each row may attend to (captions of different
+    window counts padded into one batch; None: all).
     Random draws use the global RNG, which the trainer reseeds every step (exact resume)."""
     from diffusers.training_utils import compute_snr
 
@@ -29,7 +32,7 @@ def diffusion_loss(unet: torch.nn.Module, scheduler: object, latents: torch.Tens
         target = scheduler.get_velocity(latents, noise, timesteps)
     else:
         raise ValueError(f"prediction type {kind!r} is not supported; use epsilon or v_prediction")
-    pred = unet(noisy, timesteps, hidden, return_dict=False)[0]
+    pred = unet(noisy, timesteps, hidden, encoder_attention_mask=encoder_mask, return_dict=False)[0]
     if snr_gamma is None:
         return F.mse_loss(pred.float(), target.float(), reduction="mean")
     # Min-SNR-gamma (arXiv:2303.09556, sec. 3.4/4.2), as in the current diffusers examples:

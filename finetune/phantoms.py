@@ -239,6 +239,40 @@ def caption(spec: PhantomSpec, rng: np.random.Generator) -> str:
     return " ".join(sentences)
 
 
+# Report text that says nothing a phantom could contradict: history, technique and normal anatomy in
+# MIMIC's words. Put before a caption it pushes the finding past CLIP's 77th token (long_report).
+FILLER = (
+    ("History of shortness of breath and cough for three days, evaluate for pneumonia.",
+     "Chest pain and dyspnea in a patient with known coronary artery disease.",
+     "Fever and productive cough, rule out infiltrate."),
+    ("Single frontal view of the chest was obtained with the patient in the upright position.",
+     "PA and lateral views of the chest were obtained and compared with the prior examination.",
+     "A portable AP radiograph of the chest was acquired at the bedside."),
+    ("The trachea is midline and the mediastinal contours are within normal limits.",
+     "Hilar contours are unremarkable without evidence of lymphadenopathy.",
+     "The aorta is mildly tortuous with atherosclerotic calcification of the aortic knob."),
+    ("The visualized osseous structures are intact without acute fracture or dislocation.",
+     "Degenerative changes are noted in the thoracic spine with mild multilevel osteophytes.",
+     "There are no displaced rib fractures and the soft tissues are unremarkable."),
+    ("The upper abdomen is unremarkable and there is no free air under the diaphragm.",
+     "The pulmonary vasculature is within normal limits without evidence of vascular congestion.",
+     "No interstitial edema is seen and the bronchovascular markings are normal."),
+)
+
+
+def long_report(short: str, rng: np.random.Generator, tokenizer: object, min_tokens: int = 80) -> str:
+    """`short` (a caption) behind filler sentences of at least `min_tokens` CLIP tokens, so a pipeline
+    that reads only 77 tokens never sees the finding: the shape of a MIMIC findings section."""
+    pool = [sentence for group in FILLER for sentence in group]
+    order = rng.permutation(len(pool))
+    filler: list[str] = []
+    for i in order:
+        filler.append(pool[i])
+        if len(tokenizer(" ".join(filler), add_special_tokens=False)["input_ids"]) >= min_tokens:
+            break
+    return " ".join(filler + [short])
+
+
 # ----------------------------------------------------------------------------- drawing helpers
 
 class _Canvas:

@@ -10,7 +10,6 @@ import importlib
 import logging
 import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -18,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from cxrcommon.config import load_yaml, parse_config, save_config, to_dict
+from cxrcommon.prompt_windows import WINDOW_LEN, encode_padded, pad_batch
 from cxrcommon.logs import setup_logging
 
 from . import checkpoint as ckpt
@@ -30,6 +30,7 @@ from .data import (StepSampler, TrainData, TrainDataset, caption_rows, describe_
                    load_train_data, make_loader, tokenize)
 from .export import save_outputs
 from .loss import diffusion_loss
+from .steplog import PendingLosses, Throughput
 from .validate import held_out_loss, log_grid, pipeline_from, save_grid, validation_grid
 
 log = logging.getLogger("finetune")
@@ -45,7 +46,10 @@ class TrainResult:
     steps: int  # optimizer steps completed in total
     losses: list[float] = field(default_factory=list)  # per optimizer step run in this call
     val_losses: dict[int, float] = field(default_factory=dict)
-    images_per_s: float = 0.0
+    images_per_s: float = 0.0  # over the whole call, warm-up included
+    steady_images_per_s: float = 0.0  # after the first `warmup_steps` steps (0.0: the run was not longer)
+    warmup_steps: int = 0
+    warmup_s: float = 0.0  # wall time of the warm-up steps (compilation, cuDNN autotuning, memory growth)
     resumed_from: Path | None = None
     stopped_early: bool = False
     outputs: dict[str, Path] = field(default_factory=dict)
@@ -105,15 +109,19 @@ def train(cfg: TrainConfig, data: TrainData | None = None,
     if accelerator.is_main_process:
         save_config(cfg, out / "train_config.yaml")
 
-    # --- captions: token ids, or cached embeddings when the text encoder is frozen
-    input_ids = tokenize(comp.tokenizer, data.captions)
+    # --- captions: token ids in 75-token windows, or cached embeddings when the text encoder is frozen
+    input_ids, windows = tokenize(comp.tokenizer, data.captions, cfg.max_windows)
     n_captions = len(data.captions)
+    log.info("captions: %d of %d longer than one CLIP window (up to %d windows)",
+             int((windows[:-1] > 1).sum()), n_captions, int(windows.max()))
     text_table = None
     if cfg.cache_text:  # check_config refused it with a trained text encoder
         path = cache_dir(cfg) / f"text-{text_key(comp.text_encoder, data.captions)}.safetensors"
         with accelerator.main_process_first():
-            text_table = build_text_cache(path, input_ids, lambda ids: comp.text_encoder(ids.to(device))[0],
-                                          cfg.train_batch_size).to(device, wdtype)
+            flat, _ = build_text_cache(path, input_ids, windows, comp.text_encoder, cfg.train_batch_size)
+        flat = flat.to(device, wdtype)
+        bounds = torch.cat([torch.zeros(1, dtype=torch.long), windows.cumsum(0)]).mul(WINDOW_LEN).tolist()
+        text_table = [flat[lo:hi] for lo, hi in zip(bounds, bounds[1:])]  # views, one per caption
 
     # --- images: pixels, or cached VAE latent moments
     latents_reader = None
@@ -157,7 +165,23 @@ def train(cfg: TrainConfig, data: TrainData | None = None,
         step = state["step"]
         log.info("resumed from %s at step %d", resume_path, step)
 
+    pending = PendingLosses(accum)
+
+    def read_losses() -> None:
+        """Read the pending losses back (one host sync): into the result, the tracker and the progress bar;
+        a non-finite one raises before anything after the last good step is saved."""
+        done = pending.flush(lambda losses, at, micro: NonFiniteLossError(_nan_message(losses, at, micro, ckpt_root)))
+        if not done:
+            return
+        ips = clock.since_last()  # the flush has synced the device
+        for d in done:
+            result.losses.append(d.loss)
+            accelerator.log({"loss": d.loss, "lr": d.lr}, step=d.step)
+        accelerator.log({"images_per_s": ips}, step=done[-1].step)
+        bar.set_postfix(loss=f"{done[-1].loss:.4f}", lr=f"{done[-1].lr:.2e}", img_s=f"{ips:.1f}")
+
     def save(at: int) -> None:
+        read_losses()
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state = {"world": world, "train_batch_size": cfg.train_batch_size, "accum": accum, "seed": cfg.seed,
@@ -167,11 +191,12 @@ def train(cfg: TrainConfig, data: TrainData | None = None,
             log.info("saved %s", path)
         accelerator.wait_for_everyone()
 
-    def hidden_for(caption_idx: torch.Tensor) -> torch.Tensor:
+    def hidden_for(caption_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(encoder hidden states, key mask or None) of a batch's captions, padded to its longest."""
         rows = caption_rows(caption_idx, n_captions)
         if text_table is not None:
-            return text_table[rows.to(device)]
-        return models.get("text_encoder", comp.text_encoder)(input_ids[rows].to(device))[0]
+            return pad_batch([text_table[r] for r in rows.tolist()], text_table[n_captions])
+        return encode_padded(models.get("text_encoder", comp.text_encoder), input_ids[rows], windows[rows])
 
     def latents_for(batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if "latent_mean" in batch:
@@ -185,24 +210,26 @@ def train(cfg: TrainConfig, data: TrainData | None = None,
         lat = lat * comp.vae.config.scaling_factor
         return lat.contiguous(memory_format=torch.channels_last) if cfg.channels_last else lat
 
-    def loss_of(lat: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-        return diffusion_loss(models["unet"], comp.noise_scheduler, lat, hidden, snr_gamma=cfg.snr_gamma,
-                              noise_offset=cfg.noise_offset)
+    def loss_of(lat: torch.Tensor, text: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        return diffusion_loss(models["unet"], comp.noise_scheduler, lat, text[0], encoder_mask=text[1],
+                              snr_gamma=cfg.snr_gamma, noise_offset=cfg.noise_offset)
 
     val_batches = _val_batches(cfg, data, comp)
     prompts = _validation_prompts(cfg, data)
 
     def validate(at: int) -> None:
+        read_losses()
         for m in models.values():
             m.eval()
         with accelerator.autocast():
-            val = held_out_loss(lambda px, ids: loss_of(_encode(comp, px, device, wdtype),
-                                                        models.get("text_encoder", comp.text_encoder)(ids.to(device))[0]),
-                                val_batches, cfg.seed)
+            val = held_out_loss(lambda px, ids, win: loss_of(
+                _encode(comp, px, device, wdtype), encode_padded(models.get("text_encoder", comp.text_encoder), ids, win)),
+                val_batches, cfg.seed)
             if accelerator.is_main_process and prompts and cfg.validation_seeds:
                 pipe = pipeline_from(comp, unwrapped["unet"], unwrapped.get("text_encoder", comp.text_encoder))
                 grid = validation_grid(pipe, prompts, cfg.validation_seeds, resolution=cfg.resolution,
-                                       steps=cfg.validation_inference_steps, guidance=cfg.validation_guidance_scale)
+                                       steps=cfg.validation_inference_steps, guidance=cfg.validation_guidance_scale,
+                                       max_windows=cfg.max_windows)
                 log_grid(accelerator.trackers, grid, prompts, at)
                 save_grid(out / "validation" / f"step-{at:07d}.png", grid, str(cfg.model), prompts, at)
         for m in models.values():
@@ -220,10 +247,10 @@ def train(cfg: TrainConfig, data: TrainData | None = None,
     sampler = StepSampler(len(data), cfg.train_batch_size, cfg.seed, start=step * accum, rank=rank, world=world)
     batches = make_loader(dataset, sampler, cfg.dataloader_num_workers)
     bar = tqdm(total=max_steps, initial=step, desc="train", unit="step", disable=not accelerator.is_local_main_process)
-    images, t_start = 0, time.perf_counter()
+    clock = Throughput(cfg.timing_warmup_steps, getattr(torch, device.type).synchronize)
     try:
         while step < max_steps:
-            t0, step_loss = time.perf_counter(), 0.0
+            micro_losses = []
             for micro in range(accum):
                 batch = next(batches)
                 set_seed(step_seed(cfg.seed, step, micro, rank))
@@ -233,11 +260,8 @@ def train(cfg: TrainConfig, data: TrainData | None = None,
                         sync.enter_context(accelerator.no_sync(m))
                 with sync:
                     loss = loss_of(latents_for(batch), hidden_for(batch["caption"]))
-                    losses = accelerator.gather(loss.detach().reshape(1))
-                    if not torch.isfinite(losses).all():
-                        raise NonFiniteLossError(_nan_message(losses, step, micro, ckpt_root))
+                    micro_losses.append(accelerator.gather(loss.detach().reshape(1)))
                     accelerator.backward(loss / accum)
-                step_loss += losses.float().mean().item() / accum
             if cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
@@ -245,13 +269,11 @@ def train(cfg: TrainConfig, data: TrainData | None = None,
                 lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
-            n_img = cfg.train_batch_size * accum * world
-            images += n_img
-            ips = n_img / (time.perf_counter() - t0)
-            result.losses.append(step_loss)
-            accelerator.log({"loss": step_loss, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": ips}, step=step)
+            pending.add(step, micro_losses, lr_scheduler.get_last_lr()[0])
+            clock.step(cfg.train_batch_size * accum * world)
             bar.update(1)
-            bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}", img_s=f"{ips:.1f}")
+            if step % cfg.logging_steps == 0:
+                read_losses()
             saved = bool(cfg.checkpointing_steps) and step % cfg.checkpointing_steps == 0
             if saved:
                 save(step)
@@ -262,9 +284,13 @@ def train(cfg: TrainConfig, data: TrainData | None = None,
                     save(step)
                 result.stopped_early = True
                 break
+        read_losses()
         bar.close()
         result.steps = step
-        result.images_per_s = images / max(time.perf_counter() - t_start, 1e-9)
+        result.images_per_s, result.steady_images_per_s = clock.rates()
+        result.warmup_steps, result.warmup_s = min(clock.steps, clock.warmup_steps), clock.warmup_s
+        log.info("images/s: %.1f steady (after %d warm-up steps, which took %.1f s), %.1f over the whole run",
+                 result.steady_images_per_s, result.warmup_steps, result.warmup_s, result.images_per_s)
         if not result.stopped_early:
             if cfg.checkpointing_steps and step % cfg.checkpointing_steps:
                 save(step)  # a final checkpoint, so the run can be extended with a larger --max-train-steps
@@ -287,14 +313,14 @@ def _encode(comp: Components, pixels: torch.Tensor, device: torch.device, dtype:
 
 
 def _val_batches(cfg: TrainConfig, data: TrainData, comp: Components, limit: int = 32) -> list[tuple]:
-    """Up to `limit` held-out images with their token ids, in fixed batches."""
+    """Up to `limit` held-out images with their token ids and window counts, in fixed batches."""
     if not data.val_images:
         return []
     n = min(limit, len(data.val_images))
     pixels = [load_pixels(im, cfg.resolution, cfg.resize_mode, cfg.clip_percentile) for im in data.val_images[:n]]
-    ids = tokenize(comp.tokenizer, data.val_captions[:n])[:n]
+    ids, windows = (t[:n] for t in tokenize(comp.tokenizer, data.val_captions[:n], cfg.max_windows))
     bs = cfg.train_batch_size
-    return [(torch.stack(pixels[i:i + bs]), ids[i:i + bs]) for i in range(0, n, bs)]
+    return [(torch.stack(pixels[i:i + bs]), ids[i:i + bs], windows[i:i + bs]) for i in range(0, n, bs)]
 
 
 def _nan_message(losses: torch.Tensor, step: int, micro: int, ckpt_root: Path) -> str:

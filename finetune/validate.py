@@ -8,6 +8,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from cxrcommon.prompt_windows import DEFAULT_MAX_WINDOWS, pipeline_embeds
+
 log = logging.getLogger(__name__)
 
 
@@ -22,15 +24,17 @@ def pipeline_from(comp: Any, unet: Any, text_encoder: Any) -> Any:
 
 
 def validation_grid(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, resolution: int, steps: int,
-                    guidance: float) -> np.ndarray:
+                    guidance: float, max_windows: int = DEFAULT_MAX_WINDOWS) -> np.ndarray:
     """Rows = prompts, columns = seeds; grayscale float [0, 1]. CPU generators make the grid the same
-    on any device for the same weights."""
+    on any device for the same weights. Prompts are encoded whole, in up to `max_windows` windows, as in
+    training and sampling (the stock pipeline would cut them at 77 tokens)."""
     rows = []
     for prompt in prompts:
         row = []
+        embeds = pipeline_embeds(pipe, prompt, max_windows=max_windows)
         for seed in seeds:
             g = torch.Generator("cpu").manual_seed(int(seed))
-            img = pipe(prompt, height=resolution, width=resolution, num_inference_steps=steps,
+            img = pipe(**embeds, height=resolution, width=resolution, num_inference_steps=steps,
                        guidance_scale=guidance, generator=g, output_type="np").images[0]
             row.append(img.mean(axis=-1))
         rows.append(np.concatenate(row, axis=1))
@@ -55,7 +59,7 @@ def save_grid(path: Path, grid: np.ndarray, model: str, prompts: Sequence[str], 
     return write_png(path, grid, text=provenance(model=model, step=step, prompts=" | ".join(prompts)))
 
 
-def held_out_loss(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], batches: Sequence[tuple],
+def held_out_loss(loss_fn: Callable[..., torch.Tensor], batches: Sequence[tuple],
                   seed: int) -> float | None:
     """Mean denoising loss over fixed validation batches with a fixed seed (comparable across steps)."""
     if not batches:

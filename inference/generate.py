@@ -26,7 +26,8 @@ from cxrcommon.imageio import read_image, save_image, to_square
 from cxrcommon.logs import setup_logging
 from cxrcommon.models import resolve_model
 from cxrcommon.provenance import SOFTWARE, file_sha256, provenance
-from cxrcommon.reports import ReportTooLongError, fit_clip_limit, normalize_report
+from cxrcommon.prompt_windows import count_tokens
+from cxrcommon.reports import FittedText, ReportTooLongError, fit_windows, normalize_report
 
 from .config import GenerateConfig
 from .prompts import PromptRow, read_prompts, write_prompts_jsonl
@@ -40,7 +41,7 @@ FORMATS = {"png": ".png", "png16": ".png", "dcm": ".dcm"}
 # options that change pixels or file layout; a folder is made with one value of each
 IMAGE_SETTINGS = ("steps", "guidance", "guidance_rescale", "guidance_interval", "scheduler", "seed",
                   "negative_prompt", "height", "width", "format", "label_folders", "strength", "lora_scale",
-                  "clean", "clip_policy")
+                  "clean", "clip_policy", "max_windows")
 
 
 class SettingsChangedError(RuntimeError):
@@ -57,7 +58,6 @@ class Job:
     prompt: str
     negative_prompt: str
     label: str | None
-    truncated: bool = False
 
 
 @dataclass
@@ -101,10 +101,16 @@ def shard_jobs(jobs: Iterable[Job], index: int, count: int) -> Iterator[Job]:
     return itertools.islice(jobs, index, None, count)
 
 
-def _batches(items: Iterable[Job], size: int) -> Iterator[list[Job]]:
-    it = iter(items)
-    while batch := list(itertools.islice(it, max(1, size))):
-        yield batch
+def _batches(items: Iterable[Job], size: int, length: Callable[[Job], int] = lambda job: 1) -> Iterator[list[Job]]:
+    """Batches of `size` jobs of equal `length` (text windows): one UNet call each. Jobs wait in one
+    bucket per length, so memory stays bounded by (lengths x size) however long the plan."""
+    buckets: dict[int, list[Job]] = {}
+    for job in items:
+        bucket = buckets.setdefault(length(job), [])
+        bucket.append(job)
+        if len(bucket) >= max(1, size):
+            yield buckets.pop(length(job))
+    yield from (b for b in buckets.values() if b)
 
 
 # ---------------------------------------------------------------- settings and manifest
@@ -161,24 +167,31 @@ def finished_keys(out: Path) -> set[str]:
 
 # ---------------------------------------------------------------- inputs
 
-def _fit_prompts(rows: list[PromptRow], tokenizer, policy: str, source: str) -> tuple[list[PromptRow], set[int]]:
-    """Normalise report text and fit CLIP's 77 tokens; returns rows and the indices that were cut.
+def _fit_prompts(rows: list[PromptRow], tokenizer, policy: str, max_windows: int,
+                 source: str) -> tuple[list[PromptRow], dict[int, tuple[str, FittedText]]]:
+    """Normalise report text and fit it to `max_windows` CLIP windows (impression kept first).
+    Returns rows holding the text to encode and, per row index, (original text, what was encoded).
     With policy "error" every over-long prompt is named before anything is generated."""
-    fitted, cut, too_long = [], set(), []
+    fitted, info, too_long = [], {}, []
     for row in rows:
         try:
-            text, was_cut = fit_clip_limit(normalize_report(row.prompt), tokenizer, policy=policy,
-                                           name=f"{source}:{row.index}")
+            fit = fit_windows(normalize_report(row.prompt), tokenizer, max_windows=max_windows, policy=policy,
+                              name=f"{source}:{row.index}")
         except ReportTooLongError as exc:
             too_long.append(str(exc))
             continue
-        if was_cut:
-            log.warning("%s:%d: prompt cut to CLIP's 77 tokens: %r", source, row.index, text)
-            cut.add(row.index)
-        fitted.append(dataclasses.replace(row, prompt=text))
+        if fit.cut:
+            log.warning("%s:%d: prompt cut to %d CLIP window(s) of 75 tokens, impression first: %r",
+                        source, row.index, max_windows, fit.text)
+        info[row.index] = (row.prompt, fit)
+        fitted.append(dataclasses.replace(row, prompt=fit.text))
     if too_long:
         raise ValueError("\n".join(too_long))
-    return fitted, cut
+    fits = [f for _, f in info.values()]
+    log.info("%d prompt(s): %d longer than one CLIP window (encoded whole, up to %d windows), %d cut to fit, "
+             "%d with a shortened impression", len(fits), sum(f.windows > 1 for f in fits), max_windows,
+             sum(f.cut for f in fits), sum(f.impression_cut for f in fits))
+    return fitted, info
 
 
 def _translation(cfg: GenerateConfig) -> Translation | None:
@@ -230,7 +243,7 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
     """Run (or resume) a generation job. `shard=(index, count)` overrides the process layout;
     `on_image(path)` is called after each image is on disk (progress for the app; tests use it);
     `sampler`: an already loaded model of `cfg.model` (the app shares one across requests)."""
-    for name in ("steps", "batch_size", "n_per_prompt", "decode_batch"):
+    for name in ("steps", "batch_size", "n_per_prompt", "decode_batch", "max_windows"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if cfg.format not in FORMATS:
@@ -261,7 +274,12 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
     if sampler.inpainting_unet and (translation is None or translation.mask is None):
         raise ValueError(f"{cfg.model} is an inpainting model (9-channel UNet): pass --init-image and --mask, "
                          f"or use a text-to-image model")
-    rows, cut = _fit_prompts(rows, sampler.tokenizer, cfg.clip_policy, source)
+    rows, fits = _fit_prompts(rows, sampler.tokenizer, cfg.clip_policy, cfg.max_windows, source)
+    negatives = list(dict.fromkeys([cfg.negative_prompt] + [r.negative_prompt for r in rows if r.negative_prompt]))
+    neg_windows = {t: c.windows for t, c in zip(negatives, count_tokens(sampler.tokenizer, negatives))}
+
+    def windows(job: Job) -> int:  # the embedding length its UNet call needs (prompt and negative padded alike)
+        return max(fits[job.prompt_index][1].windows, neg_windows.get(job.negative_prompt, 1))
 
     lora_sha = file_sha256(cfg.lora) if cfg.lora else None
     settings = {k: getattr(cfg, k) for k in IMAGE_SETTINGS}
@@ -304,7 +322,7 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
                               failed=0, seconds=0.0)
     start = time.perf_counter()
     with tqdm(total=n_todo, unit="img", desc="generating", disable=not is_main or None) as bar:
-        for batch in _batches((j for j in my_jobs() if j.key not in done), cfg.batch_size):
+        for batch in _batches((j for j in my_jobs() if j.key not in done), cfg.batch_size, windows):
             images = sampler.generate([Request(j.prompt, j.seed, j.negative_prompt) for j in batch],
                                       height=cfg.height, width=cfg.width, steps=cfg.steps, guidance=cfg.guidance,
                                       guidance_rescale=cfg.guidance_rescale,
@@ -317,11 +335,14 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
                         log.error("%s: text removal failed (%s); not saved, rerun to retry", job.key, exc)
                         summary.failed += 1
                         continue
+                original, fit = fits[job.prompt_index]
+                text_tags = fit.tags(original)
                 tags = provenance(prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed,
                                   label=job.label, prompt_source=f"{source}:{job.prompt_index}", image_index=job.k,
-                                  prompt_truncated="true" if job.prompt_index in cut else None, **base_tags)
+                                  **text_tags, **base_tags)
                 path = save_image(out / job.key, image, fmt=cfg.format, tags=tags)
                 append_jsonl(manifest, {"key": job.key, "file": job.key, "prompt": job.prompt,
+                                        **{k: v for k, v in text_tags.items() if v is not None},
                                         "negative_prompt": job.negative_prompt, "seed": job.seed, "label": job.label,
                                         "prompt_index": job.prompt_index, "k": job.k, "model": cfg.model,
                                         "lora_sha256": lora_sha, "synthetic": True, "software": SOFTWARE,

@@ -12,12 +12,15 @@ import collections
 import hashlib
 import inspect
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from cxrcommon.prompt_windows import encode_windows, pad_pair, window_ids
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +40,13 @@ SCHEDULERS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 # torch.compile modes for the UNet: reduce-overhead and max-autotune add CUDA graphs (on GPUs), max-autotune also
-# tunes GEMMs and convolutions; max-autotune-no-cudagraphs tunes without graphs
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# tunes GEMMs and convolutions; max-autotune-no-cudagraphs tunes without graphs; auto: see COMPILE_AFTER_S
+COMPILE_MODES = ("off", "auto", "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# compile="auto" on CUDA samples eagerly until this many seconds of sampling have run, then compiles (mode
+# default) for the rest of the job: a job too small to repay the compile never pays it, and a large one loses
+# at most this much sampling at the eager speed. 90 s = the measured cold compile of the SD 2.1-base UNet on
+# an H100 (docs/BENCHMARKS.md), so no job pays more than twice the best choice made knowing its size.
+COMPILE_AFTER_S = 90.0
 
 
 def make_scheduler(name: str, config: Any) -> Any:
@@ -104,8 +112,10 @@ class CXRSampler:
 
     def __init__(self, pipe: Any, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  scheduler: str = "ddim", channels_last: bool | str = "auto", fuse_qkv: bool = False,
-                 compile: str = "off", compile_backend: str = "inductor", decode_batch: int = 1,
-                 cache_size: int = 1024):
+                 compile: str = "off", compile_backend: str = "inductor", compile_after_s: float | None = None,
+                 decode_batch: int = 1, cache_size: int = 1024):
+        """`compile_after_s`: with compile="auto", the eager sampling seconds before compiling; None = the
+        device's default (`COMPILE_AFTER_S` on CUDA, never elsewhere)."""
         self.device, self.dtype = torch.device(device), dtype
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):  # cast only if needed (diffusers warns on casts)
             module.to(self.device) if module.dtype == dtype else module.to(self.device, dtype)
@@ -115,8 +125,8 @@ class CXRSampler:
         self.use_scheduler(scheduler)
         if str(channels_last).lower() not in ("auto", "true", "false"):
             raise ValueError(f"channels_last must be auto, true or false, got {channels_last!r}")
-        if str(channels_last).lower() == "auto":  # cuDNN prefers channels-last; CPU keeps the default layout
-            channels_last = self.device.type != "cpu"
+        if str(channels_last).lower() == "auto":  # measured slower on an H100 (-16 %) and on CPU; untimed elsewhere
+            channels_last = self.device.type not in ("cpu", "cuda")
         if str(channels_last).lower() == "true":
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
@@ -125,13 +135,56 @@ class CXRSampler:
         if compile not in COMPILE_MODES:  # YAML reads a bare `off` as false, hence the hint
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r} "
                              f"(in YAML quote it: compile: \"off\")")
-        self.compiled = compile != "off"
-        if self.compiled:  # compiled lazily on the first call, once per batch shape
-            self.unet = torch.compile(self.unet, mode=compile, backend=compile_backend, dynamic=False)
+        self.compiled, self._compile_backend = False, compile_backend
+        self._compiled_rows: dict[int, None] = {}  # UNet batch shapes compiled so far
+        self._eager_s = 0.0  # sampling seconds run eagerly so far (compile="auto")
+        if compile_after_s is None and self.device.type == "cuda":
+            compile_after_s = COMPILE_AFTER_S
+        self._compile_after_s = compile_after_s if compile == "auto" else None
+        if compile not in ("off", "auto"):
+            self._compile_unet(compile)
         self.decode_batch = max(1, decode_batch)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self._cache: collections.OrderedDict[str, torch.Tensor] = collections.OrderedDict()
         self._cache_size = cache_size
+
+    def _compile_unet(self, mode: str) -> None:
+        """Wrap the UNet in torch.compile (traced lazily, once per batch shape), with a persistent cache."""
+        from cxrcommon.device import persistent_compile_cache
+
+        log.info("torch.compile of the UNet: mode %s, backend %s, cache %s", mode, self._compile_backend,
+                 persistent_compile_cache())
+        self.unet = torch.compile(self.unet, mode=mode, backend=self._compile_backend, dynamic=False)
+        self.compiled = True
+
+    def _count_eager(self, seconds: float) -> None:
+        """compile="auto": add a batch's eager time; compile once the total reaches `COMPILE_AFTER_S`."""
+        if self._compile_after_s is None or self.compiled:
+            return
+        self._eager_s += seconds
+        if self._eager_s >= self._compile_after_s:
+            log.info("compile auto: %.0f s of eager sampling so far, compiling for the rest of the job", self._eager_s)
+            self._compile_unet("default")
+
+    def _unet_rows(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction. Compiled, a batch smaller than a compiled shape is zero-padded to it (a
+        job's last, partial batch would otherwise pay a whole new compile), and each new shape's first
+        call, which compiles it, is timed and logged."""
+        if not self.compiled:
+            return self.unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+        rows = x.shape[0]
+        fit = min((r for r in self._compiled_rows if r >= rows), default=rows)
+        if fit > rows:
+            x, emb = (torch.cat([a, a.new_zeros((fit - rows, *a.shape[1:]))]) for a in (x, emb))
+        start = time.perf_counter()
+        pred = self.unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+        if fit not in self._compiled_rows:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            log.info("torch.compile of the UNet for %d rows: %.1f s (compile + first call)", fit,
+                     time.perf_counter() - start)
+            self._compiled_rows[fit] = None
+        return pred[:rows]
 
     @classmethod
     def load(cls, model: str | None = None, *, lora: str | None = None, lora_scale: float = 1.0,
@@ -168,19 +221,53 @@ class CXRSampler:
         return self.unet.config.in_channels == 9
 
     @torch.inference_mode()
-    def encode_prompts(self, texts: Sequence[str]) -> torch.Tensor:
-        """Text embeddings (N, 77, D), each unique text encoded once and cached.
+    def encode_prompts(self, texts: Sequence[str]) -> list[torch.Tensor]:
+        """Text embeddings, one (W*77, D) tensor per text (W = its 75-token windows, see
+        cxrcommon.prompt_windows); each unique text encoded once and cached.
 
-        Texts are encoded one at a time so an embedding never depends on its batch-mates."""
+        Texts are encoded one at a time so an embedding never depends on its batch-mates. A text that
+        fits one window is encoded exactly as the stock pipeline encodes it."""
         for text in dict.fromkeys(texts):
             if text in self._cache:
                 self._cache.move_to_end(text)
                 continue
-            emb = self.pipe.encode_prompt(text, self.device, 1, False)[0]
-            self._cache[text] = emb[0]
+            emb = encode_windows(self.pipe.text_encoder, window_ids(self.tokenizer, text))
+            self._cache[text] = emb.to(self.pipe.text_encoder.dtype)
             if len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
-        return torch.stack([self._cache[t] for t in texts])
+        return [self._cache[t] for t in texts]
+
+    def embedding_groups(self, requests: Sequence[Request], cfg: bool) -> list[tuple[torch.Tensor | None, torch.Tensor,
+                                                                                   torch.Tensor | None]]:
+        """[(row indices, or None for all rows; cond (B, L, D); uncond or None)]: rows grouped by
+        embedding length, each row's prompt and negative prompt padded to the longer of the two.
+
+        Rows of different lengths go through separate UNet calls (nothing is padded across rows), so an
+        image never depends on its batch-mates; a batch of equal lengths (the generator buckets them)
+        is one group and one call."""
+        cond = self.encode_prompts([r.prompt for r in requests])
+        uncond = self.encode_prompts([r.negative_prompt for r in requests]) if cfg else [None] * len(requests)
+        if cfg:
+            empty = self.encode_prompts([""])[0]
+            cond, uncond = zip(*(pad_pair(c, u, empty) for c, u in zip(cond, uncond)))
+        by_len: dict[int, list[int]] = {}
+        for i, c in enumerate(cond):
+            by_len.setdefault(c.shape[0], []).append(i)
+        return [(None if len(by_len) == 1 else torch.tensor(rows, device=self.device),
+                 torch.stack([cond[i] for i in rows]), torch.stack([uncond[i] for i in rows]) if cfg else None)
+                for rows in by_len.values()]
+
+    def grouped_noise(self, groups: list, x: torch.Tensor, t: torch.Tensor, use_cfg: bool, guidance: float,
+                      rescale: float, extra: torch.Tensor | None) -> torch.Tensor:
+        """`guided_noise` over the batch, one UNet call per embedding-length group."""
+        if len(groups) == 1:
+            _, cond, uncond = groups[0]
+            return self.guided_noise(x, t, cond, uncond if use_cfg else None, guidance, rescale, extra)
+        pred = torch.empty_like(x)
+        for rows, cond, uncond in groups:
+            pred[rows] = self.guided_noise(x[rows], t, cond, uncond if use_cfg else None, guidance, rescale,
+                                           None if extra is None else extra[rows])
+        return pred
 
     def initial_noise(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
         """Per-image Gaussian latents drawn on the CPU, so the same seed gives the same image on any device."""
@@ -199,7 +286,7 @@ class CXRSampler:
         if extra is not None:
             x = torch.cat([x, extra if uncond is None else torch.cat([extra, extra])], dim=1)
         emb = cond if uncond is None else torch.cat([uncond, cond])
-        pred = self.unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
+        pred = self._unet_rows(x, t, emb)
         if uncond is None:  # a CUDA-graph replay overwrites its output buffer; multistep schedulers keep `pred`
             return pred.clone() if self.compiled else pred
         pred_uncond, pred_cond = pred.chunk(2)
@@ -226,10 +313,9 @@ class CXRSampler:
             raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
         lo, hi = guidance_interval
         gens = [torch.Generator("cpu").manual_seed(int(r.seed)) for r in requests]
-        cond = self.encode_prompts([r.prompt for r in requests])
-        uncond = self.encode_prompts([r.negative_prompt for r in requests]) if guidance > 1 else None
+        groups = self.embedding_groups(requests, cfg=guidance > 1)
         sched = self.scheduler
-        sched.set_timesteps(steps, device=self.device)
+        sched.set_timesteps(steps, device="cpu")  # the step rules index CPU tables: no host sync per step
         timesteps = sched.timesteps
         noise = self.initial_noise(gens, height, width)
         init = mask = extra = None
@@ -249,11 +335,12 @@ class CXRSampler:
         else:
             latents = sched.add_noise(init, noise, timesteps[:1])
         step_kw = {"generator": gens} if "generator" in self._step_kwargs else {}
+        unet_t = timesteps.to(self.device)  # one copy; the UNet reads its step's entry on the device
         for i, t in enumerate(timesteps):
             frac = i / len(timesteps)
-            use_cfg = uncond is not None and lo <= frac and (frac < hi or hi >= 1.0)
+            use_cfg = guidance > 1 and lo <= frac and (frac < hi or hi >= 1.0)
             x = sched.scale_model_input(latents, t)
-            pred = self.guided_noise(x, t, cond, uncond if use_cfg else None, guidance, guidance_rescale, extra)
+            pred = self.grouped_noise(groups, x, unet_t[i], use_cfg, guidance, guidance_rescale, extra)
             latents = sched.step(pred, t, latents, return_dict=False, **step_kw)[0]
             if mask is not None and extra is None:  # plain UNet: keep the known region on the noisy init path
                 known = init if i == len(timesteps) - 1 else sched.add_noise(init, noise, timesteps[i + 1:i + 2])
@@ -290,10 +377,12 @@ class CXRSampler:
             raise ValueError(f"init image is {translation.image.shape}, expected {(height, width)}")
         if translation is not None and translation.strength == 0:
             return np.repeat(translation.image[None].astype(np.float32), len(requests), axis=0)
+        start = time.perf_counter()
         latents = self.sample_latents(requests, height=height, width=width, steps=steps, guidance=guidance,
                                       guidance_rescale=guidance_rescale, guidance_interval=guidance_interval,
                                       translation=translation)
         images = self.decode(latents)
+        self._count_eager(time.perf_counter() - start)  # decode's copy to numpy synced the device
         if translation is not None and translation.mask is not None:
             keep = (translation.mask < 0.5)[None]
             images = np.where(keep, translation.image[None], images).astype(np.float32)

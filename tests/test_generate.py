@@ -269,13 +269,14 @@ def test_clean_runs_textremoval_on_each_image_and_failures_are_retried(cfg, monk
     assert generate(dataclasses.replace(cfg, clean=True)).generated == 1  # the failed one is retried
 
 
-def test_long_reports_are_cut_at_sentences_or_refused(cfg, tmp_path):
-    long = " ".join(f"Finding number {i} is described here in some detail." for i in range(15))
+def test_reports_past_the_window_cap_are_cut_at_sentences_or_refused(cfg, tmp_path):
+    long = " ".join(f"Finding number {i} is described here in some detail." for i in range(30))  # > 3 windows
     prompts = tmp_path / "long.txt"
     prompts.write_text(f"Clear lungs.\n{long}\n")
     s = generate(dataclasses.replace(cfg, prompts=str(prompts), n_per_prompt=1, steps=1))
     tags = [read_png_text(s.out / k) for k in images(s.out)]
     cut = [t for t in tags if t.get("prompt_truncated") == "true"]
     assert len(cut) == 1 and cut[0]["prompt"].endswith("detail.") and len(cut[0]["prompt"]) < len(long)
-    with pytest.raises(ValueError, match="long.txt:2.*CLIP tokens"):
+    assert cut[0]["prompt_original"] == long and cut[0]["prompt_windows"] == "3"
+    with pytest.raises(ValueError, match=r"long.txt:2 has \d+ CLIP tokens, more than 3 window"):
         generate(dataclasses.replace(cfg, prompts=str(prompts), out=str(tmp_path / "e"), clip_policy="error"))

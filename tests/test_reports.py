@@ -1,4 +1,4 @@
-"""Report text: section extraction (MIMIC, IU-Xray, OpenI fields), placeholders, the 77-token policy."""
+"""Report text: section extraction (MIMIC, IU-Xray, OpenI fields), placeholders, the window cap and its salience cut."""
 from __future__ import annotations
 
 import csv
@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from cxrcommon.reports import (ReportStats, ReportTooLongError, extract_sections, fit_clip_limit,
-                               normalize_report, prepare_reports)
+from cxrcommon.reports import (FittedText, ReportStats, ReportTooLongError, extract_sections, fit_clip_limit,
+                               fit_windows, impression_of, normalize_report, prepare_reports, salient_order)
 from cxrcommon.tokenizer import clip_tokenizer
 
 MIMIC_FULL = """                                 FINAL REPORT
@@ -186,25 +186,58 @@ def test_error_policy_names_the_report(tok):
         fit_clip_limit(LONG_REPORT, tok, policy="chop")
 
 
-def test_prepare_reports_counts_cut_and_empty(tok, caplog):
+def test_prepare_reports_counts_windows_cuts_and_empty(tok, caplog):
     texts = [MIMIC_FULL, IU_XRAY, LONG_REPORT, "FINDINGS: ___ IMPRESSION: XXXX", OPENI_FIELDS, ""]
     with caplog.at_level(logging.INFO, logger="cxrcommon.reports"):
-        out, stats = prepare_reports(texts, tok)
+        out, stats = prepare_reports(texts, tok)  # default: 3 windows of 75 tokens, nothing here is cut
     assert len(out) == len(texts) and out[3] == "" and out[5] == ""
-    assert stats == ReportStats(total=6, cut=2, empty=2, policy="sentence", max_tokens=77)
-    assert all(n_tokens(tok, t) <= 77 for t in out)
-    assert stats.summary() == "6 reports: 2 (33.3%) cut to 77 CLIP tokens (policy sentence), 2 empty"
-    assert stats.summary() in caplog.text
-    with pytest.raises(ReportTooLongError, match="report case-1 has 88 CLIP tokens"):
-        prepare_reports(texts, tok, policy="error", names=[f"case-{i + 1}" for i in range(len(texts))])
+    assert out[2] == normalize_report(extract_sections(LONG_REPORT))  # whole, impression included
+    assert stats == ReportStats(total=6, cut=0, empty=2, policy="sentence", max_windows=3, multi_window=2)
+    assert stats.summary() in caplog.text and "2 (33.3%) longer than one CLIP window" in stats.summary()
+    one, stats1 = prepare_reports(texts, tok, max_windows=1)  # the stock 77-token limit
+    assert stats1.cut == 2 and stats1.multi_window == 0 and all(n_tokens(tok, t) <= 77 for t in one)
+    with pytest.raises(ReportTooLongError, match=r"report case-1 has 86 CLIP tokens, more than 1 window"):
+        prepare_reports(texts, tok, policy="error", max_windows=1, names=[f"case-{i + 1}" for i in range(len(texts))])
+
+
+def test_a_cut_keeps_the_impression_first_then_findings(tok):
+    """Under a cap the impression survives (it was at the end, the first thing a plain cut drops)."""
+    out, stats = prepare_reports([LONG_REPORT], tok, max_windows=1)
+    assert out[0].startswith("Lines and tubes in standard position. Worsening pulmonary edema. Portable semi-upright")
+    assert stats.cut == 1 and stats.impression_cut == 0 and n_tokens(tok, out[0]) <= 77
+    text = normalize_report(LONG_REPORT)  # a prompt keeps its headers; the impression moves up with its own
+    fit = fit_windows(text, tok, max_windows=1)
+    assert fit.cut and not fit.impression_cut and fit.windows == 1
+    assert fit.text.startswith("IMPRESSION: Lines and tubes in standard position. Worsening pulmonary edema. FINDINGS:")
+    assert fit.tags(text) == {"prompt_windows": "1", "prompt_truncated": "true", "prompt_impression_cut": None,
+                              "prompt_original": text}
+    whole = fit_windows(text, tok)  # 2 windows fit under the default cap: nothing moves
+    assert whole == FittedText(text, 147, 2) and whole.tags(text)["prompt_original"] is None
+
+
+def test_an_impression_too_long_for_the_cap_is_cut_loudly(tok, caplog):
+    report = "FINDINGS: Clear lungs. IMPRESSION: " + " ".join(f"Finding {i} is described here." for i in range(30))
+    with caplog.at_level(logging.WARNING, logger="cxrcommon.reports"):
+        fit = fit_windows(report, tok, max_windows=1, name="notes.csv:7")
+    assert fit.cut and fit.impression_cut and fit.text.startswith("IMPRESSION: Finding 0 is")
+    assert "FINDINGS" not in fit.text and n_tokens(tok, fit.text) <= 77
+    assert "notes.csv:7: the report's impression is longer than 1 window(s)" in caplog.text
+
+
+def test_salient_order_leaves_reports_without_an_impression_alone():
+    assert salient_order("Day 4: intubated. History: 73 year old.") == ("Day 4: intubated. History: 73 year old.", "")
+    assert salient_order("History: cough. FINDINGS: Lungs clear. IMPRESSION: Nothing acute.") == \
+        ("IMPRESSION: Nothing acute. FINDINGS: Lungs clear. History: cough.", "Nothing acute.")
+    assert impression_of({"findings": "Clear.", "impression": "Normal."}) == "Normal."
+    assert impression_of("Lungs are clear, no impression of effusion.") == ""
 
 
 def test_real_clinical_notes(realcxr, tok):
     with open(realcxr / "manifest.csv", newline="", encoding="utf-8") as f:
         notes = [r["report_text"] for r in csv.DictReader(f) if r["report_text"].strip()]
     out, stats = prepare_reports(notes, tok)
-    assert stats.total == len(notes) > 100
-    assert 0 < stats.cut < stats.total and stats.empty == 0
-    lengths = [n_tokens(tok, t) for t in out]
-    assert max(lengths) <= 77
+    assert stats.total == len(notes) > 100 and stats.empty == 0
+    assert stats.multi_window > 100  # almost half of these notes need a second window ...
+    assert 0 < stats.cut < stats.multi_window / 4  # ... few a fourth (measured: 154 and 24 of 331)
+    assert max(n_tokens(tok, t) for t in out) <= 3 * 75 + 2
     assert sum(a != b for a, b in zip(out, (normalize_report(extract_sections(n)) for n in notes))) == stats.cut

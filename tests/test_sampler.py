@@ -23,8 +23,8 @@ def count_calls(module, store):
 def test_cfg_in_one_unet_call_equals_two_call_reference(sampler):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 16, 16, generator=g)
-    cond = sampler.encode_prompts(["Left effusion.", "Clear lungs.", "Left effusion."])
-    uncond = sampler.encode_prompts(["", "", "text"])
+    cond = torch.stack(sampler.encode_prompts(["Left effusion.", "Clear lungs.", "Left effusion."]))
+    uncond = torch.stack(sampler.encode_prompts(["", "", "text"]))
     t = sampler.scheduler.timesteps[0] if len(sampler.scheduler.timesteps) else torch.tensor(500)
     calls: list[int] = []
     hook = count_calls(sampler.unet, calls)
