@@ -64,7 +64,7 @@ class Services:
         self.cfg = cfg
         self._lock = threading.Lock()
         self._sampler: Any = None
-        self._removers: dict[bool, Any] = {}
+        self._removers: dict[tuple[bool, bool], Any] = {}
 
     def sampler(self) -> Any:
         from inference.sampler import CXRSampler
@@ -73,16 +73,18 @@ class Services:
                                             device=self.cfg.device, precision=self.cfg.precision)
         return self._sampler
 
-    def remover(self, keep_markers: bool) -> Any:
+    def remover(self, keep_markers: bool, deidentify: bool = False) -> Any:
         from textremoval.clean import TextRemover
         from textremoval.config import TextRemovalConfig
-        if keep_markers not in self._removers:
-            tr = TextRemovalConfig(keep_markers=keep_markers, sam_checkpoint=self.cfg.sam_checkpoint,
-                                   device=self.cfg.device, precision=self.cfg.precision)
+        key = (keep_markers, deidentify)
+        if key not in self._removers:
+            tr = TextRemovalConfig(keep_markers=keep_markers, deidentify=deidentify,
+                                   sam_checkpoint=self.cfg.sam_checkpoint, device=self.cfg.device,
+                                   precision=self.cfg.precision)
             if self.cfg.inpaint_model:
                 tr = dataclasses.replace(tr, inpainter="sd", sd_model=self.cfg.inpaint_model, sd_lora=self.cfg.lora)
-            self._removers[keep_markers] = TextRemover.from_config(tr)
-        return self._removers[keep_markers]
+            self._removers[key] = TextRemover.from_config(tr)
+        return self._removers[key]
 
     def model_name(self) -> str:
         from cxrcommon.models import resolve_model
@@ -147,6 +149,31 @@ def generate_images(services: Services, out_dir: Path, report: str, negative: st
     return [str(p) for p in pngs], files, seed
 
 
+@functools.lru_cache(maxsize=1)
+def _tokenizer() -> Any:
+    """SD 2.x's CLIP tokenizer (offline), built once for the live token counter."""
+    from cxrcommon.tokenizer import clip_tokenizer
+    return clip_tokenizer()
+
+
+def report_length(report: str) -> str:
+    """What the model will read of a typed report: its CLIP tokens, the 75-token windows they fill and,
+    past the window cap, what the cut keeps (shown live under the Report box)."""
+    from cxrcommon.prompt_windows import DEFAULT_MAX_WINDOWS, WINDOW
+    from cxrcommon.reports import fit_windows, normalize_report
+
+    text = normalize_report(report or "")
+    if not text:
+        return f"0 CLIP tokens (reports are encoded whole, up to {DEFAULT_MAX_WINDOWS} windows of {WINDOW})"
+    fit = fit_windows(text, _tokenizer(), max_windows=DEFAULT_MAX_WINDOWS)
+    if not fit.cut:
+        return (f"{fit.tokens} CLIP tokens = {fit.windows} window(s) of {WINDOW}: encoded whole"
+                + (" (the stock pipeline would read only the first 75)" if fit.windows > 1 else ""))
+    return (f"over {DEFAULT_MAX_WINDOWS} windows of {WINDOW} tokens: cut to {fit.tokens} tokens, impression first"
+            + ("; **the impression itself was shortened**" if fit.impression_cut else "")
+            + f". Encoded: {fit.text[:200]}{'...' if len(fit.text) > 200 else ''}")
+
+
 def batch_dataset(services: Services, out_dir: Path, prompt_file: str, n_per_prompt: int, steps: int,
                   guidance: float, seed: int, fmt: str) -> tuple[str, str]:
     """Run the dataset generator on an uploaded prompt file; return (zip path, summary)."""
@@ -176,8 +203,10 @@ def batch_dataset(services: Services, out_dir: Path, prompt_file: str, n_per_pro
     return str(archive), f"{summary.generated} images from {len(rows)} prompts → {archive.name}"
 
 
-def clean_upload(services: Services, out_dir: Path, path: str, keep_markers: bool) -> tuple[Any, ...]:
-    """Clean one uploaded image: (annotated view, cleaned PNG, mask PNG, downloads, regions table)."""
+def clean_upload(services: Services, out_dir: Path, path: str, keep_markers: bool,
+                 deidentify: bool = False) -> tuple[Any, ...]:
+    """Clean one uploaded image: (annotated view, cleaned PNG, mask PNG, downloads, regions table).
+    `deidentify`: a DICOM also gets the PS3.15 header profile; its audit is in the regions JSON."""
     from cxrcommon.imageio import read_image, write_png
     from textremoval.clean import clean_file
 
@@ -187,7 +216,7 @@ def clean_upload(services: Services, out_dir: Path, path: str, keep_markers: boo
     if src.suffix.lower() not in UPLOAD_TYPES:
         raise ValueError(f"{src.name}: unsupported file type; upload PNG, JPEG, TIFF or DICOM")
     original = read_image(src)  # raises ImageReadError with a clear message on bad uploads
-    remover = services.remover(bool(keep_markers))
+    remover = services.remover(bool(keep_markers), bool(deidentify))
     job = out_dir / "clean"
     shutil.rmtree(job, ignore_errors=True)
     record = services.run(clean_file, src, job, remover=remover)
@@ -261,8 +290,8 @@ def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
                              seed, fmt)
 
     @user_errors
-    def on_clean(upload, keep_markers, request: gr.Request, progress=progress):
-        return clean_upload(services, session_dir(request, root), upload, keep_markers)
+    def on_clean(upload, keep_markers, deidentify, request: gr.Request, progress=progress):
+        return clean_upload(services, session_dir(request, root), upload, keep_markers, deidentify)
 
     @user_errors
     def on_evaluate(real, fake, features, request: gr.Request, progress=progress):
@@ -275,6 +304,7 @@ def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
             with gr.Row():
                 with gr.Column():
                     report = gr.Textbox(label="Report", lines=4, placeholder="Findings / impression text")
+                    length = gr.Markdown(report_length(""))
                     gr.Examples(EXAMPLES, inputs=report)
                     negative = gr.Textbox(label="Negative prompt", value="")
                     with gr.Row():
@@ -290,6 +320,8 @@ def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
                     gallery = gr.Gallery(label="Synthetic X-rays", columns=2, format="png")
                     used_seed = gr.Number(label="Seed used", precision=0, interactive=False)
                     downloads = gr.File(label="Downloads (PNG with provenance, DICOM)", file_count="multiple")
+            report.change(report_length, report, length, api_name="report_length", queue=False,
+                          show_progress="hidden")
             go.click(on_generate, [report, negative, steps, guidance, scheduler, seed, n, clean_text],
                      [gallery, downloads, used_seed], api_name="generate", concurrency_limit=cfg.concurrency)
         with gr.Tab("Batch"):
@@ -311,6 +343,8 @@ def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
                 with gr.Column():
                     upload = gr.File(label="X-ray (PNG / JPEG / DICOM)", file_types=UPLOAD_TYPES)
                     keep = gr.Checkbox(label="Keep laterality markers (L/R, D/I)", value=True)
+                    deid = gr.Checkbox(label="De-identify DICOM (PS3.15 header profile; the patient's name and ID "
+                                             "are erased from the pixels too)", value=False)
                     c_go = gr.Button("Clean", variant="primary")
                 with gr.Column():
                     detected = gr.AnnotatedImage(label="Detected text")
@@ -318,7 +352,7 @@ def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
                     mask = gr.Image(label="Mask", type="filepath", format="png")
             regions = gr.Dataframe(headers=["text", "score", "action", "box"], label="Regions")
             c_files = gr.File(label="Downloads", file_count="multiple")
-            c_go.click(on_clean, [upload, keep],
+            c_go.click(on_clean, [upload, keep, deid],
                        [detected, cleaned, mask, c_files, regions], api_name="clean", concurrency_limit=cfg.concurrency)
         with gr.Tab("Evaluate"):
             with gr.Row():

@@ -44,15 +44,16 @@ PROMPT = "Moderate left pleural effusion. Heart size is enlarged. Case {}."
 CALLS = itertools.count()  # new prompts on every call, so neither side reuses text embeddings across calls
 
 
-def flops_per_image(size: int, steps: int, config_dir: Path = SD21_CONFIG_DIR) -> dict[str, float]:
-    """FLOPs of one UNet pass (one row), of one VAE decode, and of one guided image at `size` px."""
+def flops_per_image(size: int, steps: int, config_dir: Path = SD21_CONFIG_DIR, windows: int = 1) -> dict[str, float]:
+    """FLOPs of one UNet pass (one row, a text of `windows` CLIP windows), of one VAE decode, and of one
+    guided image at `size` px."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from torch.utils.flop_counter import FlopCounterMode
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir / "unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(config_dir / "vae"))
         latent = torch.empty(1, 4, size // 8, size // 8)
-        text = torch.empty(1, 77, unet.config.cross_attention_dim)
+        text = torch.empty(1, 77 * windows, unet.config.cross_attention_dim)
         with FlopCounterMode(display=False) as unet_count:
             unet(latent, torch.tensor(500), encoder_hidden_states=text)
         with FlopCounterMode(display=False) as vae_count:

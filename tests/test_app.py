@@ -75,6 +75,19 @@ def test_api_generate_returns_marked_images_and_reusable_seed(client):
     assert first.read_bytes() != b"" and read_png_text(first)["seed"] == tags["seed"]
 
 
+def test_the_generate_tab_counts_tokens_and_windows_of_the_typed_report(client):
+    findings = ("FINDINGS: The patient is status post median sternotomy and CABG. There is a left-sided dual-lead "
+                "pacemaker with leads terminating in the right atrium and right ventricle. The cardiac silhouette "
+                "is mildly enlarged. Mediastinal and hilar contours are unremarkable. There is mild pulmonary "
+                "vascular congestion without frank interstitial edema. No pneumothorax.")
+    assert client.predict("Small left effusion.", api_name="/report_length") == \
+        "5 CLIP tokens = 1 window(s) of 75: encoded whole"
+    long = client.predict(findings + " IMPRESSION: Large left pleural effusion.", api_name="/report_length")
+    assert long.startswith("90 CLIP tokens = 2 window(s) of 75: encoded whole (the stock pipeline")
+    huge = client.predict(f"{findings} {findings} {findings} IMPRESSION: Effusion.", api_name="/report_length")
+    assert huge.startswith("over 3 windows of 75 tokens: cut to") and "Encoded: IMPRESSION: Effusion. FINDINGS:" in huge
+
+
 def test_api_generate_bad_input_is_a_message_not_a_trace(client):
     from gradio_client.exceptions import AppError
     with pytest.raises(AppError, match="type a report first"):
@@ -84,7 +97,7 @@ def test_api_generate_bad_input_is_a_message_not_a_trace(client):
 def test_api_clean_erases_text_and_keeps_marker(client, tmp_path):
     from gradio_client import handle_file
     src = _xray_with_text(tmp_path / "film.png")
-    annotated, cleaned, mask, files, table = client.predict(handle_file(str(src)), True, api_name="/clean")
+    annotated, cleaned, mask, files, table = client.predict(handle_file(str(src)), True, False, api_name="/clean")
     texts = {row[0].upper(): row[2] for row in table["data"]} if isinstance(table, dict) else {}
     assert any("PORTABLE" in t for t in texts), table
     assert [a for t, a in texts.items() if "PORTABLE" in t] == ["erased"]
@@ -98,7 +111,18 @@ def test_api_clean_bad_upload(client, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not an image")
     with pytest.raises(AppError, match="broken.png"):
-        client.predict(handle_file(str(bad)), True, api_name="/clean")
+        client.predict(handle_file(str(bad)), True, False, api_name="/clean")
+
+
+def test_api_clean_deidentifies_a_dicom(client, tmp_path):
+    import pydicom
+    from gradio_client import handle_file
+    from test_deidentify import PHI_FILM, PID, film, phi_dataset
+    src = tmp_path / "film.dcm"
+    phi_dataset(film(PHI_FILM)).save_as(src, enforce_file_format=True)
+    _, _, _, files, _ = client.predict(handle_file(str(src)), True, True, api_name="/clean")
+    out = pydicom.dcmread(next(f for f in files if f.endswith(".dcm")))
+    assert out.PatientIdentityRemoved == "YES" and PID.encode() not in Path(out.filename).read_bytes()
 
 
 def test_uploads_over_the_size_limit_are_refused(server, tmp_path):

@@ -2,7 +2,7 @@
 
 Public API: `clean_image(image, config) -> CleanResult`, `clean_file(path, out_dir, config)`, the batch
 `textremoval.clean.clean(inputs, out_dir, config)`,
-`TextRemover.from_config(config)`, `TextRemovalConfig`.
+`TextRemover.from_config(config)`, `TextRemovalConfig` (`deidentify=True`: PS3.15 header profile, textremoval/deidentify.py).
 Names are imported lazily so `python -m textremoval.clean` does not import its own module twice."""
 from __future__ import annotations
 

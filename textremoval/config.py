@@ -44,6 +44,25 @@ class TextRemovalConfig:
                                                 "marker for --keep-markers")
     erase_pattern: str | None = field(None, "if set, erase only boxes whose recognised text matches this regex "
                                             "(case-insensitive search); others are kept")
+    # de-identify (textremoval/deidentify.py)
+    deidentify: bool = field(False, "DICOM only: also de-identify the header with the PS3.15 Basic Application Level "
+                                    "Confidentiality Profile (dicom-anonymizer), private tags removed and UIDs remapped "
+                                    "consistently within the run; the patient's name, ID and other header identifiers "
+                                    "are always erased from the pixels (even under --keep-markers); BurnedInAnnotation=NO "
+                                    "only when the pixel pass left nothing to review; per-run audit in "
+                                    "deid_audit.csv/.json beside the outputs (tag names, never old values)")
+    deid_retain_dates: bool = field(True, "de-identify: Retain Longitudinal Temporal Information, Modified Dates "
+                                          "Option: dates move back by one per-patient number of days (1-3650), "
+                                          "times are kept; false = dates removed as the Basic Profile says")
+    deid_retain_patient_characteristics: bool = field(True, "de-identify: Retain Patient Characteristics Option "
+                                                            "(sex, age, size, weight, ... kept)")
+    deid_clean_descriptors: bool = field(True, "de-identify: Clean Descriptors Option: study/series descriptions and "
+                                               "comments kept, with header identifiers and written dates cut out")
+    deid_verify: bool = field(True, "de-identify: OCR the cleaned image again; text still read there (other than "
+                                    "kept markers) flags the file for review and keeps BurnedInAnnotation=YES")
+    deid_secret: str | None = field(None, "de-identify: key for the new UIDs, pseudonymous patient IDs and date "
+                                          "shifts; the same key gives the same values across runs (keep it as "
+                                          "private as the originals). Unset = a random key per run")
     # segment
     segmenter: str = field("auto", "auto (sam if --sam-checkpoint else glyph) | glyph (threshold inside box) | "
                                    "box (whole box) | sam (Segment Anything box prompts)")

@@ -27,6 +27,7 @@ class TextRegion:
     text_score: float = 0.0                 # recognition confidence
     action: str = "erased"                  # "erased" or "kept"
     source: str = "line"                    # "line" (PP-OCR text-line detector) or "glyph" (glyphs.py)
+    identifier: bool = False                # reads as a header identifier (--deidentify): always erased
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -1,0 +1,75 @@
+"""The audit trail of a `--deidentify` run: per file which tags were removed, replaced, emptied, kept or
+added (names only, never values), how many text regions were erased and kept, and what needs review;
+gathered from the per-image JSON records into `deid_audit.json` and `deid_audit.csv`. The old->new
+identifier mapping is PHI itself and is written only to the path the user names (`--mapping-out`)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from cxrcommon.atomic import atomic_write_text
+
+from .deidentify import CODES, HeaderResult
+
+AUDIT_JSON, AUDIT_CSV = "deid_audit.json", "deid_audit.csv"
+TAG_KINDS = ("removed", "replaced", "emptied", "kept", "added", "swept")
+CSV_FIELDS = ["input", "output", "status", "burned_in_annotation", "regions_erased", "regions_kept",
+              "identifier_regions", *TAG_KINDS, "codes", "review"]
+
+
+def file_entry(header: HeaderResult | None, regions: Sequence[Any], review: list[str]) -> dict[str, Any]:
+    """The `deidentify` part of one image's JSON record."""
+    return {"status": "review" if review else "ok",
+            "burned_in_annotation": None if header is None else ("YES" if review else "NO"),
+            "regions_erased": sum(r.action == "erased" for r in regions),
+            "regions_kept": sum(r.action == "kept" for r in regions),
+            "identifier_regions": sum(r.identifier for r in regions),
+            "tags": header.tags if header else None,
+            "codes": [c for c, _ in header.codes + ([] if review else [CODES["pixels"]])] if header else [],
+            "review": review}
+
+
+def collect(out_dir: Path) -> list[dict[str, Any]]:
+    """Every de-identified image's audit entry under `out_dir` (this run's and earlier, resumed ones)."""
+    rows = []
+    for p in sorted(Path(out_dir).rglob("*.regions.json")):
+        rec = json.loads(p.read_text(encoding="utf-8"))
+        if "deidentify" in rec:
+            rows.append({"input": rec["input"], "output": rec["output"], **rec["deidentify"]})
+    return rows
+
+
+def write_audit(out_dir: str | Path, failed: Sequence[str], settings: dict[str, Any]) -> tuple[Path, Path]:
+    """deid_audit.json (settings + one entry per file, failures included) and a flat deid_audit.csv."""
+    out_dir = Path(out_dir)
+    rows = collect(out_dir) + [{"input": f.split(": ", 1)[0], "output": "", "status": "failed",
+                                "review": [f.split(": ", 1)[-1]]} for f in failed]
+    atomic_write_text(out_dir / AUDIT_JSON, json.dumps({"settings": settings, "files": rows}, indent=1))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, CSV_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        tags = r.get("tags") or {}
+        w.writerow({**r, **{k: ";".join(tags.get(k, [])) for k in TAG_KINDS},
+                    "codes": ";".join(r.get("codes", [])), "review": " | ".join(r.get("review", []))})
+    atomic_write_text(out_dir / AUDIT_CSV, buf.getvalue())
+    return out_dir / AUDIT_JSON, out_dir / AUDIT_CSV
+
+
+def write_mapping(path: str | Path, mapping: dict[tuple[str, str], str]) -> Path:
+    """kind,old,new CSV of every replaced identifier, merged with what the file already holds."""
+    path = Path(path)
+    rows: dict[tuple[str, str], str] = {}
+    if path.is_file():
+        for r in csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))):
+            rows[(r["kind"], r["old"])] = r["new"]
+    rows.update(mapping)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["kind", "old", "new"])
+    w.writerows([k, o, n] for (k, o), n in sorted(rows.items()))
+    atomic_write_text(path, buf.getvalue())
+    return path
