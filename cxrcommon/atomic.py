@@ -4,10 +4,43 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
+
+# what `atomic_path`/`atomic_dir` (and tempfile's names before them) leave behind when a run is killed
+_TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[^.]+)?$")
+_TEMP_DIR = re.compile(r"^\.tmp-.+-[A-Za-z0-9_]{8}$")
+
+
+def _make_unique(name: Callable[[str], Path], make: Callable[[Path], None]) -> Path:
+    """Create `name(random)` with `make` (os.open/os.mkdir: the umask applies, unlike tempfile's 0600/0700,
+    so outputs on a shared disk stay readable to colleagues); retry on the rare name clash."""
+    while True:
+        path = name(secrets.token_hex(4))
+        try:
+            make(path)
+            return path
+        except FileExistsError:
+            continue
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> int:
+    """Delete the temp files and folders a killed run left anywhere under `folder` (a zero-byte
+    `.x.png.1a2b3c4d.tmp.png` still matches `*.png`). Call it on start, while no other process writes there."""
+    removed = 0
+    for root, dirs, files in os.walk(folder):
+        for d in [d for d in dirs if _TEMP_DIR.match(d)]:
+            shutil.rmtree(Path(root, d), ignore_errors=True)
+            dirs.remove(d)
+            removed += 1
+        for f in files:
+            if _TEMP_FILE.match(f):
+                Path(root, f).unlink(missing_ok=True)
+                removed += 1
+    return removed
 
 
 @contextlib.contextmanager
@@ -15,9 +48,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success fsync it and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp)
+    tmp = _make_unique(lambda r: path.with_name(f".{path.name}.{r}.tmp{path.suffix}"),
+                       lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
     try:
         yield tmp
         with open(tmp, "rb+") as fh:
@@ -32,7 +64,7 @@ def atomic_dir(final: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     so a model folder on disk is always complete."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    tmp = _make_unique(lambda r: final.with_name(f".tmp-{final.name}-{r}"), lambda p: p.mkdir(0o777))
     try:
         write(tmp)
         if final.exists():

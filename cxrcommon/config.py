@@ -14,6 +14,8 @@ from typing import Any, Sequence, TypeVar
 import yaml
 
 from .atomic import atomic_write_text
+from .errors import UserError
+from .paths import read_user_text
 
 T = TypeVar("T")
 
@@ -69,22 +71,58 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def _coerce(value: Any, tp: Any, name: str, source: str) -> Any:
+    """A YAML value converted as the matching flag would be, or a UserError naming the key: a YAML
+    `steps: ten` must fail here, not as a TypeError deep inside the run."""
+    scalar, is_list = _base_type(tp)
+    if value is None:
+        return None
+    if is_list:
+        return [_coerce(v, scalar, name, source) for v in (value if isinstance(value, (list, tuple)) else [value])]
+    try:
+        return _convert(value, scalar)
+    except (TypeError, ValueError, argparse.ArgumentTypeError):
+        raise UserError(f"{source}: key {name!r} expects {getattr(scalar, '__name__', scalar)}, got {value!r} "
+                        f"— fix that value") from None
+
+
+def _convert(value: Any, scalar: Any) -> Any:
+    if scalar not in (bool, int, float, str, Path):
+        return value
+    if scalar is bool:
+        if isinstance(value, (bool, int, str)):
+            return value if isinstance(value, bool) else _bool(str(value))
+        raise TypeError(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError(value)
+    if scalar is int and isinstance(value, float) and not value.is_integer():
+        raise ValueError(value)
+    return scalar(value)
+
+
 def from_dict(cls: type[T], data: dict[str, Any], source: str = "config") -> T:
-    """Build `cls` from a mapping, naming any unknown key and the source it came from."""
+    """Build `cls` from a mapping, naming any unknown key or mistyped value and the source it came from."""
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(names))}")
-    return cls(**data)
+        raise UserError(f"{source}: unknown key(s) {', '.join(unknown)} — valid keys: {', '.join(sorted(names))}")
+    hints = typing.get_type_hints(cls)
+    return cls(**{k: _coerce(v, hints[k], k, source) for k, v in data.items()})
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML config, with a one-line error naming the file for anything else."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    text = read_user_text(path, "--config")
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f":{where.line + 1}" if where is not None else ""
+        raise UserError(f"--config {path}{line}: not valid YAML ({getattr(exc, 'problem', None) or exc}) "
+                        f"— fix that line") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of option: value at the top level")
+        raise UserError(f"--config {path}: expected a mapping of option: value at the top level")
     return data
 
 

@@ -6,8 +6,17 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 _ORDER = ("cuda", "xpu", "mps", "cpu")
+
+
+class DeviceUnavailableError(UserError, RuntimeError):
+    """An explicitly requested device is not present on this machine."""
+
+
 _PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PRECISION_NAMES = ("auto", *_PRECISIONS)
 
 
 def _available(kind: str) -> bool:
@@ -19,7 +28,7 @@ def _available(kind: str) -> bool:
         return hasattr(torch, "xpu") and torch.xpu.is_available()
     if kind == "mps":
         return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
-    raise ValueError(f"unknown device kind {kind!r}; use one of {', '.join(_ORDER)} or 'auto'")
+    raise UserError(f"unknown device kind {kind!r}; use one of {', '.join(_ORDER)} or 'auto'")
 
 
 def pick_device(preference: str | None = "auto") -> torch.device:
@@ -31,8 +40,8 @@ def pick_device(preference: str | None = "auto") -> torch.device:
         return torch.device(next(k for k in _ORDER if _available(k)))
     kind = str(preference).split(":")[0]
     if not _available(kind):
-        raise RuntimeError(f"device {preference!r} was requested but is not available; "
-                           f"use --device auto or one of: {', '.join(k for k in _ORDER if _available(k))}")
+        raise DeviceUnavailableError(f"device {preference!r} was requested but is not available; "
+                                     f"use --device auto or one of: {', '.join(k for k in _ORDER if _available(k))}")
     return with_index(preference)
 
 
@@ -57,7 +66,7 @@ def pick_dtype(device: torch.device | str, precision: str = "auto") -> torch.dty
     """Compute dtype: fp32 on CPU, bf16 where the device supports it, else fp16."""
     if precision != "auto":
         if precision not in _PRECISIONS:
-            raise ValueError(f"precision {precision!r} is not one of auto, {', '.join(_PRECISIONS)}")
+            raise UserError(f"precision {precision!r} is not one of auto, {', '.join(_PRECISIONS)}")
         return _PRECISIONS[precision]
     kind = torch.device(device).type
     if kind == "cuda":

@@ -28,21 +28,17 @@ from pydicom.uid import (PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian,
                          SecondaryCaptureImageStorage, generate_uid)
 
 from .atomic import atomic_path
+from .errors import ImageReadError
+from .limits import check_pixels
 from .provenance import SOFTWARE, SYNTHETIC_WARNING
 
 log = logging.getLogger(__name__)
 
-# Largest image (rows × columns) we decode; real CXRs are ≤ ~4k × 5k = 20 M pixels.
-MAX_PIXELS = int(os.environ.get("SYNTHCXR_MAX_PIXELS", 100_000_000))
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 DICOM_SUFFIXES = (".dcm", ".dicom")
 PLUGIN_HINT = ("install a decoder plugin: `pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg` "
                "(JPEG, JPEG-LS, JPEG 2000) or `pip install python-gdcm`")
 PROVENANCE_PREFIX = "provenance: "
-
-
-class ImageReadError(ValueError):
-    """An image file that cannot be read; the message names the file and the fix."""
 
 
 # ---------------------------------------------------------------- reading
@@ -120,19 +116,12 @@ def _is_dicom(p: Path) -> bool:
                          f"convert it to one of {', '.join(PIL_SUFFIXES + DICOM_SUFFIXES)}")
 
 
-def _check_pixels(p: Path, n: int, max_pixels: int | None) -> None:
-    limit = MAX_PIXELS if max_pixels is None else max_pixels
-    if n > limit:
-        raise ImageReadError(f"{p}: {n} pixels exceeds the limit of {limit} (possible decompression bomb) — "
-                             f"if the image is genuine, raise max_pixels or SYNTHCXR_MAX_PIXELS")
-
-
 def _read_pil(p: Path, max_pixels: int | None) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # we apply our own limit
             with Image.open(p) as img:
-                _check_pixels(p, img.size[0] * img.size[1], max_pixels)
+                check_pixels(p, img.size[0] * img.size[1], max_pixels)
                 img.load()
                 return from_pil(img)
     except Image.DecompressionBombError as e:
@@ -169,7 +158,7 @@ def _stored_pixels(ds: Dataset, p: Path, max_pixels: int | None) -> np.ndarray:
         raise ImageReadError(f"{p}: DICOM has no pixel data ({kind}) — pass an image DICOM, not a report "
                              "or presentation state")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
-    _check_pixels(p, int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * frames, max_pixels)
+    check_pixels(p, int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * frames, max_pixels)
     ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     try:
         arr = ds.pixel_array

@@ -15,6 +15,8 @@ from typing import Any, Iterator, Sequence
 
 from tqdm import tqdm
 
+from .errors import MissingFileError, UserError
+
 log = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ""}
@@ -42,7 +44,7 @@ class Columns:
     label: str | None = None
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """Bad manifest; `.problems` lists every bad row as `file:line: what — fix`."""
 
     def __init__(self, path: Path, problems: list[str]):
@@ -134,11 +136,11 @@ def read_manifest(path: str | Path, columns: Columns | None = None, *, on_error:
     path = Path(path)
     if path.is_dir():  # an imagefolder: its metadata.jsonl is the manifest
         if not (path / IMAGEFOLDER_NAME).is_file():
-            raise FileNotFoundError(f"{path} is a folder without {IMAGEFOLDER_NAME} — pass a CSV/JSONL manifest or "
+            raise MissingFileError(f"{path} is a folder without {IMAGEFOLDER_NAME} — pass a CSV/JSONL manifest or "
                                     f"an imagefolder (images plus {IMAGEFOLDER_NAME} with file_name and text)")
         path = path / IMAGEFOLDER_NAME
     if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} not found — check the path")
+        raise MissingFileError(f"manifest {path} not found — check the path")
     if path.suffix.lower() not in (".csv", ".jsonl"):
         raise ManifestError(path, [f"{path}:1: unsupported manifest type {path.suffix!r} — use .csv or .jsonl"])
     cols = columns or Columns()

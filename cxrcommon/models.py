@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from .errors import UserError
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -25,7 +27,7 @@ EMBEDDED_DIR = REPO_ROOT / "models" / "embedded"
 EMBEDDED_STEPS, EMBEDDED_GUIDANCE = 20, 2.0
 
 
-class ModelNotFoundError(RuntimeError):
+class ModelNotFoundError(UserError, RuntimeError):
     """Weights could not be found locally or fetched; the message says how to get them."""
 
 
@@ -61,11 +63,45 @@ def resolve_model(model: str | os.PathLike | None) -> str:
     path = Path(text).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file() and not (path / "config.json").is_file():
-            raise ModelNotFoundError(missing_model_message(text, f"{path} has no model_index.json or config.json"))
+            raise ModelNotFoundError(f"--model {text}: the local folder {path} has no model_index.json or config.json "
+                                     f"— pass the folder that holds model_index.json (a saved diffusers pipeline, "
+                                     f"e.g. from `hf download {DEFAULT_MODEL} --local-dir {path}`), or "
+                                     f"--model {EMBEDDED}")
         return str(path)
     if text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise ModelNotFoundError(missing_model_message(text, "no such local folder, and it is not a hub id"))
     return text
+
+
+def lora_weights(lora: str | os.PathLike) -> Path:
+    """The .safetensors file of a LoRA (a file, or a folder saved by `save_lora_weights`), checked before
+    any model is loaded: safetensors only (a pickled .bin would run code on `torch.load`), and its tensor
+    names must be LoRA ones."""
+    from safetensors import safe_open
+
+    path = Path(lora).expanduser()
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        preferred = [f for f in files if f.name == "pytorch_lora_weights.safetensors"]
+        if not files:
+            raise UserError(f"--lora {lora}: the folder holds no .safetensors file — pass the "
+                            f"pytorch_lora_weights.safetensors that finetune.train wrote (only safetensors are loaded)")
+        path = (preferred or files)[0]
+    elif not path.is_file():
+        raise UserError(f"--lora {lora} does not exist — pass a LoRA .safetensors file or the folder holding it")
+    elif path.suffix != ".safetensors":
+        raise UserError(f"--lora {lora}: only .safetensors LoRA files are loaded (a {path.suffix or 'suffix-less'} "
+                        f"file may be a pickle that runs code) — convert it to safetensors")
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            keys = list(fh.keys())
+    except Exception as exc:  # noqa: BLE001 - every header failure means a broken or foreign file
+        raise UserError(f"--lora {lora}: {path.name} is not a readable safetensors file ({exc}) — re-export or "
+                        f"re-download it") from exc
+    if not any("lora" in k.lower() for k in keys):
+        raise UserError(f"--lora {lora}: {path.name} holds no LoRA weights ({len(keys)} tensors, none named "
+                        f"*lora*) — pass the LoRA that finetune.train wrote, not a full model file")
+    return path
 
 
 def load_pipeline(pipeline_cls: Any, model: str | os.PathLike | None, *,

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import importlib
 
+from .errors import UserError
+
 FULL_ROUTE_FIX = ("reinstall with the full torch route: `rm -rf .venv && TORCH_ROUTE=full bash scripts/setup.sh` "
                   "(PyPI's torch 2.14.1 + torchvision 0.29.1, about 7 GB; runs on CPU and CUDA)")
 
 
-class MissingPackageError(ImportError):
+class MissingPackageError(UserError, ImportError):
     """A feature's package is not installed; the message names the feature, the packages and the fix."""
 
 

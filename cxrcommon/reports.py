@@ -12,6 +12,7 @@ import logging
 import re
 from typing import Any, Mapping, Sequence
 
+from .errors import UserError
 from .prompt_windows import DEFAULT_MAX_WINDOWS, WINDOW, count_tokens
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ _PLACEHOLDER_RE = re.compile(r"_{2,}|\bX{2,}\b|\[\*\*.*?\*\*\]")
 _SENTENCE_END_RE = re.compile(r"(?<=[.!?])(?<!\bDr\.)(?<!\bvs\.)(?<!\be\.g\.)(?<!\bi\.e\.)(?<!\bapprox\.)\s+")
 
 
-class ReportTooLongError(ValueError):
+class ReportTooLongError(UserError):
     """A report exceeds the CLIP token limit under policy="error"."""
 
 

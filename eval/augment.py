@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cxrcommon.atomic import atomic_write_text
+from cxrcommon.cli import cli_entry
 from cxrcommon.config import field
+from cxrcommon.errors import UserError
 from cxrcommon.device import pick_device
 from cxrcommon.optional import require
 from cxrcommon.logs import setup_logging
@@ -188,13 +190,14 @@ def _report(out: str | Path, r: dict[str, Any]) -> dict[str, str]:
                         notes=notes, figures={"auc": fig})
 
 
+@cli_entry
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse(AugmentConfig, argv, "Train a small classifier on real vs real+synthetic images and compare "
                 "test AUC/accuracy with bootstrap CIs.")
     setup_logging(cfg.verbose)
     if not (cfg.real_train and cfg.synthetic and cfg.test):
-        raise SystemExit("give --real-train, --synthetic and --test manifests")
-    with user_errors(cfg.verbose):
+        raise UserError("give --real-train, --synthetic and --test manifests")
+    with user_errors():
         result = augment(cfg.real_train, cfg.synthetic, cfg.test, image_column=cfg.image_column,
                          label_column=cfg.label_column, arch=cfg.arch, size=cfg.size, epochs=cfg.epochs,
                          batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, n_boot=cfg.n_boot, device=cfg.device,

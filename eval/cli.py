@@ -6,7 +6,7 @@ import sys
 from typing import Iterator, Sequence, TypeVar
 
 from cxrcommon.config import parse_config
-from cxrcommon.optional import MissingPackageError
+from cxrcommon.errors import UserError
 
 T = TypeVar("T")
 
@@ -21,7 +21,7 @@ def parse(cls: type[T], argv: Sequence[str] | None, description: str, positional
     while args and not args[0].startswith("-"):
         bare.append(args.pop(0))
     if bare and not positional:
-        raise SystemExit(f"unexpected argument(s) {' '.join(bare)}; see --help")
+        raise UserError(f"unexpected argument(s) {' '.join(bare)} — see --help")
     flags: list[str] = []
     for i, name in enumerate(positional[:len(bare)]):
         values = bare[i:] if i == len(positional) - 1 else [bare[i]]
@@ -30,12 +30,12 @@ def parse(cls: type[T], argv: Sequence[str] | None, description: str, positional
 
 
 @contextlib.contextmanager
-def user_errors(verbose: bool = False) -> Iterator[None]:
-    """Bad input (missing file or weights, bad manifest/answer row: the messages name the file and the fix)
-    ends the command with that one line; --verbose keeps the traceback."""
+def user_errors() -> Iterator[None]:
+    """Inside an evaluation, a missing file or an unreadable input (OSError, ValueError: the messages name the
+    file and the fix) is the user's to fix: it becomes a UserError, which `cli_entry` reports in one line."""
     try:
         yield
-    except (OSError, ValueError, MissingPackageError) as exc:  # also WeightsMissingError, ManifestError, ImageReadError
-        if verbose:
-            raise
-        raise SystemExit(f"error: {exc}") from exc
+    except UserError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise UserError(str(exc)) from exc

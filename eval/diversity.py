@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from cxrcommon.atomic import read_jsonl
+from cxrcommon.cli import cli_entry
 from cxrcommon.config import field
+from cxrcommon.errors import UserError
 from cxrcommon.logs import setup_logging
 
 from .cli import parse, user_errors
@@ -109,15 +111,16 @@ def diversity(folder: str | Path, group_by: str = "prompt", *, size: int = 256, 
             "groups": rows, "pair_scores": pooled.tolist()}
 
 
+@cli_entry
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse(DiversityConfig, argv, "MS-SSIM among samples of the same prompt (lower = more diverse). "
                 "Usage: python -m eval.diversity DIR [--group-by prompt]", positional=("dir",))
     setup_logging(cfg.verbose)
     if not cfg.dir:
-        raise SystemExit("give the folder of generated images: python -m eval.diversity DIR")
+        raise UserError("give the folder of generated images: python -m eval.diversity DIR")
     import matplotlib.pyplot as plt
     from .report import markdown_table, write_report
-    with user_errors(cfg.verbose):
+    with user_errors():
         result = diversity(cfg.dir, cfg.group_by, size=cfg.size, max_pairs=cfg.max_pairs, seed=cfg.seed)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.hist(np.asarray(result["pair_scores"]), bins=30, range=(0, 1), color="tab:blue")

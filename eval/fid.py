@@ -14,7 +14,9 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
+from cxrcommon.cli import cli_entry
 from cxrcommon.config import field
+from cxrcommon.errors import UserError
 from cxrcommon.logs import setup_logging
 
 from .cache import default_cache_dir
@@ -152,12 +154,13 @@ def _report(out: str | Path, result: dict[str, Any], real: torch.Tensor, fake: t
                         notes=notes, warnings=result["warnings"], figures={"features": fig})
 
 
+@cli_entry
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse(FidConfig, argv, "FID, KID and precision/recall/density/coverage between real and synthetic images.")
     setup_logging(cfg.verbose)
     if not cfg.real or not cfg.fake:
-        raise SystemExit("give both --real and --fake (folders or manifests)")
-    with user_errors(cfg.verbose):
+        raise UserError("give both --real and --fake (folders or manifests)")
+    with user_errors():
         result = evaluate(cfg.real, cfg.fake, cfg.features, cfg.n or None,
                           inception_weights=cfg.inception_weights or None, input_size=cfg.input_size, k=cfg.k,
                           seed=cfg.seed, kid_subsets=cfg.kid_subsets, kid_subset_size=cfg.kid_subset_size,

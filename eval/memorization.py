@@ -13,7 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cxrcommon.cli import cli_entry
 from cxrcommon.config import field
+from cxrcommon.errors import UserError
 from cxrcommon.logs import setup_logging
 
 from .cache import default_cache_dir
@@ -118,14 +120,15 @@ def _figures(result: dict[str, Any], top_k: int) -> dict[str, Any]:
     return {"hist": fig, "closest_pairs": sheet}
 
 
+@cli_entry
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse(MemorizationConfig, argv, "Nearest training image per synthetic image (feature cosine + SSIM), "
                 "with a histogram and a sheet of the closest pairs.")
     setup_logging(cfg.verbose)
     if not cfg.train or not cfg.fake:
-        raise SystemExit("give both --train and --fake (folders or manifests)")
+        raise UserError("give both --train and --fake (folders or manifests)")
     from .report import markdown_table, write_report
-    with user_errors(cfg.verbose):
+    with user_errors():
         result = memorization(cfg.train, cfg.fake, cfg.features, inception_weights=cfg.inception_weights or None,
                               input_size=cfg.input_size, top_k=cfg.top_k, ssim_size=cfg.ssim_size,
                               image_column=cfg.image_column, batch_size=cfg.batch_size, device=cfg.device,

@@ -18,8 +18,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from cxrcommon.atomic import atomic_write_text
+from cxrcommon.cli import cli_entry
 from cxrcommon.config import field
+from cxrcommon.errors import UserError
 from cxrcommon.logs import setup_logging
+from cxrcommon.paths import read_user_text
 from cxrcommon.provenance import file_sha256
 
 from .cli import parse, user_errors
@@ -130,7 +133,7 @@ def fleiss_kappa(counts: np.ndarray) -> float:
 def read_answers(path: str | Path, key: dict[str, str]) -> tuple[str, dict[str, str]]:
     """(reader, image -> answer) from one CSV; unknown images or answers are errors naming the row."""
     path = Path(path)
-    with open(path, newline="", encoding="utf-8-sig") as fh:
+    with io.StringIO(read_user_text(path, "answers file"), newline="") as fh:
         reader = csv.DictReader(fh)
         if not reader.fieldnames or not {"image", "answer"} <= set(reader.fieldnames):
             raise ValueError(f"{path}: needs columns image and answer (got {reader.fieldnames}); start from "
@@ -207,6 +210,7 @@ def _report(result: dict[str, Any], out: Path) -> dict[str, str]:
                         sections={"Readers": markdown_table(rows)}, figures={"accuracy": fig})
 
 
+@cli_entry
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     usage = ("usage: python -m eval.turing build --real DIR --fake DIR --n 50 --out STUDY\n"
@@ -215,14 +219,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(usage)
         raise SystemExit(0)
     if not argv or argv[0] not in ("build", "score"):
-        raise SystemExit(usage)
+        raise UserError(usage)
     command, rest = argv[0], argv[1:]
     if command == "build":
         cfg = parse(BuildConfig, rest, "Build a blinded, shuffled real/synthetic reading set with a hidden key.")
         setup_logging(cfg.verbose)
         if not (cfg.real and cfg.fake and cfg.out):
-            raise SystemExit("build needs --real, --fake and --out")
-        with user_errors(cfg.verbose):
+            raise UserError("build needs --real, --fake and --out")
+        with user_errors():
             result = build_study(cfg.real, cfg.fake, cfg.out, cfg.n, size=cfg.size, seed=cfg.seed,
                              image_column=cfg.image_column)
         print(f"study with {result['n_images']} images in {cfg.out}; key in {Path(cfg.out) / KEY}")
@@ -230,7 +234,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     cfg = parse(ScoreConfig, rest, "Score readers' answer sheets against a study's key.",
                 positional=("study", "answers"))
     setup_logging(cfg.verbose)
-    with user_errors(cfg.verbose):
+    with user_errors():
         result = score_study(cfg.study, cfg.answers)
     result["report"] = _report(result, Path(cfg.out) if cfg.out else Path(cfg.study) / "results")
     p = result["pooled"]["accuracy"]

@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from cxrcommon.errors import MissingFileError
+
 log = logging.getLogger(__name__)
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
@@ -142,7 +144,7 @@ def find_checkpoint(root: str | os.PathLike, resume: str) -> Path | None:
         return found[-1] if found else None
     path = Path(resume)
     if not (path / STATE).is_file():
-        raise FileNotFoundError(f"{path} is not a checkpoint (no {STATE}); pass 'latest' or a "
+        raise MissingFileError(f"--resume {path} is not a checkpoint (no {STATE}); pass 'latest' or a "
                                 f"checkpoint-<step> folder from {root}")
     return path
 

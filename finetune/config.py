@@ -5,8 +5,10 @@ stock script finds the same knobs."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from cxrcommon.config import field
+from cxrcommon.errors import UserError
 from cxrcommon.models import DEFAULT_MODEL
 
 TRAIN_MODES = ("lora", "lora+text_encoder", "unet", "unet+text_encoder")
@@ -133,5 +135,11 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append("--logging-steps must be >= 1 and --timing-warmup-steps >= 0")
     if cfg.gradient_accumulation_steps < 1 or cfg.train_batch_size < 1:
         problems.append("--train-batch-size and --gradient-accumulation-steps must be >= 1")
+    from .checkpoint import STATE
+    if cfg.resume not in (None, "latest") and not (Path(cfg.resume) / STATE).is_file():
+        problems.append(f"--resume {cfg.resume} is not a checkpoint (no {STATE}) — pass 'latest' or a "
+                        f"checkpoint-<step> folder from {Path(cfg.output_dir) / 'checkpoints'}")
+    if cfg.train_data and not Path(cfg.train_data).exists():
+        problems.append(f"--train-data {cfg.train_data} does not exist — pass a CSV/JSONL manifest or an imagefolder")
     if problems:
-        raise ValueError("invalid fine-tuning config:\n  " + "\n  ".join(problems))
+        raise UserError("invalid fine-tuning config: " + "; ".join(problems))

@@ -14,6 +14,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from cxrcommon.errors import UserError
+
 log = logging.getLogger(__name__)
 
 EMPTY = -1  # caption index meaning "dropped caption" (the empty prompt)
@@ -37,11 +39,11 @@ def load_train_data(cfg: Any, tokenizer: Any) -> TrainData:
     from cxrcommon.reports import prepare_reports
 
     if not cfg.train_data:
-        raise ValueError("no training data: pass --train-data <manifest.csv|.jsonl|imagefolder>")
+        raise UserError("no training data: pass --train-data <manifest.csv|.jsonl|imagefolder>")
     columns = Columns(image=cfg.image_column, text=cfg.caption_column, patient=cfg.patient_column)
     records = read_manifest(cfg.train_data, columns, on_error=cfg.on_error)
     if not records:
-        raise ValueError(f"{cfg.train_data}: no usable rows")
+        raise UserError(f"{cfg.train_data}: no usable rows — fix the manifest or point --train-data at another")
     train, val = patient_split(records, cfg.val_fraction, seed=cfg.seed) if cfg.val_fraction > 0 else (records, [])
     if cfg.max_train_samples:
         train = train[:cfg.max_train_samples]
@@ -81,7 +83,7 @@ class TrainDataset(torch.utils.data.Dataset):
         self.clip_percentile, self.random_flip, self.caption_dropout = clip_percentile, random_flip, caption_dropout
         self.seed, self.latents = seed, latents
         if latents is not None and random_flip:
-            raise ValueError("random_flip cannot be combined with cache_latents (the cache holds one "
+            raise UserError("random_flip cannot be combined with cache_latents (the cache holds one "
                              "orientation); turn one of them off")
 
     def __len__(self) -> int:
@@ -110,7 +112,7 @@ class StepSampler:
         self.n, self.batch_size, self.seed, self.start, self.rank, self.world = n, batch_size, seed, start, rank, world
         self.batches_per_epoch = n // (batch_size * world)
         if self.batches_per_epoch == 0:
-            raise ValueError(f"the training set has {n} images, fewer than one global batch "
+            raise UserError(f"the training set has {n} images, fewer than one global batch "
                              f"({batch_size} per device x {world} processes); lower --train-batch-size")
 
     def _perm(self, epoch: int) -> list[int]:

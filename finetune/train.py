@@ -9,14 +9,15 @@ import contextlib
 import importlib
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
+from cxrcommon.cli import cli_entry
 from cxrcommon.config import load_yaml, parse_config, save_config, to_dict
+from cxrcommon.errors import UserError
 from cxrcommon.prompt_windows import WINDOW_LEN, encode_padded, pad_batch
 from cxrcommon.logs import setup_logging
 
@@ -100,7 +101,7 @@ def train(cfg: TrainConfig, data: TrainData | None = None,
         if resume_path is None:
             log.info("no checkpoint in %s yet; starting from step 0", ckpt_root)
     elif ckpt.list_checkpoints(ckpt_root):
-        raise FileExistsError(f"{ckpt_root} already holds checkpoints (newest {ckpt.list_checkpoints(ckpt_root)[-1].name}); "
+        raise UserError(f"{ckpt_root} already holds checkpoints (newest {ckpt.list_checkpoints(ckpt_root)[-1].name}); "
                               "pass --resume latest to continue that run, or choose a new --output-dir")
 
     comp = load_components(cfg.model, cfg.prediction_type)
@@ -341,12 +342,12 @@ def _recipe(argv: Sequence[str]) -> str | None:
         return None
     recipe = load_yaml(argv[argv.index("--config") + 1]).get("recipe")
     if recipe is not None and recipe not in RECIPES:
-        raise SystemExit(f"unknown recipe {recipe!r} in the config; known: {', '.join(RECIPES)}")
+        raise UserError(f"unknown recipe {recipe!r} in the config; known: {', '.join(RECIPES)}")
     return recipe
 
 
-def main(argv: Sequence[str] | None = None) -> Any:
-    argv = list(sys.argv[1:] if argv is None else argv)
+@cli_entry
+def main(argv: list[str]) -> Any:
     if recipe := _recipe(argv):
         return importlib.import_module(RECIPES[recipe]).main(argv)
     cfg = parse_config(TrainConfig, argv, description=__doc__.splitlines()[0])

@@ -1,10 +1,15 @@
 """Every option of `python -m inference.generate`, declared once (YAML keys = fields = flags)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from cxrcommon.config import field
+from cxrcommon.errors import UserError
 from cxrcommon.models import EMBEDDED
+
+FORMATS = {"png": ".png", "png16": ".png", "dcm": ".dcm"}  # --format -> file suffix
+CLIP_POLICIES = ("sentence", "hard", "error")
 
 
 @dataclass
@@ -72,3 +77,42 @@ class GenerateConfig:
                                  "time, and keeps inductor's cache in $TORCHINDUCTOR_CACHE_DIR (default "
                                  "~/.cache/synthcxr/torchinductor) so later runs reuse it")
     verbose: bool = field(False, "debug logging")
+
+
+def check_generate_config(cfg: GenerateConfig) -> None:
+    """Refuse every bad flag at once, before a model is loaded or a file written (a rerun with the flag
+    fixed must not meet a settings.json that the failed run left behind)."""
+    from cxrcommon.device import PRECISION_NAMES
+
+    from .sampler import COMPILE_MODES, SCHEDULERS
+    problems = [f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}"
+                for name in ("steps", "batch_size", "n_per_prompt", "decode_batch", "max_windows")
+                if getattr(cfg, name) < 1]
+    problems += [f"--{name} {value} must be a positive multiple of 8 (e.g. {max(8, round(value / 8) * 8)})"
+                 for name, value in (("height", cfg.height), ("width", cfg.width))
+                 if value is not None and (value < 8 or value % 8)]
+    choices = [("format", cfg.format, FORMATS), ("scheduler", cfg.scheduler, SCHEDULERS),
+               ("clip-policy", cfg.clip_policy, CLIP_POLICIES), ("precision", cfg.precision, PRECISION_NAMES),
+               ("channels-last", str(cfg.channels_last).lower(), ("auto", "true", "false")),
+               ("compile", cfg.compile, COMPILE_MODES)]
+    problems += [f"--{flag} {value!r} is not one of {', '.join(allowed)}" for flag, value, allowed in choices
+                 if value not in allowed]
+    if not cfg.guidance >= 1:  # the sampler treats anything below 1 as 1 (no guidance): say so instead
+        problems.append(f"--guidance must be >= 1 (1 = no guidance, 2-7 typical), got {cfg.guidance}")
+    if not 0 <= cfg.guidance_rescale <= 1:
+        problems.append(f"--guidance-rescale must be in [0, 1], got {cfg.guidance_rescale}")
+    gi = list(cfg.guidance_interval)
+    if len(gi) != 2 or not 0 <= gi[0] <= gi[1] <= 1:
+        problems.append(f"--guidance-interval needs two fractions 0 <= lo <= hi <= 1, got {gi}")
+    if not 0 <= cfg.strength <= 1:
+        problems.append(f"--strength must be in [0, 1], got {cfg.strength}")
+    if not math.isfinite(cfg.lora_scale):
+        problems.append(f"--lora-scale must be a finite number, got {cfg.lora_scale}")
+    if cfg.mask and not cfg.init_image:
+        problems.append("--mask needs --init-image (the image to inpaint into)")
+    if cfg.init_image and cfg.height and cfg.width and cfg.height != cfg.width:
+        problems.append(f"--init-image needs a square output; got --height {cfg.height} --width {cfg.width}")
+    if not cfg.prompts and not cfg.balance:
+        problems.append("pass --prompts FILE (or --balance MANIFEST to generate what evens out its classes)")
+    if problems:
+        raise UserError("; ".join(problems))

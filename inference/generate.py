@@ -10,6 +10,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -20,16 +21,19 @@ from typing import Callable, Iterable, Iterator, Sequence
 import numpy as np
 from tqdm.auto import tqdm
 
-from cxrcommon.atomic import append_jsonl, atomic_write_text, read_jsonl
+from cxrcommon.atomic import append_jsonl, atomic_write_text, read_jsonl, remove_stale_temps
+from cxrcommon.cli import cli_entry
 from cxrcommon.config import parse_config, to_dict
+from cxrcommon.errors import UserError
 from cxrcommon.imageio import read_image, save_image, to_square
 from cxrcommon.logs import setup_logging
-from cxrcommon.models import resolve_model
+from cxrcommon.models import lora_weights, resolve_model
+from cxrcommon.paths import check_out_dir
 from cxrcommon.provenance import SOFTWARE, file_sha256, provenance
 from cxrcommon.prompt_windows import count_tokens
 from cxrcommon.reports import FittedText, ReportTooLongError, fit_windows, normalize_report
 
-from .config import GenerateConfig
+from .config import FORMATS, GenerateConfig, check_generate_config
 from .prompts import PromptRow, read_prompts, write_prompts_jsonl
 from .sampler import CXRSampler, Request, Translation, derive_seed
 
@@ -37,14 +41,13 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
 SETTINGS = "settings.json"
-FORMATS = {"png": ".png", "png16": ".png", "dcm": ".dcm"}
 # options that change pixels or file layout; a folder is made with one value of each
 IMAGE_SETTINGS = ("steps", "guidance", "guidance_rescale", "guidance_interval", "scheduler", "seed",
                   "negative_prompt", "height", "width", "format", "label_folders", "strength", "lora_scale",
                   "clean", "clip_policy", "max_windows")
 
 
-class SettingsChangedError(RuntimeError):
+class SettingsChangedError(UserError, RuntimeError):
     """The output folder was started with other image-affecting settings."""
 
 
@@ -85,13 +88,39 @@ def plan_jobs(rows: Sequence[PromptRow], *, base_seed: int, negative_prompt: str
     of the row on line i gets `derive_seed(base_seed, i, k)`. The file name carries a hash of prompt,
     negative prompt and seed, so an edited prompt file never reuses a finished image for new text."""
     for row in rows:
-        neg = row.negative_prompt if row.negative_prompt is not None else negative_prompt
         for k in range(row.n):
-            seed = row.seed + k if row.seed is not None else derive_seed(base_seed, row.index, k)
-            tag = hashlib.sha256(json.dumps([row.prompt, neg, seed]).encode()).hexdigest()[:8]
-            name = f"{row.index:05d}_{k:04d}_{tag}{FORMATS[fmt]}"
-            folder = _safe_label(row.label or "unlabelled") + "/" if label_folders else ""
-            yield Job(folder + name, row.index, k, seed, row.prompt, neg, row.label)
+            yield row_job(row, k, base_seed=base_seed, negative_prompt=negative_prompt, fmt=fmt,
+                          label_folders=label_folders)
+
+
+def row_job(row: PromptRow, k: int, *, base_seed: int, negative_prompt: str, fmt: str, label_folders: bool) -> Job:
+    """Image k of `row`, computed directly (so counting finished images never expands the plan)."""
+    neg = row.negative_prompt if row.negative_prompt is not None else negative_prompt
+    seed = row.seed + k if row.seed is not None else derive_seed(base_seed, row.index, k)
+    tag = hashlib.sha256(json.dumps([row.prompt, neg, seed]).encode()).hexdigest()[:8]
+    name = f"{row.index:05d}_{k:04d}_{tag}{FORMATS[fmt]}"
+    folder = _safe_label(row.label or "unlabelled") + "/" if label_folders else ""
+    return Job(folder + name, row.index, k, seed, row.prompt, neg, row.label)
+
+
+def plan_size(rows: Sequence[PromptRow], finished: Iterable[dict], index: int, count: int,
+              **plan: object) -> tuple[int, int]:
+    """(images this process is responsible for, how many of them are already finished), in
+    O(rows + finished): a prompt with n = 10**9 must not be expanded before the first batch.
+    `finished`: manifest rows whose file is on disk; `plan`: the keyword arguments of `plan_jobs`."""
+    first: dict[int, tuple[int, PromptRow]] = {}
+    total = 0
+    for row in rows:
+        first[row.index] = (total, row)
+        total += row.n
+    done = 0
+    for rec in finished:
+        start, row = first.get(rec.get("prompt_index"), (0, None))
+        k = rec.get("k")
+        if (row is not None and isinstance(k, int) and 0 <= k < row.n and (start + k) % count == index
+                and row_job(row, k, **plan).key == rec["key"]):  # type: ignore[arg-type]
+            done += 1
+    return len(range(index, total, count)), done
 
 
 def shard_jobs(jobs: Iterable[Job], index: int, count: int) -> Iterator[Job]:
@@ -160,9 +189,9 @@ def merge_manifests(out: Path) -> None:
         p.unlink()
 
 
-def finished_keys(out: Path) -> set[str]:
-    """Images recorded in the manifest whose file is on disk."""
-    return {r["key"] for r in manifest_rows(out) if (out / r["key"]).is_file()}
+def finished_rows(out: Path) -> list[dict]:
+    """Manifest rows of images whose file is on disk."""
+    return [r for r in manifest_rows(out) if (out / r["key"]).is_file()]
 
 
 # ---------------------------------------------------------------- inputs
@@ -194,34 +223,53 @@ def _fit_prompts(rows: list[PromptRow], tokenizer, policy: str, max_windows: int
     return fitted, info
 
 
-def _translation(cfg: GenerateConfig) -> Translation | None:
-    if cfg.mask and not cfg.init_image:
-        raise ValueError("--mask needs --init-image (the image to inpaint into)")
+def _read_translation(cfg: GenerateConfig) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """--init-image and --mask read (and the mask checked) before any model is loaded or file written."""
     if not cfg.init_image:
+        return None, None
+    mask = read_image(cfg.mask) if cfg.mask else None
+    if mask is not None and not (mask >= 0.5).any():
+        raise UserError(f"--mask {cfg.mask}: the mask has no white (>= 50%) pixels, so nothing would change — "
+                        f"paint the region to regenerate white")
+    return read_image(cfg.init_image), mask
+
+
+def _translation(cfg: GenerateConfig, image: np.ndarray | None, mask: np.ndarray | None) -> Translation | None:
+    if image is None:
         return None
     if cfg.height != cfg.width:
-        raise ValueError(f"--init-image needs a square output; got --height {cfg.height} --width {cfg.width}")
-    image = to_square(read_image(cfg.init_image), cfg.height)
-    mask = to_square(read_image(cfg.mask), cfg.height) if cfg.mask else None
-    if mask is not None and not (mask >= 0.5).any():
-        raise ValueError(f"{cfg.mask}: the mask has no white (>= 50%) pixels, so nothing would change")
-    return Translation(image=image, strength=cfg.strength, mask=mask)
+        raise UserError(f"--init-image needs a square output; got --height {cfg.height} --width {cfg.width}")
+    return Translation(image=to_square(image, cfg.height), strength=cfg.strength,
+                       mask=to_square(mask, cfg.height) if mask is not None else None)
 
 
-def _load_rows(cfg: GenerateConfig, out: Path, is_main: bool) -> tuple[list[PromptRow], str]:
+def _load_rows(cfg: GenerateConfig, out: Path) -> tuple[list[PromptRow], str]:
+    """The prompt rows and the name they are cited by (the balancing plan, written later, for --balance)."""
     rows = read_prompts(cfg.prompts, default_n=cfg.n_per_prompt, skip_bad=cfg.skip_bad_lines) if cfg.prompts else None
     if not cfg.balance:
-        if rows is None:
-            raise ValueError("pass --prompts FILE (or --balance MANIFEST to generate what evens out its classes)")
         return rows, str(cfg.prompts)
     from .balance import balance_prompts
     rows = balance_prompts(cfg.balance, cfg.label_column, prompts=rows, text_column=cfg.text_column,
                            image_column=cfg.image_column)
-    plan = out / "balance_prompts.jsonl"
-    if is_main:
-        write_prompts_jsonl(plan, rows)
-        log.info("balancing plan (%d images) written to %s", sum(r.n for r in rows), plan)
-    return rows, str(plan)
+    return rows, str(out / "balance_prompts.jsonl")
+
+
+class _ProgressLog:
+    """An INFO line with rate and ETA after the first batch and then every `every` s: tqdm's bar is off
+    when stderr is not a terminal (a log file, a cluster job), and a long job must still show it is alive."""
+
+    def __init__(self, total: int, every: float = 30.0):
+        self.total, self.every, self.start, self.last = total, every, time.perf_counter(), -math.inf
+
+    def update(self, done: int) -> None:
+        now = time.perf_counter()
+        if now - self.last < self.every and done < self.total:
+            return
+        self.last = now
+        rate = done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / rate if rate > 0 else math.inf
+        log.info("%d/%d image(s) made, %.2f images/s, ETA %s", done, self.total, rate,
+                 time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 86400:.1f} days")
 
 
 def _process_layout(shard: tuple[int, int] | None, device: str):
@@ -243,25 +291,20 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
     """Run (or resume) a generation job. `shard=(index, count)` overrides the process layout;
     `on_image(path)` is called after each image is on disk (progress for the app; tests use it);
     `sampler`: an already loaded model of `cfg.model` (the app shares one across requests)."""
-    for name in ("steps", "batch_size", "n_per_prompt", "decode_batch", "max_windows"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if cfg.format not in FORMATS:
-        raise ValueError(f"--format {cfg.format!r} is not one of {', '.join(FORMATS)}")
-    if len(cfg.guidance_interval) != 2 or not 0 <= cfg.guidance_interval[0] <= cfg.guidance_interval[1] <= 1:
-        raise ValueError(f"--guidance-interval needs two fractions 0 <= lo <= hi <= 1, got {cfg.guidance_interval}")
-    out = Path(cfg.out)
+    check_generate_config(cfg)  # every input is checked before anything is loaded or written
+    out = check_out_dir(cfg.out)
+    model_source = resolve_model(cfg.model)
+    lora = lora_weights(cfg.lora) if cfg.lora else None
+    init_image, mask = _read_translation(cfg)
+    rows, source = _load_rows(cfg, out)
     index, count, device, barrier = _process_layout(shard, cfg.device)
     is_main = index == 0
-    out.mkdir(parents=True, exist_ok=True)
-    rows, source = _load_rows(cfg, out, is_main)
     cleaner = None
     if cfg.clean:
         from textremoval.clean import clean_image as cleaner  # lazy: only --clean pays for OCR models
 
-    model_source = resolve_model(cfg.model)
     if sampler is None:
-        sampler = CXRSampler.load(model_source, lora=cfg.lora, lora_scale=cfg.lora_scale, device=device,
+        sampler = CXRSampler.load(model_source, lora=lora, lora_scale=cfg.lora_scale, device=device,
                                   precision=cfg.precision, scheduler=cfg.scheduler, channels_last=cfg.channels_last,
                                   fuse_qkv=cfg.fuse_qkv, compile=cfg.compile, decode_batch=cfg.decode_batch)
     elif sampler.scheduler_name != cfg.scheduler:
@@ -270,7 +313,7 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
              f" -> {model_source}" if model_source != cfg.model else "", sampler.dtype, sampler.device,
              cfg.lora or "none", cfg.height or sampler.native_size, cfg.width or sampler.native_size)
     cfg = dataclasses.replace(cfg, height=cfg.height or sampler.native_size, width=cfg.width or sampler.native_size)
-    translation = _translation(cfg)
+    translation = _translation(cfg, init_image, mask)
     if sampler.inpainting_unet and (translation is None or translation.mask is None):
         raise ValueError(f"{cfg.model} is an inpainting model (9-channel UNet): pass --init-image and --mask, "
                          f"or use a text-to-image model")
@@ -289,22 +332,28 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
     if not translation:
         settings.pop("strength")
     if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if removed := remove_stale_temps(out):
+            log.info("removed %d temp file(s) left in %s by an interrupted run", removed, out)
         if check_settings(out, settings, cfg.force) and (out / MANIFEST).exists():
             (out / MANIFEST).rename(out / f"manifest.replaced-{int(time.time())}.jsonl")
             for part in out.glob("manifest.part*.jsonl"):
                 part.unlink()
         merge_manifests(out)
         atomic_write_text(out / SETTINGS, json.dumps(settings, indent=1, sort_keys=True))
+        if cfg.balance:
+            write_prompts_jsonl(source, rows)
+            log.info("balancing plan (%d images) written to %s", sum(r.n for r in rows), source)
     barrier()
     if not is_main:
         check_settings(out, settings, force=False)
 
-    def my_jobs() -> Iterator[Job]:  # re-iterable and lazy, so a million-image plan is never held in memory
-        return shard_jobs(plan_jobs(rows, base_seed=cfg.seed, negative_prompt=cfg.negative_prompt,
-                                    fmt=cfg.format, label_folders=cfg.label_folders), index, count)
-    done = finished_keys(out)
-    planned = sum(1 for _ in my_jobs())
-    n_todo = sum(1 for j in my_jobs() if j.key not in done)
+    plan = dict(base_seed=cfg.seed, negative_prompt=cfg.negative_prompt, fmt=cfg.format,
+                label_folders=cfg.label_folders)
+    finished = finished_rows(out)
+    done = {r["key"] for r in finished}
+    planned, n_done = plan_size(rows, finished, index, count, **plan)
+    n_todo = planned - n_done
     manifest = out / (MANIFEST if count == 1 else _part_name(index, count))
     log.info("%d image(s) for this process: %d already done, %d to make (batch %d, %d steps, %s)",
              planned, planned - n_todo, n_todo, cfg.batch_size, cfg.steps, cfg.scheduler)
@@ -321,8 +370,10 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
     summary = GenerateSummary(out=out, model=shown, planned=planned, generated=0, skipped=planned - n_todo,
                               failed=0, seconds=0.0)
     start = time.perf_counter()
+    progress = _ProgressLog(n_todo)
+    todo = (j for j in shard_jobs(plan_jobs(rows, **plan), index, count) if j.key not in done)  # lazy
     with tqdm(total=n_todo, unit="img", desc="generating", disable=not is_main or None) as bar:
-        for batch in _batches((j for j in my_jobs() if j.key not in done), cfg.batch_size, windows):
+        for batch in _batches(todo, cfg.batch_size, windows):
             images = sampler.generate([Request(j.prompt, j.seed, j.negative_prompt) for j in batch],
                                       height=cfg.height, width=cfg.width, steps=cfg.steps, guidance=cfg.guidance,
                                       guidance_rescale=cfg.guidance_rescale,
@@ -351,6 +402,8 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
                 bar.update()
                 if on_image is not None:
                     on_image(path)
+            if is_main:
+                progress.update(summary.generated + summary.failed)
     summary.seconds = time.perf_counter() - start
     barrier()
     if is_main:
@@ -358,6 +411,7 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
     return summary
 
 
+@cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     cfg = parse_config(GenerateConfig, argv, "Generate synthetic chest X-rays from a prompt file (resumable; "
                                              "every image is tagged synthetic). Several GPUs: `accelerate launch "

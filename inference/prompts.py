@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from cxrcommon.errors import MissingFileError, UserError
 from cxrcommon.manifest import table_rows
 
 log = logging.getLogger(__name__)
@@ -28,13 +29,17 @@ class PromptRow:
     negative_prompt: str | None = None
 
 
-class PromptFileError(ValueError):
-    """A prompt file with problems; `.problems` lists each as `file:line: what — fix`."""
+class PromptFileError(UserError):
+    """A prompt file with problems; `.problems` lists each as `file:line: what — fix`. One problem is
+    one line; `hint` (e.g. how to skip bad lines) follows the list and is not counted."""
 
-    def __init__(self, path: Path, problems: list[str]):
+    def __init__(self, path: Path, problems: list[str], hint: str = ""):
         self.problems = problems
+        if len(problems) == 1:
+            super().__init__(problems[0] + (f" {hint}" if hint else ""))
+            return
         shown = "\n  ".join(problems[:20]) + (f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else "")
-        super().__init__(f"{path}: {len(problems)} bad line(s):\n  {shown}")
+        super().__init__(f"{path}: {len(problems)} bad line(s):\n  {shown}" + (f"\n  {hint}" if hint else ""))
 
 
 def _int(value: Any, name: str, minimum: int) -> int:
@@ -71,6 +76,19 @@ def make_row(record: dict[str, Any], index: int, default_n: int) -> PromptRow:
                      negative_prompt=_optional_text(record.get("negative_prompt"), "negative_prompt"))
 
 
+def _decode_lines(raw: bytes, path: Path) -> tuple[str, list[str]]:
+    """UTF-8 text with each undecodable line blanked (keeping line numbers) and named as a problem, so
+    --skip-bad-lines can skip it like any other bad line."""
+    lines, problems = [], []
+    for number, line in enumerate(raw.removeprefix(b"\xef\xbb\xbf").split(b"\n"), start=1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError:
+            problems.append(f"{path}:{number}: not UTF-8 text — save the file as UTF-8")
+            lines.append("")
+    return "\n".join(lines), problems
+
+
 def _txt(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
     for number, line in enumerate(text.splitlines(), start=1):
         if line.strip() and not line.lstrip().startswith("#"):
@@ -93,22 +111,20 @@ def read_prompts(path: str | Path, *, default_n: int = 1, skip_bad: bool = False
     """Parse a prompt file. All problems are collected and raised together (or logged and
     skipped with `skip_bad`), each naming its line and the fix."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"--prompts {path} is a folder — pass a prompt file (.txt, .csv or .jsonl)")
     if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist; pass --prompts FILE (.txt, .csv or .jsonl)")
+        raise MissingFileError(f"--prompts {path} does not exist — pass a prompt file (.txt, .csv or .jsonl)")
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".csv", ".jsonl"):
         raise PromptFileError(path, [f"{path}: unknown prompt-file type {suffix!r} — use .txt, .csv or .jsonl"])
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[:exc.start].count(b"\n") + 1
-        raise PromptFileError(path, [f"{path}:{line}: not UTF-8 text — save the file as UTF-8"]) from None
+    text, problems = _decode_lines(path.read_bytes(), path)
     if suffix == ".csv":
+        if problems and problems[0].startswith(f"{path}:1:"):
+            raise PromptFileError(path, problems[:1])  # an unreadable header: no column names to go on
         _csv_header_problem(text, path)
     records = _txt(text) if suffix == ".txt" else table_rows(text, suffix[1:])
     rows: list[PromptRow] = []
-    problems: list[str] = []
     for number, record in records:
         if isinstance(record, str):  # a structural problem; its text already says how to fix it
             problems.append(f"{path}:{number}: {record}")
@@ -118,7 +134,7 @@ def read_prompts(path: str | Path, *, default_n: int = 1, skip_bad: bool = False
         except ValueError as exc:
             problems.append(f"{path}:{number}: {exc} — fix or delete that line")
     if problems and not skip_bad:
-        raise PromptFileError(path, problems + ["(or pass --skip-bad-lines to skip them)"])
+        raise PromptFileError(path, problems, hint="(or pass --skip-bad-lines to skip bad lines)")
     for problem in problems:
         log.warning("skipping %s", problem)
     if not rows:

@@ -193,13 +193,13 @@ class CXRSampler:
         from diffusers import StableDiffusionPipeline
 
         from cxrcommon.device import pick_device, pick_dtype
-        from cxrcommon.models import load_pipeline
+        from cxrcommon.models import load_pipeline, lora_weights
 
         dev = pick_device(device)
         dtype = pick_dtype(dev, precision)
         pipe = load_pipeline(StableDiffusionPipeline, model, torch_dtype=dtype)
         if lora:
-            pipe.load_lora_weights(str(lora))
+            pipe.load_lora_weights(str(lora_weights(lora)), use_safetensors=True)  # never torch.load a pickle
             pipe.fuse_lora(lora_scale=lora_scale)  # fused: zero per-step cost
             pipe.unload_lora_weights()  # drops the adapter layers, keeps the fused weights
             log.info("fused LoRA %s at scale %s", lora, lora_scale)

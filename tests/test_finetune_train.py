@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cxrcommon.errors import UserError
 from finetune.checkpoint import list_checkpoints
 from finetune.config import TrainConfig
 from finetune.lora import LORA_FILE
@@ -94,7 +95,7 @@ def test_resume_equals_uninterrupted_and_rotation(toy_model, tmp_path):
     stopped = train(cfg_for(toy_model, tmp_path / "b", **kw), data, should_stop=lambda s: s == 3)
     assert stopped.stopped_early and stopped.steps == 3 and not (tmp_path / "b" / LORA_FILE).exists()
     assert [p.name for p in list_checkpoints(tmp_path / "b" / "checkpoints")] == ["checkpoint-2", "checkpoint-3"]
-    with pytest.raises(FileExistsError, match="--resume latest"):
+    with pytest.raises(UserError, match="--resume latest"):
         train(cfg_for(toy_model, tmp_path / "b", **kw), data)
     resumed = train(cfg_for(toy_model, tmp_path / "b", resume="latest", **kw), data)
     assert resumed.resumed_from.name == "checkpoint-3" and resumed.steps == 6

@@ -231,8 +231,9 @@ def test_cli_prints_the_model_and_refuses_bad_input(cfg, capsys):
     assert main(argv) == 0
     assert f"model {cfg.model}" in capsys.readouterr().out
     assert read_png_text(next(Path(cfg.out).glob("*.png")))["guidance_interval"] == "[0.2, 0.8]"
-    with pytest.raises(ValueError, match="--format 'jpg'"):
+    with pytest.raises(SystemExit, match="--format 'jpg'") as exc:
         main(argv + ["--format", "jpg"])
+    assert exc.value.code == 2
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "--lora-scale" in capsys.readouterr().out

@@ -11,7 +11,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, MPEG2MPML, RLELossless,
                          DigitalXRayImageStorageForPresentation, generate_uid)
 
-from cxrcommon import imageio as io
+from cxrcommon import imageio as io, limits
 from cxrcommon.provenance import SYNTHETIC_WARNING, provenance
 
 RNG = np.random.default_rng(0)
@@ -317,7 +317,7 @@ def test_decompression_bomb_is_rejected(tmp_path, kind, monkeypatch):
         make_dicom(p, gradient(100, 100), bits=12)
     with pytest.raises(io.ImageReadError, match=r"big\.\w+: 10000 pixels exceeds the limit of 5000.*max_pixels"):
         io.read_image(p, max_pixels=5000)
-    monkeypatch.setattr(io, "MAX_PIXELS", 9999)  # the module-wide default is configurable too
+    monkeypatch.setattr(limits, "MAX_PIXELS", 9999)  # the module-wide default is configurable too
     with pytest.raises(io.ImageReadError, match="decompression bomb"):
         io.read_image(p)
     assert io.read_image(p, max_pixels=10000).shape == (100, 100)
