@@ -10,7 +10,8 @@ exactly the ids (and so the embedding) of the stock pipeline.
 Pairs that go through one UNet call (conditional + unconditional) must have equal length: the
 shorter is padded with windows of the empty prompt's embedding. For the usual empty negative prompt
 this changes nothing but rounding, since attention over k copies of the same keys equals attention
-over one copy.
+over one copy; padded real text is masked out of cross-attention (`key_mask`), in training and in
+the sampler.
 
 diffusers users feed the same tensors to a stock pipeline with
 `pipe(prompt_embeds=cond, negative_prompt_embeds=uncond)` (see `pipeline_embeds`)."""
@@ -54,10 +55,12 @@ def window_ids(tokenizer: Any, text: str, max_windows: int | None = None) -> tor
     return torch.tensor(rows, dtype=torch.long)
 
 
-def encode_windows(text_encoder: Any, ids: torch.Tensor) -> torch.Tensor:
-    """(..., W, 77) ids -> (..., W*77, D) hidden states; windows are encoded as independent rows."""
+def encode_windows(text_encoder: Any, ids: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """(..., W, 77) ids -> (..., W*77, D) hidden states; windows are encoded as independent rows.
+    `device`: where the ids go (default: the encoder's weights; a pipeline's `_execution_device` under
+    CPU offload)."""
     lead, (w, n) = ids.shape[:-2], ids.shape[-2:]
-    device = next(text_encoder.parameters()).device
+    device = device or next(text_encoder.parameters()).device
     hidden = text_encoder(ids.reshape(-1, n).to(device))[0]
     return hidden.reshape(*lead, w * n, hidden.shape[-1])
 
@@ -87,31 +90,36 @@ def pad_pair(cond: torch.Tensor, uncond: torch.Tensor, empty: torch.Tensor) -> t
     return pad_windows(cond, w, empty), pad_windows(uncond, w, empty)
 
 
-def key_mask(windows: torch.Tensor, total: int) -> torch.Tensor | None:
+def key_mask(windows: Sequence[int] | torch.Tensor, total: int,
+             device: torch.device | str = "cpu") -> torch.Tensor | None:
     """(B, total*77) bool mask, True on the keys of each row's own `windows`; None when no row is padded.
 
     Passed as the UNet's `encoder_attention_mask`, padding gets no attention, so a caption in a batch of
-    longer ones conditions the UNet as it would alone (training batches mix caption lengths)."""
-    if bool((windows == total).all()):
+    longer ones conditions the UNet as it would alone (training batches mix caption lengths). Built on
+    the CPU from host values and copied once, so it never waits for the device."""
+    own = torch.as_tensor(windows, device="cpu")
+    if bool((own == total).all()):
         return None
-    keys = torch.arange(total * WINDOW_LEN, device=windows.device)
-    return keys[None, :] < (windows[:, None] * WINDOW_LEN)
+    keys = torch.arange(total * WINDOW_LEN)
+    return (keys[None, :] < (own[:, None] * WINDOW_LEN)).to(device, non_blocking=True)
 
 
 def pad_batch(embeddings: Sequence[torch.Tensor], empty: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Embeddings of different lengths -> (B, Wmax*77, D) padded with the empty prompt, and `key_mask`."""
-    windows = torch.tensor([n_windows(e) for e in embeddings], device=embeddings[0].device)
-    w = int(windows.max())
-    return torch.stack([pad_windows(e, w, empty) for e in embeddings]), key_mask(windows, w)
+    windows = [n_windows(e) for e in embeddings]
+    w = max(windows)
+    return (torch.stack([pad_windows(e, w, empty) for e in embeddings]),
+            key_mask(windows, w, embeddings[0].device))
 
 
 def encode_padded(text_encoder: Any, ids: torch.Tensor,
                   windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(B, W, 77) ids whose rows fill `windows` (B,) of their W windows -> hidden states of the windows
-    the longest row needs, and `key_mask` over them (the rest of each row is the empty prompt)."""
+    """(B, W, 77) ids whose rows fill `windows` (B,) of their W windows (both on the CPU) -> hidden states
+    of the windows the longest row needs, and `key_mask` over them (the rest of each row is the empty
+    prompt)."""
     w = int(windows.max())
     hidden = encode_windows(text_encoder, ids[:, :w])
-    return hidden, key_mask(windows.to(hidden.device), w)
+    return hidden, key_mask(windows, w, hidden.device)
 
 
 def tokenize_padded(tokenizer: Any, texts: Sequence[str],
@@ -128,10 +136,12 @@ def pipeline_embeds(pipe: Any, prompt: str, negative_prompt: str = "",
                     max_windows: int = DEFAULT_MAX_WINDOWS) -> dict[str, torch.Tensor]:
     """`prompt_embeds` / `negative_prompt_embeds` for a stock diffusers StableDiffusionPipeline call, so a
     plain-diffusers user (and our validation grids) condition on the whole report:
-    `pipe(**pipeline_embeds(pipe, report), ...)`."""
+    `pipe(**pipeline_embeds(pipe, report), ...)`. The stock pipeline takes no text mask, so a negative
+    prompt with more windows than the prompt dilutes the prompt there (our sampler masks it)."""
+    device = getattr(pipe, "_execution_device", None)
     with torch.no_grad():
-        empty = encode_windows(pipe.text_encoder, window_ids(pipe.tokenizer, ""))
-        cond, uncond = (encode_windows(pipe.text_encoder, window_ids(pipe.tokenizer, t, max_windows))
+        empty = encode_windows(pipe.text_encoder, window_ids(pipe.tokenizer, ""), device)
+        cond, uncond = (encode_windows(pipe.text_encoder, window_ids(pipe.tokenizer, t, max_windows), device)
                         for t in (prompt, negative_prompt))
         cond, uncond = pad_pair(cond, uncond, empty)
     return {"prompt_embeds": cond[None], "negative_prompt_embeds": uncond[None]}

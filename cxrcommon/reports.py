@@ -241,7 +241,8 @@ def fit_windows(text: str, tokenizer: Any, *, max_windows: int = DEFAULT_MAX_WIN
     ordered, impression = salient or salient_order(text)
     limit = WINDOW * max_windows + 2
     cut, _ = fit_clip_limit(ordered, tokenizer, max_tokens=limit, policy=policy, name=name)
-    lost = bool(impression) and normalize_report(impression) not in normalize_report(cut)
+    kept = normalize_report(cut)  # each impression sentence must survive (there may be several headers)
+    lost = any(normalize_report(x) not in kept for x in _SENTENCE_END_RE.split(impression) if x.strip())
     if lost:
         log.warning("%s: the report's impression is longer than %d window(s); kept its first %s",
                     name or repr(text[:60] + "..."), max_windows, "sentences" if cut else "tokens")

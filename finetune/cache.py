@@ -82,6 +82,9 @@ def build_text_cache(path: Path, input_ids: torch.Tensor, windows: torch.Tensor,
     sequence axis ((sum of windows) x 77, D), fp32, plus each caption's window count; computed once.
     Storing no padding keeps the cache as small as the captions are long."""
     from cxrcommon.prompt_windows import WINDOW_LEN, encode_padded
+    if path.is_file() and not torch.equal(load_file(str(path))["windows"], windows):
+        log.warning("%s was built for other caption windows; rebuilding it", path)
+        path.unlink()
     if not path.is_file():
         out = []
         for lo in tqdm(range(0, len(input_ids), batch_size), desc="caching captions", unit="batch"):
@@ -104,5 +107,7 @@ def latent_key(vae: Any, images: Sequence[str], cfg: Any) -> str:
                      resize_mode=cfg.resize_mode, clip_percentile=cfg.clip_percentile)
 
 
-def text_key(text_encoder: Any, captions: Sequence[str]) -> str:
-    return cache_key(kind="text-windows", text_encoder=model_identity(text_encoder), captions=list(captions))
+def text_key(text_encoder: Any, captions: Sequence[str], windows: torch.Tensor) -> str:
+    """Caption embeddings depend on the encoder, the texts and how many windows of each are encoded."""
+    return cache_key(kind="text-windows", text_encoder=model_identity(text_encoder), captions=list(captions),
+                     windows=windows.tolist())

@@ -133,6 +133,8 @@ def check_config(cfg: TrainConfig) -> None:
         problems.append(f"--caption-dropout {cfg.caption_dropout} must lie in [0, 1]")
     if cfg.logging_steps < 1 or cfg.timing_warmup_steps < 0:
         problems.append("--logging-steps must be >= 1 and --timing-warmup-steps >= 0")
+    if cfg.max_windows < 1:
+        problems.append(f"--max-windows {cfg.max_windows} must be >= 1 (1 = the stock 77-token limit)")
     if cfg.gradient_accumulation_steps < 1 or cfg.train_batch_size < 1:
         problems.append("--train-batch-size and --gradient-accumulation-steps must be >= 1")
     from .checkpoint import STATE

@@ -117,7 +117,7 @@ def train(cfg: TrainConfig, data: TrainData | None = None,
              int((windows[:-1] > 1).sum()), n_captions, int(windows.max()))
     text_table = None
     if cfg.cache_text:  # check_config refused it with a trained text encoder
-        path = cache_dir(cfg) / f"text-{text_key(comp.text_encoder, data.captions)}.safetensors"
+        path = cache_dir(cfg) / f"text-{text_key(comp.text_encoder, data.captions, windows)}.safetensors"
         with accelerator.main_process_first():
             flat, _ = build_text_cache(path, input_ids, windows, comp.text_encoder, cfg.train_batch_size)
         flat = flat.to(device, wdtype)

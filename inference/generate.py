@@ -144,13 +144,15 @@ def _batches(items: Iterable[Job], size: int, length: Callable[[Job], int] = lam
 
 # ---------------------------------------------------------------- settings and manifest
 
-def check_settings(out: Path, settings: dict, force: bool) -> bool:
+def check_settings(out: Path, settings: dict, force: bool, absent_ok: Iterable[str] = ()) -> bool:
     """True if `out` may be (re)used with `settings`; raise if they differ and not `force`.
-    Returns whether earlier results must be discarded."""
+    Returns whether earlier results must be discarded. `absent_ok`: keys a folder started by an older
+    version may lack without its images differing (e.g. max_windows when every prompt fits one window)."""
     path = out / SETTINGS
     if not path.is_file():
         return False
     old = json.loads(path.read_text(encoding="utf-8"))
+    old.update({k: settings.get(k) for k in absent_ok if k not in old})
     changed = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
     if not changed:
         return False
@@ -322,7 +324,8 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
     neg_windows = {t: c.windows for t, c in zip(negatives, count_tokens(sampler.tokenizer, negatives))}
 
     def windows(job: Job) -> int:  # the embedding length its UNet call needs (prompt and negative padded alike)
-        return max(fits[job.prompt_index][1].windows, neg_windows.get(job.negative_prompt, 1))
+        own = fits[job.prompt_index][1].windows
+        return max(own, neg_windows.get(job.negative_prompt, 1)) if cfg.guidance > 1 else own
 
     lora_sha = file_sha256(cfg.lora) if cfg.lora else None
     settings = {k: getattr(cfg, k) for k in IMAGE_SETTINGS}
@@ -331,11 +334,14 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
                     mask_sha256=file_sha256(cfg.mask) if cfg.mask else None)
     if not translation:
         settings.pop("strength")
+    # before windows, every text was cut at 77 tokens: one-window jobs make the same images as then
+    one_window = all(f.windows == 1 and not f.cut for _, f in fits.values()) and set(neg_windows.values()) <= {1}
+    legacy = ("max_windows",) if one_window else ()
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         if removed := remove_stale_temps(out):
             log.info("removed %d temp file(s) left in %s by an interrupted run", removed, out)
-        if check_settings(out, settings, cfg.force) and (out / MANIFEST).exists():
+        if check_settings(out, settings, cfg.force, legacy) and (out / MANIFEST).exists():
             (out / MANIFEST).rename(out / f"manifest.replaced-{int(time.time())}.jsonl")
             for part in out.glob("manifest.part*.jsonl"):
                 part.unlink()
@@ -346,7 +352,7 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
             log.info("balancing plan (%d images) written to %s", sum(r.n for r in rows), source)
     barrier()
     if not is_main:
-        check_settings(out, settings, force=False)
+        check_settings(out, settings, force=False, absent_ok=legacy)
 
     plan = dict(base_seed=cfg.seed, negative_prompt=cfg.negative_prompt, fmt=cfg.format,
                 label_folders=cfg.label_folders)

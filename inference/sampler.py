@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cxrcommon.prompt_windows import encode_windows, pad_pair, window_ids
+from cxrcommon.prompt_windows import encode_windows, key_mask, n_windows, pad_pair, window_ids
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,16 @@ class Request:
 
 
 @dataclass
+class TextGroup:
+    """Rows of a batch whose text embeddings share one length: one UNet call."""
+    rows: torch.Tensor | None            # indices into the batch; None = every row
+    cond: torch.Tensor                   # (B, L, D)
+    uncond: torch.Tensor | None          # (B, L, D); None without CFG
+    cond_mask: torch.Tensor | None       # (B, L) keys each row may attend to; None = all
+    uncond_mask: torch.Tensor | None
+
+
+@dataclass
 class Translation:
     """Start from a real image: SDEdit img2img (`strength`), optionally only inside `mask` (inpainting).
 
@@ -136,7 +146,7 @@ class CXRSampler:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r} "
                              f"(in YAML quote it: compile: \"off\")")
         self.compiled, self._compile_backend = False, compile_backend
-        self._compiled_rows: dict[int, None] = {}  # UNet batch shapes compiled so far
+        self._compiled_rows: dict[tuple, None] = {}  # (rows, (text length, masked)) compiled so far
         self._eager_s = 0.0  # sampling seconds run eagerly so far (compile="auto")
         if compile_after_s is None and self.device.type == "cuda":
             compile_after_s = COMPILE_AFTER_S
@@ -166,24 +176,28 @@ class CXRSampler:
             log.info("compile auto: %.0f s of eager sampling so far, compiling for the rest of the job", self._eager_s)
             self._compile_unet("default")
 
-    def _unet_rows(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        """The UNet's prediction. Compiled, a batch smaller than a compiled shape is zero-padded to it (a
-        job's last, partial batch would otherwise pay a whole new compile), and each new shape's first
-        call, which compiles it, is timed and logged."""
+    def _unet_rows(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's prediction (`mask`: the text keys each row may attend to, None = all). Compiled, a
+        batch a little smaller than a compiled shape of the same text length is zero-padded to it (a job's
+        last, partial batch would otherwise pay a whole new compile; never more than doubling the work),
+        and each new shape's first call, which compiles it, is timed and logged."""
         if not self.compiled:
-            return self.unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
-        rows = x.shape[0]
-        fit = min((r for r in self._compiled_rows if r >= rows), default=rows)
+            return self.unet(x, t, encoder_hidden_states=emb, encoder_attention_mask=mask, return_dict=False)[0]
+        rows, kind = x.shape[0], (emb.shape[1], mask is not None)
+        fit = min((r for r, k in self._compiled_rows if k == kind and rows <= r < 2 * rows), default=rows)
         if fit > rows:
             x, emb = (torch.cat([a, a.new_zeros((fit - rows, *a.shape[1:]))]) for a in (x, emb))
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones((fit - rows, mask.shape[1]))])
         start = time.perf_counter()
-        pred = self.unet(x, t, encoder_hidden_states=emb, return_dict=False)[0]
-        if fit not in self._compiled_rows:
+        pred = self.unet(x, t, encoder_hidden_states=emb, encoder_attention_mask=mask, return_dict=False)[0]
+        if (fit, kind) not in self._compiled_rows:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            log.info("torch.compile of the UNet for %d rows: %.1f s (compile + first call)", fit,
-                     time.perf_counter() - start)
-            self._compiled_rows[fit] = None
+            log.info("torch.compile of the UNet for %d rows x %d text tokens%s: %.1f s (compile + first call)",
+                     fit, kind[0], " (masked)" if kind[1] else "", time.perf_counter() - start)
+            self._compiled_rows[(fit, kind)] = None
         return pred[:rows]
 
     @classmethod
@@ -237,36 +251,44 @@ class CXRSampler:
                 self._cache.popitem(last=False)
         return [self._cache[t] for t in texts]
 
-    def embedding_groups(self, requests: Sequence[Request], cfg: bool) -> list[tuple[torch.Tensor | None, torch.Tensor,
-                                                                                   torch.Tensor | None]]:
-        """[(row indices, or None for all rows; cond (B, L, D); uncond or None)]: rows grouped by
-        embedding length, each row's prompt and negative prompt padded to the longer of the two.
+    def embedding_groups(self, requests: Sequence[Request], cfg: bool) -> list[TextGroup]:
+        """The batch's text conditioning, grouped by embedding length (one UNet call per group).
 
-        Rows of different lengths go through separate UNet calls (nothing is padded across rows), so an
-        image never depends on its batch-mates; a batch of equal lengths (the generator buckets them)
-        is one group and one call."""
+        Each row's prompt and negative prompt are padded to the longer of the two with windows of the
+        empty prompt. Padding an empty text only repeats its keys (attention is unchanged but for
+        rounding); padding real text would dilute it, so those keys are masked out, as in training.
+        Rows of different lengths are never padded to each other, so an image never depends on its
+        batch-mates; a batch of equal lengths (the generator buckets them) is one group."""
         cond = self.encode_prompts([r.prompt for r in requests])
         uncond = self.encode_prompts([r.negative_prompt for r in requests]) if cfg else [None] * len(requests)
+        natural = [(n_windows(c), n_windows(u) if cfg else 0) for c, u in zip(cond, uncond)]
         if cfg:
             empty = self.encode_prompts([""])[0]
             cond, uncond = zip(*(pad_pair(c, u, empty) for c, u in zip(cond, uncond)))
         by_len: dict[int, list[int]] = {}
         for i, c in enumerate(cond):
             by_len.setdefault(c.shape[0], []).append(i)
-        return [(None if len(by_len) == 1 else torch.tensor(rows, device=self.device),
-                 torch.stack([cond[i] for i in rows]), torch.stack([uncond[i] for i in rows]) if cfg else None)
+
+        def mask(rows: list[int], half: int, texts: list[str]) -> torch.Tensor | None:
+            own = [natural[i][half] if texts[i] else n_windows(cond[i]) for i in rows]  # "" needs no mask
+            return key_mask(own, n_windows(cond[rows[0]]), self.device)
+        prompts, negatives = [r.prompt for r in requests], [r.negative_prompt for r in requests]
+        return [TextGroup(None if len(by_len) == 1 else torch.tensor(rows, device=self.device),
+                          torch.stack([cond[i] for i in rows]), torch.stack([uncond[i] for i in rows]) if cfg else None,
+                          mask(rows, 0, prompts), mask(rows, 1, negatives) if cfg else None)
                 for rows in by_len.values()]
 
-    def grouped_noise(self, groups: list, x: torch.Tensor, t: torch.Tensor, use_cfg: bool, guidance: float,
-                      rescale: float, extra: torch.Tensor | None) -> torch.Tensor:
+    def grouped_noise(self, groups: list[TextGroup], x: torch.Tensor, t: torch.Tensor, use_cfg: bool,
+                      guidance: float, rescale: float, extra: torch.Tensor | None) -> torch.Tensor:
         """`guided_noise` over the batch, one UNet call per embedding-length group."""
+        def noise(g: TextGroup, x: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
+            return self.guided_noise(x, t, g.cond, g.uncond if use_cfg else None, guidance, rescale, extra,
+                                     cond_mask=g.cond_mask, uncond_mask=g.uncond_mask)
         if len(groups) == 1:
-            _, cond, uncond = groups[0]
-            return self.guided_noise(x, t, cond, uncond if use_cfg else None, guidance, rescale, extra)
+            return noise(groups[0], x, extra)
         pred = torch.empty_like(x)
-        for rows, cond, uncond in groups:
-            pred[rows] = self.guided_noise(x[rows], t, cond, uncond if use_cfg else None, guidance, rescale,
-                                           None if extra is None else extra[rows])
+        for g in groups:
+            pred[g.rows] = noise(g, x[g.rows], None if extra is None else extra[g.rows])
         return pred
 
     def initial_noise(self, generators: list[torch.Generator], height: int, width: int) -> torch.Tensor:
@@ -277,16 +299,21 @@ class CXRSampler:
 
     def guided_noise(self, latent_input: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
                      uncond: torch.Tensor | None, guidance: float, rescale: float = 0.0,
-                     extra: torch.Tensor | None = None) -> torch.Tensor:
+                     extra: torch.Tensor | None = None, *, cond_mask: torch.Tensor | None = None,
+                     uncond_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Noise prediction with CFG; both halves in one UNet call (`uncond=None`: conditional only).
 
         `extra` holds channels concatenated after the latents (mask + masked-image latents of an
-        inpainting UNet)."""
+        inpainting UNet); `cond_mask`/`uncond_mask` (B, L) the text keys each half may attend to."""
         x = latent_input if uncond is None else torch.cat([latent_input, latent_input])
         if extra is not None:
             x = torch.cat([x, extra if uncond is None else torch.cat([extra, extra])], dim=1)
         emb = cond if uncond is None else torch.cat([uncond, cond])
-        pred = self._unet_rows(x, t, emb)
+        mask = cond_mask
+        if uncond is not None and (cond_mask is not None or uncond_mask is not None):
+            full = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)
+            mask = torch.cat([full if uncond_mask is None else uncond_mask, full if cond_mask is None else cond_mask])
+        pred = self._unet_rows(x, t, emb, mask)
         if uncond is None:  # a CUDA-graph replay overwrites its output buffer; multistep schedulers keep `pred`
             return pred.clone() if self.compiled else pred
         pred_uncond, pred_cond = pred.chunk(2)

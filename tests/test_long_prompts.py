@@ -196,3 +196,79 @@ def test_a_lora_learns_a_finding_after_token_77_only_when_encoded_whole(tmp_path
     assert own < 0.5 * other, (own, other)  # each caption makes ITS pattern
     cut = trained_latents(1, 10)
     assert torch.equal(cut[CAPTIONS[0]], cut[CAPTIONS[1]])  # cut at 77 tokens the captions are one
+
+
+def test_a_negative_longer_than_the_prompt_does_not_dilute_it(tiny_pipe):
+    """The prompt is padded to the negative's length; its padding is masked, so the conditional
+    prediction is the prompt's own (without the mask it would attend to the empty prompt too)."""
+    s = CXRSampler(tiny_pipe)
+    (group,) = s.embedding_groups([Request("Left effusion.", 1, negative_prompt=REPORT["right"])], cfg=True)
+    assert group.cond.shape[1] == 2 * WINDOW_LEN and group.uncond_mask is None
+    assert group.cond_mask is not None and group.cond_mask.sum() == WINDOW_LEN
+    alone = s.encode_prompts(["Left effusion."])[0][None]
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        own = s.unet(x, 500, encoder_hidden_states=alone).sample
+        masked = s.guided_noise(x, torch.tensor(500), group.cond, None, 1.0, cond_mask=group.cond_mask)
+        diluted = s.guided_noise(x, torch.tensor(500), group.cond, None, 1.0)
+    assert torch.allclose(masked, own, atol=1e-5, rtol=0) and (diluted - own).abs().max() > 1e-4
+    # a long prompt with the usual empty negative needs no mask at all (repeated keys only)
+    (plain,) = s.embedding_groups([Request(REPORT["left"], 1)], cfg=True)
+    assert plain.cond_mask is None and plain.uncond_mask is None
+
+
+def test_compiled_calls_are_padded_only_to_a_shape_of_the_same_text_length(tiny_pipe):
+    s = CXRSampler(tiny_pipe)
+    seen: list = []
+
+    def stub(x, t, encoder_hidden_states, encoder_attention_mask=None, return_dict=False):
+        seen.append((x.shape[0], encoder_hidden_states.shape[1]))
+        return (x,)
+    s.unet, s.compiled = stub, True
+    s._compiled_rows = {(16, (WINDOW_LEN, False)): None}
+    for rows, length in ((10, WINDOW_LEN), (5, 2 * WINDOW_LEN), (8, WINDOW_LEN)):
+        out = s._unet_rows(torch.zeros(rows, 4, 2, 2), torch.tensor(1), torch.zeros(rows, length, 32))
+        assert out.shape[0] == rows
+    # 10 rows fill a 16-row graph; a 2-window text never rides a 1-window graph; 8 rows would double it
+    assert seen == [(16, WINDOW_LEN), (5, 2 * WINDOW_LEN), (8, WINDOW_LEN)]
+
+
+def test_a_folder_started_before_windows_resumes_when_every_prompt_fits_one(tmp_path, tiny_model_dir):
+    import json
+
+    from inference.config import GenerateConfig
+    from inference.generate import SETTINGS, SettingsChangedError, generate
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("Clear lungs.\nLeft effusion.\n")
+    cfg = GenerateConfig(prompts=str(prompts), out=str(tmp_path / "o"), model=str(tiny_model_dir), steps=1, **SIZE)
+    generate(cfg)
+    settings = json.loads((tmp_path / "o" / SETTINGS).read_text())
+    del settings["max_windows"]  # as written by the version before long prompts
+    (tmp_path / "o" / SETTINGS).write_text(json.dumps(settings))
+    assert generate(cfg).skipped == 2  # same images as then: resumed, nothing remade
+    assert json.loads((tmp_path / "o" / SETTINGS).read_text())["max_windows"] == 3  # and now recorded
+    (tmp_path / "o" / SETTINGS).write_text(json.dumps(settings))
+    prompts.write_text(f"Clear lungs.\nLeft effusion.\n{REPORT['left']}\n")  # now one prompt needs 2 windows
+    with pytest.raises(SettingsChangedError, match="max_windows: None -> 3"):
+        generate(cfg)
+
+
+def test_mixed_caption_lengths_train_the_same_cached_and_uncached_and_the_cache_follows_max_windows(tmp_path):
+    from finetune.config import TrainConfig
+    from finetune.toy import CAPTIONS, save_toy_model, toy_data
+    from finetune.train import train
+    model = save_toy_model(tmp_path / "toy", resolution=16)
+    data = toy_data(4, 16)
+    data.captions = [CAPTIONS[0], f"{FINDINGS} {CAPTIONS[1]}", CAPTIONS[0], f"{FINDINGS} {FINDINGS} {CAPTIONS[1]}"]
+
+    def run(name: str, **kw):
+        return train(TrainConfig(model=str(model), output_dir=str(tmp_path / name), resolution=16, train_batch_size=4,
+                                 max_train_steps=3, lr_warmup_steps=0, checkpointing_steps=0, validation_steps=0,
+                                 validation_seeds=[], report_to="none", device="cpu", val_fraction=0.0,
+                                 caption_dropout=0.3, cache_dir=str(tmp_path / "cache"), **kw), data).losses
+    plain = run("plain")
+    assert np.allclose(run("cached", cache_text=True), plain, rtol=1e-5, atol=1e-6)
+    one = run("one", max_windows=1)
+    assert not np.allclose(one, plain, rtol=1e-5, atol=1e-6)  # cut captions condition differently ...
+    assert np.allclose(run("one-cached", max_windows=1, cache_text=True), one, rtol=1e-5, atol=1e-6)  # ... cached too
+    assert len(list((tmp_path / "cache").glob("text-*"))) == 2  # one cache per window layout, never mixed

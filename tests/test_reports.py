@@ -224,6 +224,14 @@ def test_an_impression_too_long_for_the_cap_is_cut_loudly(tok, caplog):
     assert "notes.csv:7: the report's impression is longer than 1 window(s)" in caplog.text
 
 
+def test_several_impression_headers_kept_whole_are_not_reported_as_cut(tok):
+    report = ("FINDINGS: " + " ".join(f"Finding {i} is described here." for i in range(25))
+              + " IMPRESSION: Left effusion. IMPRESSION: No pneumothorax.")
+    fit = fit_windows(report, tok, max_windows=1)
+    assert fit.cut and not fit.impression_cut
+    assert fit.text.startswith("IMPRESSION: Left effusion. IMPRESSION: No pneumothorax. FINDINGS: Finding 0")
+
+
 def test_salient_order_leaves_reports_without_an_impression_alone():
     assert salient_order("Day 4: intubated. History: 73 year old.") == ("Day 4: intubated. History: 73 year old.", "")
     assert salient_order("History: cough. FINDINGS: Lungs clear. IMPRESSION: Nothing acute.") == \
