@@ -6,24 +6,28 @@ text, and compare two image sets. It wires the stages' public APIs together and 
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import dataclasses
 import functools
 import json
 import logging
+import os
 import shutil
 import tempfile
 import threading
 import uuid
 import zipfile
-from pathlib import Path
-from typing import Any, Sequence
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator, Sequence
 
 import gradio as gr
 import numpy as np
 
 from cxrcommon.atomic import atomic_write_text
 from cxrcommon.config import field, parse_config
-from cxrcommon.optional import MissingPackageError
+from cxrcommon.errors import UserError
+from cxrcommon.limits import MAX_BYTES, check_bytes
 
 log = logging.getLogger("synthcxr.app")
 
@@ -36,6 +40,8 @@ EXAMPLES = [
     "No acute cardiopulmonary process.",
 ]
 UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff"]
+ROOT_PREFIX = "synthcxr-app-"  # + "<pid>-<random>": the app's temp root, swept on start once its app is gone
+ERROR_CHARS = 2000  # longest message shown for a failed request
 
 
 @dataclasses.dataclass
@@ -53,16 +59,66 @@ class AppConfig:
     max_file_size: str = field("50mb", "largest upload accepted")
     max_images: int = field(8, "most images one Generate request may ask for")
     max_batch_images: int = field(200, "most images one Batch request may produce")
+    max_unzip_mb: int = field(MAX_BYTES >> 20, "most megabytes the zips of one Evaluate set may unpack to")
+    max_zip_members: int = field(10_000, "most entries one uploaded zip may hold")
     device: str = field("auto", "auto, cpu, cuda, xpu, mps")
     precision: str = field("auto", "auto, fp32, fp16, bf16")
 
 
+class ModelGate:
+    """One request on the shared models at a time, interactive ones first: a batch takes the gate per chunk
+    of images and waits while any Generate/Clean request is waiting, so one user's long batch delays the
+    others by at most one chunk (docs/BENCHMARKS.md, "App latency under a batch")."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._busy = False
+        self._interactive_waiting = 0
+
+    @contextlib.contextmanager
+    def hold(self, interactive: bool = True) -> Iterator[None]:
+        with self._cond:
+            self._interactive_waiting += interactive
+            try:
+                self._cond.wait_for(lambda: not self._busy and (interactive or not self._interactive_waiting))
+            finally:
+                self._interactive_waiting -= interactive
+            self._busy = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+
+class BatchSampler:
+    """The shared sampler as one batch job sees it: each `generate` call (one chunk) takes the gate at low
+    priority and first restores the job's own scheduler, which an interactive request may have swapped."""
+
+    def __init__(self, sampler: Any, gate: ModelGate):
+        self._sampler, self._gate = sampler, gate
+        self.scheduler_name = sampler.scheduler_name
+
+    def use_scheduler(self, name: str) -> None:
+        self.scheduler_name = name
+
+    def generate(self, requests: Sequence[Any], **kwargs: Any) -> np.ndarray:
+        with self._gate.hold(interactive=False):
+            if self._sampler.scheduler_name != self.scheduler_name:
+                self._sampler.use_scheduler(self.scheduler_name)
+            return self._sampler.generate(requests, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:  # tokenizer, dtype, device, native_size, ...
+        return getattr(self._sampler, name)
+
+
 class Services:
-    """Models loaded once and shared by every session; a lock keeps one request on a model at a time."""
+    """Models loaded once and shared by every session; a gate keeps one request on a model at a time."""
 
     def __init__(self, cfg: AppConfig):
         self.cfg = cfg
-        self._lock = threading.Lock()
+        self.gate = ModelGate()
         self._sampler: Any = None
         self._removers: dict[tuple[bool, bool], Any] = {}
 
@@ -91,17 +147,53 @@ class Services:
         return resolve_model(self.cfg.model)
 
     def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        """Run `fn` holding the model lock (one request on the shared models at a time)."""
-        with self._lock:
+        """Run `fn` holding the model gate as an interactive request."""
+        with self.gate.hold():
             return fn(*args, **kwargs)
+
+    def batch_sampler(self) -> BatchSampler:
+        """The shared sampler for a batch job, which takes the gate per chunk instead of for the whole job."""
+        return BatchSampler(self.run(self.sampler), self.gate)
+
+
+def session_path(request: Any, root: Path) -> Path:
+    """A session's folder under the app's temp root (not created)."""
+    name = getattr(request, "session_hash", None) or "anonymous"
+    return root / ("".join(c for c in name if c.isalnum())[:64] or "anonymous")
 
 
 def session_dir(request: Any, root: Path) -> Path:
-    """A per-session folder under the app's temp root; outputs never leave it."""
-    name = getattr(request, "session_hash", None) or "anonymous"
-    path = root / "".join(c for c in name if c.isalnum())[:64]
+    """A per-session folder under the app's temp root, created; outputs never leave it."""
+    path = session_path(request, root)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def make_root() -> Path:
+    """The app's temp root; first removes roots left by apps that were killed (their pid is gone)."""
+    tmp = Path(tempfile.gettempdir())
+    for old in tmp.glob(f"{ROOT_PREFIX}*"):
+        pid = old.name[len(ROOT_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-"))
+
+
+def user_message(exc: BaseException) -> str:
+    """The whole message on one line: a multi-line one (a prompt file's bad lines) keeps every reason."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0] + (" " + "; ".join(lines[1:]) if lines[1:] else "") if lines else type(exc).__name__
+    return text if len(text) <= ERROR_CHARS else text[:ERROR_CHARS - 3] + "..."
 
 
 def user_errors(fn: Any) -> Any:
@@ -110,9 +202,9 @@ def user_errors(fn: Any) -> Any:
     def handler(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ValueError, OSError, RuntimeError, MissingPackageError) as exc:
+        except (ValueError, OSError, RuntimeError) as exc:  # UserError and MissingPackageError are ValueErrors
             log.warning("request failed: %s", exc)
-            raise gr.Error(str(exc).splitlines()[0][:500]) from exc
+            raise gr.Error(user_message(exc)) from exc
     return handler
 
 
@@ -139,7 +231,7 @@ def generate_images(services: Services, out_dir: Path, report: str, negative: st
     cfg = GenerateConfig(prompts=str(prompts), out=str(job / "images"), model=services.cfg.model,
                          lora=services.cfg.lora, lora_scale=services.cfg.lora_scale, steps=int(steps),
                          guidance=float(guidance), scheduler=scheduler, clean=bool(clean_text), batch_size=n,
-                         height=0, width=0, device=services.cfg.device, precision=services.cfg.precision)
+                         device=services.cfg.device, precision=services.cfg.precision)
     pngs: list[Path] = []
     services.run(lambda: generate(cfg, on_image=pngs.append, sampler=services.sampler()))
     files = []
@@ -192,9 +284,9 @@ def batch_dataset(services: Services, out_dir: Path, prompt_file: str, n_per_pro
     shutil.rmtree(job, ignore_errors=True)
     cfg = GenerateConfig(prompts=str(prompt_file), out=str(job), model=services.cfg.model, lora=services.cfg.lora,
                          lora_scale=services.cfg.lora_scale, n_per_prompt=int(n_per_prompt), steps=int(steps),
-                         guidance=float(guidance), seed=int(seed), format=fmt, height=0, width=0,
+                         guidance=float(guidance), seed=int(seed), format=fmt,
                          device=services.cfg.device, precision=services.cfg.precision)
-    summary = services.run(lambda: generate(cfg, sampler=services.sampler()))
+    summary = generate(cfg, sampler=services.batch_sampler())
     archive = out_dir / "dataset.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
         for p in sorted(job.rglob("*")):
@@ -225,13 +317,65 @@ def clean_upload(services: Services, out_dir: Path, path: str, keep_markers: boo
     regions = record["regions"]
     boxes = [(tuple(int(v) for v in r["box"]), f"{r.get('text') or '?'} ({r['action']})") for r in regions]
     table = [[r.get("text") or "", round(float(r.get("score") or 0), 3), r["action"], str(r["box"])] for r in regions]
-    files = [record["output"], record["mask"], str(Path(record["mask"]).with_name(src.stem + ".regions.json"))]
+    files = [record["output"], record["mask"], record["mask"].removesuffix(".mask.png") + ".regions.json"]
     return (annotated, boxes), str(cleaned_view), record["mask"], files, table
 
 
-def evaluate_sets(out_dir: Path, real: Sequence[str] | None, fake: Sequence[str] | None, features: str) -> tuple[str, str]:
+def _zip_images(up: Path, zf: zipfile.ZipFile, max_members: int) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
+    """The image members of an uploaded zip and their safe relative paths; an unsafe or repeated name is
+    refused with a message (never dropped, so the image count N stays what the user sent)."""
+    members = zf.infolist()
+    if len(members) > max_members:
+        raise UserError(f"{up.name}: {len(members)} entries exceeds the limit of {max_members} — split the zip")
+    found: dict[PurePosixPath, zipfile.ZipInfo] = {}
+    for member in members:
+        rel = PurePosixPath(member.filename.replace("\\", "/"))
+        if member.is_dir() or rel.suffix.lower() not in UPLOAD_TYPES:
+            continue
+        if rel.is_absolute() or ".." in rel.parts or ":" in rel.parts[0]:
+            raise UserError(f"{up.name}: entry {member.filename!r} points outside the archive (absolute path or "
+                            f"'..') — rebuild the zip with relative paths")
+        if rel in found:
+            raise UserError(f"{up.name}: entry {member.filename!r} appears twice — rebuild the zip so every image "
+                            f"has its own path")
+        found[rel] = member
+    return [(m, rel) for rel, m in found.items()]
+
+
+def unpack_uploads(uploads: Sequence[str], folder: Path, *, max_bytes: int, max_members: int) -> None:
+    """Copy uploaded images, and the images inside uploaded zips, into `folder`, each upload in its own
+    subfolder so `a/x.png` and `b/x.png` stay two images. Zip members are streamed in 1 MiB chunks under
+    a budget of `max_bytes` uncompressed for the whole set, checked on the declared sizes before anything is
+    unpacked (zipfile never yields more than a member's declared size), so a zip bomb costs neither memory
+    nor disk."""
+    written = 0
+    for i, up in enumerate(map(Path, uploads)):
+        if up.suffix.lower() in UPLOAD_TYPES:
+            written += up.stat().st_size
+            check_bytes(f"the uploaded images ({up.name})", written, max_bytes)
+            shutil.copy(up, folder / f"{i:03d}-{up.name}")
+            continue
+        if up.suffix.lower() != ".zip":
+            raise UserError(f"{up.name}: not an image or a .zip — upload PNG/JPEG/TIFF/DICOM images or a zip of them")
+        try:
+            with zipfile.ZipFile(up) as zf:
+                images = _zip_images(up, zf, max_members)
+                written += sum(m.file_size for m, _ in images)
+                check_bytes(f"{up.name} (uncompressed)", written, max_bytes)
+                for member, rel in images:
+                    target = folder / f"{i:03d}-{up.stem}" / rel
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(member) as src, open(target, "wb") as dst:
+                        shutil.copyfileobj(src, dst, 1 << 20)
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError) as exc:
+            raise UserError(f"{up.name}: cannot unpack ({exc}) — upload a plain, unencrypted zip") from exc
+
+
+def evaluate_sets(out_dir: Path, real: Sequence[str] | None, fake: Sequence[str] | None, features: str, *,
+                  max_bytes: int = MAX_BYTES, max_members: int = 10_000) -> tuple[str, str]:
     """FID/KID/PRDC between two uploaded sets (zips or images); returns (Markdown report, JSON path)."""
     from eval.fid import evaluate
+    from eval.sources import list_images
 
     sets = {}
     for name, uploads in (("real", real), ("fake", fake)):
@@ -240,18 +384,16 @@ def evaluate_sets(out_dir: Path, real: Sequence[str] | None, fake: Sequence[str]
         folder = out_dir / "eval" / name
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
-        for up in uploads:
-            up = Path(up)
-            if up.suffix.lower() == ".zip":
-                with zipfile.ZipFile(up) as zf:
-                    for member in zf.infolist():
-                        target = Path(member.filename)
-                        if member.is_dir() or target.suffix.lower() not in UPLOAD_TYPES or ".." in target.parts:
-                            continue
-                        (folder / target.name).write_bytes(zf.read(member))
-            elif up.suffix.lower() in UPLOAD_TYPES:
-                shutil.copy(up, folder / up.name)
-        if len(list(folder.iterdir())) < 2:
+        try:
+            unpack_uploads(uploads, folder, max_bytes=max_bytes, max_members=max_members)
+        except UserError:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        try:
+            n_images = len(list_images(folder))
+        except FileNotFoundError:  # no image at all
+            n_images = 0
+        if n_images < 2:
             raise ValueError(f"the {name} set needs at least 2 images (PNG/JPEG/DICOM, or a zip of them)")
         sets[name] = folder
     result = evaluate(sets["real"], sets["fake"], features=features, out=out_dir / "eval" / "report")
@@ -273,7 +415,7 @@ def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
     from inference.sampler import SCHEDULERS
 
     services = services or Services(cfg)
-    root = Path(tempfile.mkdtemp(prefix="synthcxr-app-"))
+    root = make_root()
     default_steps, default_guidance = slider_defaults(cfg.model)
 
     progress = gr.Progress(track_tqdm=True)
@@ -295,9 +437,15 @@ def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
 
     @user_errors
     def on_evaluate(real, fake, features, request: gr.Request, progress=progress):
-        return evaluate_sets(session_dir(request, root), real, fake, features)
+        return evaluate_sets(session_dir(request, root), real, fake, features, max_bytes=cfg.max_unzip_mb << 20,
+                             max_members=cfg.max_zip_members)
 
-    with gr.Blocks(title="synthcxr") as demo:
+    def on_unload(request: gr.Request) -> None:
+        """The browser tab closed: this session's outputs go (API clients' go when the app stops)."""
+        shutil.rmtree(session_path(request, root), ignore_errors=True)
+
+    # delete_cache: gradio's copies of uploads and results go after a day (checked hourly) and on shutdown
+    with gr.Blocks(title="synthcxr", delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"# synthcxr\nModel: `{services.model_name()}` — every image is **synthetic** and marked so "
                     "in its metadata. Not for diagnosis.")
         with gr.Tab("Generate"):
@@ -323,7 +471,8 @@ def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
             report.change(report_length, report, length, api_name="report_length", queue=False,
                           show_progress="hidden")
             go.click(on_generate, [report, negative, steps, guidance, scheduler, seed, n, clean_text],
-                     [gallery, downloads, used_seed], api_name="generate", concurrency_limit=cfg.concurrency)
+                     [gallery, downloads, used_seed], api_name="generate", concurrency_id="generate",
+                     concurrency_limit=cfg.concurrency)
         with gr.Tab("Batch"):
             prompt_file = gr.File(label="Prompt file (.txt / .csv / .jsonl)", file_types=[".txt", ".csv", ".jsonl"])
             with gr.Row():
@@ -337,7 +486,7 @@ def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
             b_summary = gr.Markdown()
             b_go.click(on_batch,
                        [prompt_file, b_n, b_steps, b_guidance, b_seed, b_fmt], [b_zip, b_summary],
-                       api_name="batch", concurrency_limit=cfg.concurrency)
+                       api_name="batch", concurrency_id="batch", concurrency_limit=cfg.concurrency)
         with gr.Tab("Clean"):
             with gr.Row():
                 with gr.Column():
@@ -353,7 +502,8 @@ def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
             regions = gr.Dataframe(headers=["text", "score", "action", "box"], label="Regions")
             c_files = gr.File(label="Downloads", file_count="multiple")
             c_go.click(on_clean, [upload, keep, deid],
-                       [detected, cleaned, mask, c_files, regions], api_name="clean", concurrency_limit=cfg.concurrency)
+                       [detected, cleaned, mask, c_files, regions], api_name="clean", concurrency_id="clean",
+                       concurrency_limit=cfg.concurrency)
         with gr.Tab("Evaluate"):
             with gr.Row():
                 real = gr.File(label="Real images (.zip or images)", file_count="multiple")
@@ -363,9 +513,19 @@ def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
             e_report = gr.Markdown()
             e_json = gr.File(label="Report (JSON)")
             e_go.click(on_evaluate, [real, fake, features], [e_report, e_json],
-                       api_name="evaluate", concurrency_limit=1)
+                       api_name="evaluate", concurrency_id="evaluate", concurrency_limit=1)
+        demo.unload(on_unload)
     demo.queue(max_size=cfg.queue_size, default_concurrency_limit=cfg.concurrency)
     demo.synthcxr_root = root
+    atexit.register(shutil.rmtree, root, True)
+    close = demo.close
+
+    def close_and_remove(verbose: bool = True) -> None:
+        """Stopping the app removes every session's outputs."""
+        close(verbose)
+        shutil.rmtree(root, ignore_errors=True)
+
+    demo.close = close_and_remove
     return demo
 
 

@@ -18,7 +18,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -31,12 +31,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cxrcommon.imageio import read_dicom  # noqa: E402
 from textremoval import TextRemovalConfig, TextRemover  # noqa: E402
 from textremoval.clean import clean  # noqa: E402
-from textremoval.deidentify import reads_as_identifier  # noqa: E402
+from textremoval.deid_files import REVIEW_DIR  # noqa: E402
+from textremoval.deidentify import Pseudonymizer, reads_as_identifier  # noqa: E402
 from textremoval.detect import to_uint8_view  # noqa: E402
 from textremoval.evaluate import REALCXR, realcxr_records  # noqa: E402
 from textremoval.synth_text import font_files, render  # noqa: E402
 
 FAMILY = ["MARTINEZ", "OKAFOR", "LINDQVIST", "HASHEMI", "BRENNAN", "NAKAMURA", "DUBOIS", "KOWALSKI"]
+KEY = "bench-key"  # a fixed key, so the bench can find each output by its keyed name
 GIVEN = ["ELENA", "SAMUEL", "INGRID", "FARID", "MAUREEN", "HIROSHI", "CLAIRE", "TOMASZ"]
 
 
@@ -85,24 +87,30 @@ def make_files(n: int, folder: Path, seed: int = 0) -> list[tuple[Path, list[str
     return out
 
 
-def residual(files: list[tuple[Path, list[str], list[str]]], out_dir: Path, reader: TextRemover,
-             flagged: Sequence[str] = ()) -> dict:
+def residual(files: list[tuple[Path, list[str], list[str]]], output: Callable[[Path], Path],
+             reader: TextRemover) -> dict:
     """Share of files with PHI left in the header bytes, in OCR-readable pixels, either, and either without
-    the file being flagged for review."""
+    the file being flagged for review (written under needs_review/). `output`: input -> written file."""
     header = pixels = either = silent = 0
     shown_left = shown_total = 0
     for src, header_phi, shown in files:
-        out = out_dir / src.name
+        out = output(src)
         raw = out.read_bytes().upper()
         h = any(s.encode() in raw for s in header_phi)
         texts = [r.text for r in reader.detector(to_uint8_view(read_dicom(out)[0]))]
         left = [s for s in shown if any(reads_as_identifier(t, [s]) for t in texts)]
         header, pixels, either = header + h, pixels + bool(left), either + (h or bool(left))
-        silent += (h or bool(left)) and str(src) not in flagged
+        silent += (h or bool(left)) and out.parent.name != REVIEW_DIR
         shown_left, shown_total = shown_left + len(left), shown_total + len(shown)
     n = len(files)
     return {"header": header / n, "pixels": pixels / n, "either": either / n, "silent": silent / n,
             "strings": shown_left / shown_total}
+
+
+def written(out_dir: Path, src: Path) -> Path:
+    """Where `clean --deidentify` wrote `src`: its keyed name, in out_dir or its needs_review/ folder."""
+    name = Pseudonymizer(KEY).file_name(src.name)
+    return next(p for p in (out_dir / name, out_dir / REVIEW_DIR / name) if p.is_file())
 
 
 def header_only(files: list[tuple[Path, list[str], list[str]]], out_dir: Path) -> float:
@@ -128,17 +136,18 @@ def main() -> None:
         files = make_files(args.n, tmp / "in")
         t_header = header_only(files, tmp / "header_only")
         rows = [("dicom-anonymizer 2.1.0 alone (Basic Profile, header only)", t_header,
-                 residual(files, tmp / "header_only", reader))]
+                 residual(files, lambda src: tmp / "header_only" / src.name, reader))]
         for name, cfg in (("textremoval.clean --deidentify --keep-markers (verify pass on)",
-                           TextRemovalConfig(deidentify=True, keep_markers=True)),
+                           TextRemovalConfig(deidentify=True, keep_markers=True, deid_secret=KEY)),
                           ("textremoval.clean --deidentify --keep-markers --deid-verify false",
-                           TextRemovalConfig(deidentify=True, keep_markers=True, deid_verify=False))):
+                           TextRemovalConfig(deidentify=True, keep_markers=True, deid_verify=False,
+                                             deid_secret=KEY))):
             out = tmp / name.split()[-1]
             clean([str(files[0][0])], tmp / f"warm-{out.name}", cfg)  # model load and ONNX warm-up outside the clock
             start = time.perf_counter()
             summary = clean([str(f) for f, _, _ in files], out, cfg)
             rows.append((f"{name}; {len(summary['review'])} of {args.n} flagged for review",
-                         time.perf_counter() - start, residual(files, out, reader, summary["review"])))
+                         time.perf_counter() - start, residual(files, lambda src, o=out: written(o, src), reader)))
     print(f"command: python bench/bench_deidentify.py --n {args.n}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, Python "
           f"{platform.python_version()}, load average at start {load:.2f}, at end {os.getloadavg()[0]:.2f}\n")

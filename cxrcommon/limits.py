@@ -51,6 +51,9 @@ def image_pixels(path: str | os.PathLike) -> int:
             with Image.open(p) as img:
                 return img.size[0] * img.size[1] * getattr(img, "n_frames", 1)
     except Exception as exc:  # noqa: BLE001 - any header failure means the same thing to the user
+        if type(exc).__name__ == "DecompressionBombError":  # Pillow refuses > 2x its own limit at open
+            raise ImageReadError(f"{p}: {exc} (possible decompression bomb) — if the image is genuine, convert "
+                                 f"it to a smaller image first") from exc
         raise ImageReadError(f"{p}: cannot read the image header ({type(exc).__name__}: {exc}) — is it a complete "
                              f"PNG/JPEG/TIFF/DICOM file?") from exc
 

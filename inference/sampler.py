@@ -146,7 +146,7 @@ class CXRSampler:
             raise ValueError(f"compile must be one of {', '.join(COMPILE_MODES)}, got {compile!r} "
                              f"(in YAML quote it: compile: \"off\")")
         self.compiled, self._compile_backend = False, compile_backend
-        self._compiled_rows: dict[tuple, None] = {}  # (rows, (text length, masked)) compiled so far
+        self._compiled_rows: dict[tuple, None] = {}  # (rows, (text length, masked, cfg)) compiled so far
         self._eager_s = 0.0  # sampling seconds run eagerly so far (compile="auto")
         if compile_after_s is None and self.device.type == "cuda":
             compile_after_s = COMPILE_AFTER_S
@@ -176,16 +176,17 @@ class CXRSampler:
             log.info("compile auto: %.0f s of eager sampling so far, compiling for the rest of the job", self._eager_s)
             self._compile_unet("default")
 
-    def _unet_rows(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor,
-                   mask: torch.Tensor | None = None) -> torch.Tensor:
-        """The UNet's prediction (`mask`: the text keys each row may attend to, None = all). Compiled, a
-        batch a little smaller than a compiled shape of the same text length is zero-padded to it (a job's
-        last, partial batch would otherwise pay a whole new compile; never more than doubling the work),
-        and each new shape's first call, which compiles it, is timed and logged."""
+    def _unet_rows(self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, mask: torch.Tensor | None = None,
+                   cfg: bool = True) -> torch.Tensor:
+        """The UNet's prediction (`mask`: the text keys each row may attend to, None = all; `cfg`: both
+        guidance halves are in `x`). Compiled, a batch smaller than a compiled shape of the same kind (text
+        length, mask, CFG) is zero-padded to it, at most doubling the work: a job's last, partial batch would
+        otherwise pay a whole new compile, while conditional-only steps (guidance interval) never ride a
+        CFG-sized graph. Each new shape's first call, which compiles it, is timed and logged."""
         if not self.compiled:
             return self.unet(x, t, encoder_hidden_states=emb, encoder_attention_mask=mask, return_dict=False)[0]
-        rows, kind = x.shape[0], (emb.shape[1], mask is not None)
-        fit = min((r for r, k in self._compiled_rows if k == kind and rows <= r < 2 * rows), default=rows)
+        rows, kind = x.shape[0], (emb.shape[1], mask is not None, cfg)
+        fit = min((r for r, k in self._compiled_rows if k == kind and rows <= r <= 2 * rows), default=rows)
         if fit > rows:
             x, emb = (torch.cat([a, a.new_zeros((fit - rows, *a.shape[1:]))]) for a in (x, emb))
             if mask is not None:
@@ -313,7 +314,7 @@ class CXRSampler:
         if uncond is not None and (cond_mask is not None or uncond_mask is not None):
             full = torch.ones(cond.shape[:2], dtype=torch.bool, device=cond.device)
             mask = torch.cat([full if uncond_mask is None else uncond_mask, full if cond_mask is None else cond_mask])
-        pred = self._unet_rows(x, t, emb, mask)
+        pred = self._unet_rows(x, t, emb, mask, cfg=uncond is not None)
         if uncond is None:  # a CUDA-graph replay overwrites its output buffer; multistep schedulers keep `pred`
             return pred.clone() if self.compiled else pred
         pred_uncond, pred_cond = pred.chunk(2)

@@ -225,12 +225,14 @@ def test_compiled_calls_are_padded_only_to_a_shape_of_the_same_text_length(tiny_
         seen.append((x.shape[0], encoder_hidden_states.shape[1]))
         return (x,)
     s.unet, s.compiled = stub, True
-    s._compiled_rows = {(16, (WINDOW_LEN, False)): None}
-    for rows, length in ((10, WINDOW_LEN), (5, 2 * WINDOW_LEN), (8, WINDOW_LEN)):
-        out = s._unet_rows(torch.zeros(rows, 4, 2, 2), torch.tensor(1), torch.zeros(rows, length, 32))
+    s._compiled_rows = {(16, (WINDOW_LEN, False, True)): None}
+    for rows, length, cfg in ((10, WINDOW_LEN, True), (5, 2 * WINDOW_LEN, True), (7, WINDOW_LEN, True),
+                              (8, WINDOW_LEN, False)):
+        out = s._unet_rows(torch.zeros(rows, 4, 2, 2), torch.tensor(1), torch.zeros(rows, length, 32), cfg=cfg)
         assert out.shape[0] == rows
-    # 10 rows fill a 16-row graph; a 2-window text never rides a 1-window graph; 8 rows would double it
-    assert seen == [(16, WINDOW_LEN), (5, 2 * WINDOW_LEN), (8, WINDOW_LEN)]
+    # 10 rows fill a 16-row graph; a 2-window text never rides a 1-window graph; 7 rows would more than
+    # double the work; a conditional-only call (guidance interval) never rides a CFG graph
+    assert seen == [(16, WINDOW_LEN), (5, 2 * WINDOW_LEN), (7, WINDOW_LEN), (8, WINDOW_LEN)]
 
 
 def test_a_folder_started_before_windows_resumes_when_every_prompt_fits_one(tmp_path, tiny_model_dir):

@@ -47,7 +47,7 @@ def test_auto_compiles_after_the_eager_budget_and_pads_a_partial_batch(tiny_pipe
         one = s.generate(REQS[:1], **SIZE, steps=3, guidance=4.0)
     hook.remove()
     assert set(rows) == {4}  # CFG doubles 2 rows to 4; the single image's 2 rows were padded to 4
-    assert list(s._compiled_rows) == [4]
+    assert list(s._compiled_rows) == [(4, (77, False, True))]  # 4 rows, one text window, unmasked, CFG
     assert sum("torch.compile of the UNet for 4 rows" in r.message for r in caplog.records) == 1
     np.testing.assert_array_equal(first, ref_pair)
     np.testing.assert_allclose(pair, ref_pair, atol=TOL, rtol=0)

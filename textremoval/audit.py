@@ -1,5 +1,6 @@
 """The audit trail of a `--deidentify` run: per file which tags were removed, replaced, emptied, kept or
-added (names only, never values), how many text regions were erased and kept, and what needs review;
+added (names only, never values), how many text regions were erased and kept, and what needs review
+(those files lie under needs_review/);
 gathered from the per-image JSON records into `deid_audit.json` and `deid_audit.csv`. The old->new
 identifier mapping is PHI itself and is written only to the path the user names (`--mapping-out`)."""
 from __future__ import annotations
@@ -7,10 +8,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any, Sequence
 
-from cxrcommon.atomic import atomic_write_text
+from cxrcommon.atomic import atomic_path, atomic_write_text
 
 from .deidentify import CODES, HeaderResult
 
@@ -20,15 +22,17 @@ CSV_FIELDS = ["input", "output", "status", "burned_in_annotation", "regions_eras
               "identifier_regions", *TAG_KINDS, "codes", "review"]
 
 
-def file_entry(header: HeaderResult | None, regions: Sequence[Any], review: list[str]) -> dict[str, Any]:
-    """The `deidentify` part of one image's JSON record."""
-    return {"status": "review" if review else "ok",
-            "burned_in_annotation": None if header is None else ("YES" if review else "NO"),
+def file_entry(header: HeaderResult | None, regions: Sequence[Any], review: list[str],
+               pixels_clean: bool) -> dict[str, Any]:
+    """The `deidentify` part of one image's JSON record. `pixels_clean`: a verification pass ran and read
+    nothing left (only then BurnedInAnnotation=NO and code 113101)."""
+    return {"status": "review" if review else "ok" if pixels_clean else "unverified",
+            "burned_in_annotation": None if header is None else ("NO" if pixels_clean else "YES"),
             "regions_erased": sum(r.action == "erased" for r in regions),
             "regions_kept": sum(r.action == "kept" for r in regions),
             "identifier_regions": sum(r.identifier for r in regions),
             "tags": header.tags if header else None,
-            "codes": [c for c, _ in header.codes + ([] if review else [CODES["pixels"]])] if header else [],
+            "codes": [c for c, _ in header.codes + ([CODES["pixels"]] if pixels_clean else [])] if header else [],
             "review": review}
 
 
@@ -60,7 +64,8 @@ def write_audit(out_dir: str | Path, failed: Sequence[str], settings: dict[str, 
 
 
 def write_mapping(path: str | Path, mapping: dict[tuple[str, str], str]) -> Path:
-    """kind,old,new CSV of every replaced identifier, merged with what the file already holds."""
+    """kind,old,new CSV of every replaced identifier and file name, merged with what the file already
+    holds; readable by its owner only (0600), as it is PHI."""
     path = Path(path)
     rows: dict[tuple[str, str], str] = {}
     if path.is_file():
@@ -71,5 +76,7 @@ def write_mapping(path: str | Path, mapping: dict[tuple[str, str], str]) -> Path
     w = csv.writer(buf)
     w.writerow(["kind", "old", "new"])
     w.writerows([k, o, n] for (k, o), n in sorted(rows.items()))
-    atomic_write_text(path, buf.getvalue())
+    with atomic_path(path) as tmp:
+        os.chmod(tmp, 0o600)  # before a byte is written
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
     return path

@@ -1,15 +1,22 @@
 """Options of the text-removal pipeline: one dataclass, mirrored 1:1 by configs/textremoval.yaml."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 from cxrcommon.config import field
+from cxrcommon.errors import MissingFileError, UserError
 from cxrcommon.models import DEFAULT_INPAINT_MODEL
 
 # Single-letter (and short) laterality markers: English L/R, Spanish D/I (derecha/izquierda), Italian Sx/Dx.
 MARKER_PATTERN = r"^(L|R|D|I|SX|DX|LT|RT)$"
 # What an isolated glyph found by the glyph detector must read as: a marker letter, or "1" (how a lone I reads).
 GLYPH_ACCEPT = ["L", "R", "D", "I", "1", "S", "X", "SX", "DX", "LT", "RT"]
+DETECTOR_NAMES = ("rapidocr",)
+SEGMENTERS = ("auto", "glyph", "box", "sam")
+INPAINTERS = ("telea", "ns", "sd")
+SAM_MODEL_TYPES = ("vit_b", "vit_l", "vit_h")
 
 
 @dataclass
@@ -49,8 +56,11 @@ class TextRemovalConfig:
                                     "Confidentiality Profile (dicom-anonymizer), private tags removed and UIDs remapped "
                                     "consistently within the run; the patient's name, ID and other header identifiers "
                                     "are always erased from the pixels (even under --keep-markers); BurnedInAnnotation=NO "
-                                    "only when the pixel pass left nothing to review; per-run audit in "
-                                    "deid_audit.csv/.json beside the outputs (tag names, never old values)")
+                                    "only when the verify pass read nothing left; outputs named by a keyed hash "
+                                    "(input names can hold PHI; input->output only in --mapping-out); files "
+                                    "that need a human look go to OUT/needs_review/ and the CLI exits 3; masks "
+                                    "are filled boxes; per-run audit in deid_audit.csv/.json beside the outputs "
+                                    "(tag names, never old values)")
     deid_retain_dates: bool = field(True, "de-identify: Retain Longitudinal Temporal Information, Modified Dates "
                                           "Option: dates move back by one per-patient number of days (1-3650), "
                                           "times are kept; false = dates removed as the Basic Profile says")
@@ -58,11 +68,14 @@ class TextRemovalConfig:
                                                             "(sex, age, size, weight, ... kept)")
     deid_clean_descriptors: bool = field(True, "de-identify: Clean Descriptors Option: study/series descriptions and "
                                                "comments kept, with header identifiers and written dates cut out")
-    deid_verify: bool = field(True, "de-identify: OCR the cleaned image again; text still read there (other than "
-                                    "kept markers) flags the file for review and keeps BurnedInAnnotation=YES")
-    deid_secret: str | None = field(None, "de-identify: key for the new UIDs, pseudonymous patient IDs and date "
-                                          "shifts; the same key gives the same values across runs (keep it as "
-                                          "private as the originals). Unset = a random key per run")
+    deid_verify: bool = field(True, "de-identify: OCR the cleaned image again; any box still found there (other "
+                                    "than kept markers, whatever its OCR score) flags the file for review; false = "
+                                    "no check, so BurnedInAnnotation stays YES")
+    deid_secret: str | None = field(None, "de-identify: key for the new UIDs, pseudonymous patient IDs, output "
+                                          "names and date shifts; the same key gives the same values across runs "
+                                          "(keep it as private as the originals). 'file:PATH' reads it from a file; "
+                                          "unset = the SYNTHCXR_DEID_SECRET environment variable, else a random "
+                                          "key per run (which cannot be resumed into the same --out)")
     # segment
     segmenter: str = field("auto", "auto (sam if --sam-checkpoint else glyph) | glyph (threshold inside box) | "
                                    "box (whole box) | sam (Segment Anything box prompts)")
@@ -90,3 +103,30 @@ class TextRemovalConfig:
     seed: int = field(0, "random seed for SD inpainting")
     device: str = field("auto", "torch device for SAM/SD: auto | cpu | cuda | mps | xpu")
     precision: str = field("auto", "torch dtype for SAM/SD: auto | fp32 | fp16 | bf16")
+
+
+def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UserError(f"{flag} {value!r} is not one of {', '.join(choices)} — pick one of those")
+
+
+def check_config(cfg: TextRemovalConfig) -> None:
+    """Raise UserError for a setting that would otherwise fail per image or inside a worker (an unknown
+    inpainter, a regex that does not compile, a missing SAM checkpoint), before any model loads or file is written."""
+    _choice("--detector", cfg.detector, DETECTOR_NAMES)
+    _choice("--segmenter", cfg.segmenter, SEGMENTERS)
+    _choice("--inpainter", cfg.inpainter, INPAINTERS)
+    _choice("--sam-model-type", cfg.sam_model_type, SAM_MODEL_TYPES)
+    for flag, pattern in (("--erase-pattern", cfg.erase_pattern), ("--marker-pattern", cfg.marker_pattern)):
+        try:
+            re.compile(pattern or "", re.IGNORECASE)
+        except re.error as exc:
+            raise UserError(f"{flag} {pattern!r} is not a valid regular expression ({exc}) — fix it, "
+                            f"e.g. escape special characters with a backslash") from None
+    if cfg.segmenter == "sam" and not cfg.sam_checkpoint:
+        raise UserError("--segmenter sam needs --sam-checkpoint PATH (or use --segmenter glyph)")
+    if cfg.sam_checkpoint and not Path(cfg.sam_checkpoint).is_file():
+        raise MissingFileError(f"--sam-checkpoint {cfg.sam_checkpoint} not found — download sam_{cfg.sam_model_type}"
+                               f"_*.pth from the segment-anything release page and pass its path")
+    if cfg.deidentify and not cfg.recognize:
+        raise UserError("--deidentify needs --recognize true: identifiers are found by reading the text")

@@ -20,7 +20,9 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from tqdm import tqdm
 
 from cxrcommon.atomic import atomic_write_text
+from cxrcommon.cli import cli_entry
 from cxrcommon.config import field, from_dict, load_yaml, parse_config
+from cxrcommon.limits import check_image_file
 from cxrcommon.manifest import Columns, Record, read_manifest
 
 from .clean import TextRemover
@@ -91,7 +93,7 @@ def eval_rendered(remover: TextRemover, files: list[Path], seed: int) -> dict:
     n_gt = n_found = n_resid = n_det = n_tp = n_pre = n_changed_outside = n_glyph_pre = 0
     ious, cover, ps_in, ps_in0, ps_all, ss_in, ss_all, secs = [], [], [], [], [], [], [], []
     for f in tqdm(files, desc="rendered", unit="img"):
-        original = cv2.imread(str(f), cv2.IMREAD_GRAYSCALE)
+        original = cv2.imread(str(check_image_file(f)), cv2.IMREAD_GRAYSCALE)
         if original is None:
             log.warning("skipping unreadable %s", f)
             continue
@@ -144,7 +146,7 @@ def eval_burnt(remover: TextRemover, files: list[Path]) -> dict:
     n_erased = n_resid = n_img_resid = 0
     leftovers = []
     for f in tqdm(files, desc="burnt-in", unit="img"):
-        img = cv2.imread(str(f), cv2.IMREAD_GRAYSCALE)
+        img = cv2.imread(str(check_image_file(f)), cv2.IMREAD_GRAYSCALE)
         res = remover(img)
         erased = [r for r in res.regions if r.action == "erased"]
         after = remover.detector(res.image)
@@ -205,6 +207,7 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
+@cli_entry
 def main(argv: Sequence[str] | None = None) -> int:
     from cxrcommon.logs import setup_logging
 

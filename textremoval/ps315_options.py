@@ -1,4 +1,6 @@
-"""The three Option columns of PS3.15 Table E.1-1 that `--deidentify` applies on top of the Basic Profile.
+"""Two Option columns of PS3.15 Table E.1-1 that `--deidentify` applies on top of the Basic Profile (the
+third, Retain Longitudinal Temporal Information with Modified Dates, is applied by VR in deidentify.py:
+every DA/DT moves, so it does not depend on this list's edition).
 
 dicom-anonymizer carries the Basic Profile column only; these lists were extracted (by a script, not typed)
 from the DICOM standard's Table E.1-1 (PS3.15 Annex E, as published in the chsasank/dicom_standard
@@ -14,25 +16,6 @@ PATIENT_CHARACTERISTICS_KEEP = frozenset({
 # Rtn. Pat. Chars. Opt. = C: kept, cleaned of identifiers.
 PATIENT_CHARACTERISTICS_CLEAN = frozenset({
     "Allergies", "PatientState", "PreMedication", "SpecialNeeds",
-})
-
-# Rtn. Long. Modif. Dates Opt. = C: dates shifted per patient, times kept.
-MODIFIED_DATES = frozenset({
-    "AcquisitionDate", "AcquisitionDateTime", "AcquisitionTime", "AdmittingDate", "AdmittingTime",
-    "ContentDate", "ContentTime", "CurveDate", "CurveTime", "EndAcquisitionDateTime",
-    "ExpectedCompletionDateTime", "FirstTreatmentDate", "FrameOriginTimestamp", "GPSDateStamp",
-    "ImpedanceMeasurementDateTime", "InstanceCoercionDateTime", "IntendedPhaseEndDate",
-    "IntendedPhaseStartDate", "InterlockDateTime", "LastMenstrualDate", "MostRecentTreatmentDate",
-    "ObservationDateTrial", "ObservationTimeTrial", "OverlayDate", "OverlayTime", "OverrideDateTime",
-    "PerformedProcedureStepEndDate", "PerformedProcedureStepEndDateTime", "PerformedProcedureStepEndTime",
-    "PerformedProcedureStepStartDate", "PerformedProcedureStepStartDateTime", "PerformedProcedureStepStartTime",
-    "ProcedureStepCancellationDateTime", "RTPlanDate", "RTPlanTime", "RecordedRTControlPointDateTime",
-    "ScheduledProcedureStepEndDate", "ScheduledProcedureStepEndTime",
-    "ScheduledProcedureStepExpirationDateTime", "ScheduledProcedureStepModificationDateTime",
-    "ScheduledProcedureStepStartDate", "ScheduledProcedureStepStartDateTime", "ScheduledProcedureStepStartTime",
-    "SeriesDate", "SeriesTime", "SourceEndDateTime", "SourceStartDateTime", "StartAcquisitionDateTime",
-    "StudyDate", "StudyTime", "TimezoneOffsetFromUTC", "TreatmentDate", "TreatmentTime",
-    "TreatmentToleranceViolationDateTime",
 })
 
 # Clean Desc. Opt. = C: free-text descriptors kept, cleaned of identifiers and dates.

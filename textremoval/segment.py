@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 import torch
 
+from cxrcommon.errors import MissingFileError, UserError
 from cxrcommon.optional import require
 
 from .config import TextRemovalConfig
@@ -99,10 +100,10 @@ def load_sam(checkpoint: str | Path, model_type: str = "vit_b", device: torch.de
 
     path = Path(checkpoint)
     if not path.is_file():
-        raise FileNotFoundError(f"SAM checkpoint {path} not found; download sam_{model_type}_*.pth from the "
+        raise MissingFileError(f"SAM checkpoint {path} not found; download sam_{model_type}_*.pth from the "
                                 f"segment-anything release page and pass its path with --sam-checkpoint")
     if model_type not in sam_model_registry:
-        raise ValueError(f"--sam-model-type {model_type!r} is not one of vit_b, vit_l, vit_h")
+        raise UserError(f"--sam-model-type {model_type!r} is not one of vit_b, vit_l, vit_h")
     sam = sam_model_registry[model_type]()
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -112,7 +113,7 @@ def load_sam(checkpoint: str | Path, model_type: str = "vit_b", device: torch.de
     try:
         sam.load_state_dict(state)
     except RuntimeError as exc:
-        raise ValueError(f"{path} does not fit SAM {model_type}: pass the matching --sam-model-type "
+        raise UserError(f"{path} does not fit SAM {model_type}: pass the matching --sam-model-type "
                          f"({str(exc).splitlines()[0]})") from exc
     return sam.to(device).eval()
 
