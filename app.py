@@ -203,7 +203,8 @@ def user_errors(fn: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except (ValueError, OSError, RuntimeError) as exc:  # UserError and MissingPackageError are ValueErrors
-            log.warning("request failed: %s", exc)
+            # a user's mistake is logged in one line; anything else may be a bug, so its traceback is kept
+            log.warning("request failed: %s", exc, exc_info=not isinstance(exc, UserError))
             raise gr.Error(user_message(exc)) from exc
     return handler
 
@@ -335,6 +336,10 @@ def _zip_images(up: Path, zf: zipfile.ZipFile, max_members: int) -> list[tuple[z
         if rel.is_absolute() or ".." in rel.parts or ":" in rel.parts[0]:
             raise UserError(f"{up.name}: entry {member.filename!r} points outside the archive (absolute path or "
                             f"'..') — rebuild the zip with relative paths")
+        if member.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+            # zipfile bounds what one read of a deflated member inflates, not of LZMA/BZIP2 ones
+            raise UserError(f"{up.name}: entry {member.filename!r} is compressed with method {member.compress_type} "
+                            f"— rebuild the zip with the standard (deflate) or no compression")
         if rel in found:
             raise UserError(f"{up.name}: entry {member.filename!r} appears twice — rebuild the zip so every image "
                             f"has its own path")
@@ -346,8 +351,8 @@ def unpack_uploads(uploads: Sequence[str], folder: Path, *, max_bytes: int, max_
     """Copy uploaded images, and the images inside uploaded zips, into `folder`, each upload in its own
     subfolder so `a/x.png` and `b/x.png` stay two images. Zip members are streamed in 1 MiB chunks under
     a budget of `max_bytes` uncompressed for the whole set, checked on the declared sizes before anything is
-    unpacked (zipfile never yields more than a member's declared size), so a zip bomb costs neither memory
-    nor disk."""
+    unpacked and again on the bytes actually written (a zip may lie about its sizes); only stored and
+    deflated members are accepted, whose reads zipfile bounds, so a zip bomb costs neither memory nor disk."""
     written = 0
     for i, up in enumerate(map(Path, uploads)):
         if up.suffix.lower() in UPLOAD_TYPES:
@@ -360,13 +365,15 @@ def unpack_uploads(uploads: Sequence[str], folder: Path, *, max_bytes: int, max_
         try:
             with zipfile.ZipFile(up) as zf:
                 images = _zip_images(up, zf, max_members)
-                written += sum(m.file_size for m, _ in images)
-                check_bytes(f"{up.name} (uncompressed)", written, max_bytes)
+                check_bytes(f"{up.name} (uncompressed)", written + sum(m.file_size for m, _ in images), max_bytes)
                 for member, rel in images:
                     target = folder / f"{i:03d}-{up.stem}" / rel
                     target.parent.mkdir(parents=True, exist_ok=True)
                     with zf.open(member) as src, open(target, "wb") as dst:
-                        shutil.copyfileobj(src, dst, 1 << 20)
+                        while chunk := src.read(1 << 20):
+                            written += len(chunk)
+                            check_bytes(f"{up.name} (uncompressed)", written, max_bytes)
+                            dst.write(chunk)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError) as exc:
             raise UserError(f"{up.name}: cannot unpack ({exc}) — upload a plain, unencrypted zip") from exc
 

@@ -10,9 +10,24 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
-# what `atomic_path`/`atomic_dir` (and tempfile's names before them) leave behind when a run is killed
-_TEMP_FILE = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp(\.[^.]+)?$")
-_TEMP_DIR = re.compile(r"^\.tmp-.+-[A-Za-z0-9_]{8}$")
+# what `atomic_path`/`atomic_dir` leave behind when a run is killed: a marker no user file carries, and the
+# writer's pid, so a sweep never touches a file a live process (another run into the same folder) is writing
+_TEMP_FILE = re.compile(r"^\..+\.synthcxr-(?P<pid>\d+)-[0-9a-f]{8}\.tmp(\.[^.]+)?$")
+_TEMP_DIR = re.compile(r"^\.tmp-synthcxr-(?P<pid>\d+)-.+-[0-9a-f]{8}$")
+
+
+def _tag(random: str) -> str:
+    return f"synthcxr-{os.getpid()}-{random}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def _make_unique(name: Callable[[str], Path], make: Callable[[Path], None]) -> Path:
@@ -28,16 +43,18 @@ def _make_unique(name: Callable[[str], Path], make: Callable[[Path], None]) -> P
 
 
 def remove_stale_temps(folder: str | os.PathLike) -> int:
-    """Delete the temp files and folders a killed run left anywhere under `folder` (a zero-byte
-    `.x.png.1a2b3c4d.tmp.png` still matches `*.png`). Call it on start, while no other process writes there."""
+    """Delete the temp files and folders that runs which have since died left under `folder` (a zero-byte
+    `.x.png.synthcxr-<pid>-1a2b3c4d.tmp.png` still matches `*.png`); those of live processes stay."""
     removed = 0
     for root, dirs, files in os.walk(folder):
-        for d in [d for d in dirs if _TEMP_DIR.match(d)]:
-            shutil.rmtree(Path(root, d), ignore_errors=True)
-            dirs.remove(d)
-            removed += 1
+        for d in list(dirs):
+            if (m := _TEMP_DIR.match(d)) and not _alive(int(m["pid"])):
+                shutil.rmtree(Path(root, d), ignore_errors=True)
+                removed += 1
+            if m:
+                dirs.remove(d)
         for f in files:
-            if _TEMP_FILE.match(f):
+            if (m := _TEMP_FILE.match(f)) and not _alive(int(m["pid"])):
                 Path(root, f).unlink(missing_ok=True)
                 removed += 1
     return removed
@@ -48,7 +65,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success fsync it and rename it over `path`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_unique(lambda r: path.with_name(f".{path.name}.{r}.tmp{path.suffix}"),
+    tmp = _make_unique(lambda r: path.with_name(f".{path.name}.{_tag(r)}.tmp{path.suffix}"),
                        lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
     try:
         yield tmp
@@ -64,7 +81,8 @@ def atomic_dir(final: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     so a model folder on disk is always complete."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _make_unique(lambda r: final.with_name(f".tmp-{final.name}-{r}"), lambda p: p.mkdir(0o777))
+    tmp = _make_unique(lambda r: final.with_name(f".tmp-synthcxr-{os.getpid()}-{final.name}-{r}"),
+                       lambda p: p.mkdir(0o777))
     try:
         write(tmp)
         if final.exists():

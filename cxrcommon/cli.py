@@ -36,12 +36,17 @@ def user_exit(exc: BaseException) -> SystemExit:
 
 
 def cli_entry(main: Callable[[list[str]], T]) -> Callable[[Sequence[str] | None], T]:
-    """Decorate a `main(argv)`: user mistakes end in one line and exit code 2, Ctrl-C in exit code 130."""
+    """Decorate a `main(argv)`: user mistakes end in one line and exit code 2, Ctrl-C in exit code 130.
+    Called with an argv (tests, other code) it returns main's result; called without (console scripts,
+    `python -m`), an exit status."""
     @functools.wraps(main)
     def run(argv: Sequence[str] | None = None) -> T:
         args = list(sys.argv[1:] if argv is None else argv)
         try:
-            return main(args)
+            result = main(args)
+            # from a console script or `python -m` (no argv): the result is the exit status, so a summary
+            # object (a dict, a TrainResult) must not turn a successful run into exit 1
+            return result if argv is not None or isinstance(result, int) or result is None else 0
         except UserError as exc:
             if verbose_requested(args):
                 raise

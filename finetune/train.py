@@ -158,7 +158,7 @@ def train(cfg: TrainConfig, data: TrainData | None = None,
         state = ckpt.load_checkpoint(resume_path, unwrapped, optimizer)
         expect = {"world": world, "train_batch_size": cfg.train_batch_size, "accum": accum, "seed": cfg.seed}
         if {k: state.get(k) for k in expect} != expect:
-            raise ValueError(f"{resume_path} was made with {({k: state.get(k) for k in expect})}, this run has "
+            raise UserError(f"{resume_path} was made with {({k: state.get(k) for k in expect})}, this run has "
                              f"{expect}; the data position would not match. Resume with the same values.")
         lr_scheduler.load_state_dict(state["lr_scheduler"])
         if accelerator.scaler is not None and state.get("scaler"):

@@ -5,6 +5,7 @@ import collections
 import logging
 from pathlib import Path
 
+from cxrcommon.errors import UserError
 from cxrcommon.manifest import Columns, read_manifest
 
 from .prompts import PromptRow
@@ -21,7 +22,7 @@ def class_counts(manifest: str | Path, label_column: str, image_column: str = "i
     if unlabelled:
         log.warning("%s: %d row(s) have no %r and are not counted", manifest, unlabelled, label_column)
     if not counts:
-        raise ValueError(f"{manifest}: no row has a value in column {label_column!r} — pass the class column "
+        raise UserError(f"{manifest}: no row has a value in column {label_column!r} — pass the class column "
                          f"with --label-column")
     return dict(counts)
 
@@ -62,7 +63,7 @@ def plan_balance(counts: dict[str, int], templates: dict[str, list[PromptRow]],
                 rows.append(PromptRow(prompt=tpl.prompt, n=n, index=len(rows) + 1, seed=tpl.seed,
                                       label=label, negative_prompt=tpl.negative_prompt))
     if missing:
-        raise ValueError(f"no prompt for class(es) {', '.join(map(repr, missing))} — add prompt-file rows with "
+        raise UserError(f"no prompt for class(es) {', '.join(map(repr, missing))} — add prompt-file rows with "
                          f"label set to each, or give the manifest a report-text column (--text-column)")
     for label in classes:
         planned = sum(r.n for r in rows if r.label == label)
@@ -79,7 +80,7 @@ def balance_prompts(manifest: str | Path, label_column: str, *, prompts: list[Pr
     if prompts:
         unlabelled = [r.index for r in prompts if r.label is None]
         if unlabelled:
-            raise ValueError(f"--balance needs a label on every prompt row; rows on line(s) {unlabelled[:10]} have "
+            raise UserError(f"--balance needs a label on every prompt row; rows on line(s) {unlabelled[:10]} have "
                              f"none — add a 'label' column (CSV/JSONL) naming the class each prompt depicts")
         templates: dict[str, list[PromptRow]] = collections.defaultdict(list)
         for r in prompts:

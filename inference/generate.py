@@ -217,7 +217,7 @@ def _fit_prompts(rows: list[PromptRow], tokenizer, policy: str, max_windows: int
         info[row.index] = (row.prompt, fit)
         fitted.append(dataclasses.replace(row, prompt=fit.text))
     if too_long:
-        raise ValueError("\n".join(too_long))
+        raise UserError("; ".join(too_long))
     fits = [f for _, f in info.values()]
     log.info("%d prompt(s): %d longer than one CLIP window (encoded whole, up to %d windows), %d cut to fit, "
              "%d with a shortened impression", len(fits), sum(f.windows > 1 for f in fits), max_windows,
@@ -294,7 +294,8 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
     `on_image(path)` is called after each image is on disk (progress for the app; tests use it);
     `sampler`: an already loaded model of `cfg.model` (the app shares one across requests)."""
     check_generate_config(cfg)  # every input is checked before anything is loaded or written
-    out = check_out_dir(cfg.out)
+    inputs = [f for f in (cfg.prompts, cfg.init_image, cfg.mask, cfg.balance) if f and Path(f).exists()]
+    out = check_out_dir(cfg.out, inputs)  # a missing input is named, with its flag, by its reader below
     model_source = resolve_model(cfg.model)
     lora = lora_weights(cfg.lora) if cfg.lora else None
     init_image, mask = _read_translation(cfg)
@@ -317,7 +318,7 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
     cfg = dataclasses.replace(cfg, height=cfg.height or sampler.native_size, width=cfg.width or sampler.native_size)
     translation = _translation(cfg, init_image, mask)
     if sampler.inpainting_unet and (translation is None or translation.mask is None):
-        raise ValueError(f"{cfg.model} is an inpainting model (9-channel UNet): pass --init-image and --mask, "
+        raise UserError(f"{cfg.model} is an inpainting model (9-channel UNet): pass --init-image and --mask, "
                          f"or use a text-to-image model")
     rows, fits = _fit_prompts(rows, sampler.tokenizer, cfg.clip_policy, cfg.max_windows, source)
     negatives = list(dict.fromkeys([cfg.negative_prompt] + [r.negative_prompt for r in rows if r.negative_prompt]))

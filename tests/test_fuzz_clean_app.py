@@ -245,6 +245,19 @@ def test_app_zip_upload_is_refused_with_the_reason_and_bounded_memory(tmp_path, 
     assert not (tmp_path / "evil.png").exists()
 
 
+@pytest.mark.parametrize("method", [zipfile.ZIP_LZMA, zipfile.ZIP_BZIP2])
+def test_app_zip_refuses_methods_whose_reads_zipfile_does_not_bound(tmp_path, method):
+    """An LZMA/BZIP2 member inflates a whole compressed block per read: 1.5 MB can become gigabytes."""
+    import app
+    up = tmp_path / "set.zip"
+    with zipfile.ZipFile(up, "w", method) as zf:
+        zf.writestr("big.png", bytes(32 * MiB))
+    (tmp_path / "unpacked").mkdir()
+    with pytest.raises(UserError, match=r"set.zip: entry 'big.png' is compressed with method \d+ .*deflate"):
+        app.unpack_uploads([str(up)], tmp_path / "unpacked", max_bytes=64 * MiB, max_members=10)
+    assert not list((tmp_path / "unpacked").rglob("*.png"))
+
+
 def test_app_zip_keeps_same_named_images_apart_and_refuses_repeated_entries(tmp_path):
     import app
     folder = tmp_path / "set"

@@ -11,6 +11,8 @@ import os
 import re
 import resource
 import struct
+import subprocess
+import sys
 import time
 import zlib
 from pathlib import Path
@@ -50,6 +52,7 @@ CASES = [
     ("gen", GEN + "--prompts {w}/latin.txt", r"latin\.txt:2: not UTF-8 text — save the file as UTF-8"),
     ("gen", GEN + "--prompts {w}/nothere.txt", r"--prompts .*nothere\.txt does not exist"),
     ("gen", GEN + "--prompts {w}/adir", r"--prompts .*adir is a folder"),
+    ("gen", GEN + "--out {w}", r"--out .* contains the input file .*p\.txt: it could be overwritten"),
     # --- inference.generate: flags
     ("gen", GEN + "--steps 0", r"--steps must be at least 1, got 0"),
     ("gen", GEN + "--batch-size 0", r"--batch-size must be at least 1"),
@@ -168,14 +171,21 @@ def test_invalid_height_writes_nothing_so_the_fixed_rerun_needs_no_force(tmp_pat
     assert not (tmp_path / "out").exists()
     out = tmp_path / "out"
     out.mkdir()
-    stale = out / ".00001_0000_deadbeef.png.1a2b3c4d.tmp.png"  # left by a kill -9 mid-write
-    stale.touch()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs: the writer that was killed
+    stale = out / f".00001_0000_deadbeef.png.synthcxr-{dead.pid}-1a2b3c4d.tmp.png"  # left by a kill -9 mid-write
+    live = out / f".00002_0000_deadbeef.png.synthcxr-{os.getpid()}-1a2b3c4d.tmp.png"  # another run, still writing
+    mine = out / ".notes.20241128.tmp"  # the user's own file
+    for f in (stale, live, mine):
+        f.touch()
     old = os.umask(0o022)
     try:
         assert generate.main(argv) == 0
     finally:
         os.umask(old)
-    assert not stale.exists()
+    assert not stale.exists() and live.exists() and mine.exists()
+    live.unlink()
+    mine.unlink()
     written = [p for p in out.rglob("*") if p.is_file()]
     assert written and all(p.stat().st_mode & 0o777 == 0o644 for p in written), \
         {p.name: oct(p.stat().st_mode) for p in written}

@@ -401,8 +401,8 @@ def clean(inputs: Sequence[str], out_dir: str | Path, config: TextRemovalConfig 
                 log.error("skipping %s: %s", path, status[len("error "):])
                 summary["failed"].append(f"{path}: {status[len('error '):]}")
     finally:
-        if pool is not None:
-            pool.shutdown()
+        if pool is not None:  # on Ctrl-C or an error, the queued images are dropped, not waited for
+            pool.shutdown(cancel_futures=True)
     if cfg.deidentify:
         settings = {k: v for k, v in to_dict(cfg).items() if k.startswith("deid") and k != "deid_secret"}
         audit.write_audit(out_dir, summary["failed"], {**settings, "profile": f"dicom-anonymizer {PROFILE_TABLE}"})

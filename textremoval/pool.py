@@ -44,6 +44,9 @@ def _init(parent: int, initializer: Callable[..., None], initargs: tuple) -> Non
 
 
 def orphan_safe_pool(workers: int, initializer: Callable[..., None], initargs: tuple = ()) -> cf.ProcessPoolExecutor:
-    """A spawn-context ProcessPoolExecutor whose workers end when this process ends, however it ends."""
+    """A spawn-context ProcessPoolExecutor whose workers end when this process ends, however it ends.
+
+    Create, use and shut it down in one thread: on Linux the kernel's "parent" of a worker is the thread
+    that started it, so workers also end when that thread exits (a pool kept across threads breaks)."""
     args: tuple[Any, ...] = (os.getpid(), initializer, initargs)
     return cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init, initargs=args)
