@@ -162,11 +162,46 @@ def session_path(request: Any, root: Path) -> Path:
     return root / ("".join(c for c in name if c.isalnum())[:64] or "anonymous")
 
 
-def session_dir(request: Any, root: Path) -> Path:
-    """A per-session folder under the app's temp root, created; outputs never leave it."""
-    path = session_path(request, root)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+class Sessions:
+    """Per-session output folders under the app's temp root: a request's outputs never leave its session's
+    folder, which goes when the browser tab closes, but never from under a request still running (then it
+    goes when that request ends, instead of being recreated by its next write and left behind)."""
+
+    def __init__(self, root: Path):
+        self.root, self._lock = root, threading.Lock()
+        self._busy: dict[Path, int] = {}
+        self._closed: set[Path] = set()
+
+    @contextlib.contextmanager
+    def folder(self, request: Any) -> Iterator[Path]:
+        path = session_path(request, self.root)
+        with self._lock:
+            self._busy[path] = self._busy.get(path, 0) + 1
+            self._closed.discard(path)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            yield path
+        finally:
+            with self._lock:
+                self._busy[path] -= 1
+                idle = self._busy[path] == 0
+                if idle:
+                    del self._busy[path]
+                drop = idle and path in self._closed
+                if drop:
+                    self._closed.remove(path)
+            if drop:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def close(self, request: Any) -> None:
+        """The tab closed: remove the session's folder now, or when its last running request ends."""
+        path = session_path(request, self.root)
+        with self._lock:
+            busy = path in self._busy
+            if busy:
+                self._closed.add(path)
+        if not busy:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -427,29 +462,34 @@ def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
 
     progress = gr.Progress(track_tqdm=True)
 
+    sessions = Sessions(root)
+
     @user_errors
     def on_generate(report, negative, steps, guidance, scheduler, seed, n, clean_text,
                     request: gr.Request, progress=progress):
-        return generate_images(services, session_dir(request, root), report, negative, steps, guidance,
-                               scheduler, seed, n, clean_text)
+        with sessions.folder(request) as folder:
+            return generate_images(services, folder, report, negative, steps, guidance, scheduler, seed, n,
+                                   clean_text)
 
     @user_errors
     def on_batch(prompt_file, n_per_prompt, steps, guidance, seed, fmt, request: gr.Request, progress=progress):
-        return batch_dataset(services, session_dir(request, root), prompt_file, n_per_prompt, steps, guidance,
-                             seed, fmt)
+        with sessions.folder(request) as folder:
+            return batch_dataset(services, folder, prompt_file, n_per_prompt, steps, guidance, seed, fmt)
 
     @user_errors
     def on_clean(upload, keep_markers, deidentify, request: gr.Request, progress=progress):
-        return clean_upload(services, session_dir(request, root), upload, keep_markers, deidentify)
+        with sessions.folder(request) as folder:
+            return clean_upload(services, folder, upload, keep_markers, deidentify)
 
     @user_errors
     def on_evaluate(real, fake, features, request: gr.Request, progress=progress):
-        return evaluate_sets(session_dir(request, root), real, fake, features, max_bytes=cfg.max_unzip_mb << 20,
-                             max_members=cfg.max_zip_members)
+        with sessions.folder(request) as folder:
+            return evaluate_sets(folder, real, fake, features, max_bytes=cfg.max_unzip_mb << 20,
+                                 max_members=cfg.max_zip_members)
 
     def on_unload(request: gr.Request) -> None:
         """The browser tab closed: this session's outputs go (API clients' go when the app stops)."""
-        shutil.rmtree(session_path(request, root), ignore_errors=True)
+        sessions.close(request)
 
     # delete_cache: gradio's copies of uploads and results go after a day (checked hourly) and on shutdown
     with gr.Blocks(title="synthcxr", delete_cache=(3600, 86400)) as demo:

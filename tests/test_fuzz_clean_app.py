@@ -338,3 +338,20 @@ def test_app_temp_root_goes_when_the_app_stops_and_stale_roots_on_start(tiny_mod
     (root / "session").mkdir()
     demo.close()
     assert not root.exists()
+
+
+def test_a_closed_tabs_folder_goes_after_its_running_request_not_from_under_it(tmp_path):
+    import types
+
+    import app
+    sessions, tab = app.Sessions(tmp_path), types.SimpleNamespace(session_hash="abc123")
+    with sessions.folder(tab) as folder:
+        (folder / "image.png").write_bytes(b"x")
+        sessions.close(tab)  # the tab closes while the request runs
+        assert (folder / "image.png").exists()
+    assert not folder.exists()  # ... and the folder goes when the request ends
+    with sessions.folder(tab) as folder:  # a tab that is closed while idle loses its folder at once
+        pass
+    assert folder.exists()
+    sessions.close(tab)
+    assert not folder.exists()
