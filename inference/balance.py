@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cxrcommon.errors import UserError
 from cxrcommon.manifest import Columns, read_manifest
+from cxrcommon.reports import extract_sections
 
 from .prompts import PromptRow
 
@@ -29,13 +30,15 @@ def class_counts(manifest: str | Path, label_column: str, image_column: str = "i
 
 def manifest_reports(manifest: str | Path, label_column: str, text_column: str,
                      image_column: str = "image") -> dict[str, list[PromptRow]]:
-    """The real reports of each class, to use as prompts when no prompt file is given."""
+    """The real reports of each class, to use as prompts when no prompt file is given: their findings and
+    impression, as finetune takes captions (the whole text of a report without those headers)."""
     records = read_manifest(manifest, Columns(image=image_column, text=text_column, label=label_column),
                             on_error="skip", check_images=False)
     by_label: dict[str, list[PromptRow]] = collections.defaultdict(list)
     for r in records:
         if r.label is not None:
-            by_label[r.label].append(PromptRow(prompt=r.text, n=1, index=r.line, label=r.label))
+            text = extract_sections(r.text) or r.text
+            by_label[r.label].append(PromptRow(prompt=text, n=1, index=r.line, label=r.label))
     return dict(by_label)
 
 

@@ -217,12 +217,15 @@ def test_balance_generates_what_evens_the_classes(cfg, tmp_path):
     manifest = tmp_path / "real.csv"
     manifest.write_text("image,text,finding\n" + "".join(f"n{i}.png,Normal {i}.,normal\n" for i in range(5))
                         + "e0.png,Left effusion.,effusion\ne1.png,Right effusion.,effusion\n"
-                        + "p0.png,Pneumothorax.,ptx\n")
+                        + "p0.png,INDICATION: dyspnea. FINDINGS: Apical pleural line. IMPRESSION: Pneumothorax.,ptx\n")
     s = generate(dataclasses.replace(cfg, prompts=None, balance=str(manifest), label_column="finding",
                                      label_folders=True))
     counts = {d.name: len(list(d.glob("*.png"))) for d in s.out.iterdir() if d.is_dir()}
     assert counts == {"effusion": 3, "ptx": 4}
-    assert sum(r["n"] for r in read_jsonl(s.out / "balance_prompts.jsonl")) == 7
+    plan = read_jsonl(s.out / "balance_prompts.jsonl")
+    assert sum(r["n"] for r in plan) == 7
+    # the real reports are prompted with their findings and impression, as captions are trained
+    assert {r["prompt"] for r in plan if r["label"] == "ptx"} == {"Apical pleural line. Pneumothorax."}
 
 
 def test_cli_prints_the_model_and_refuses_bad_input(cfg, capsys):
