@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up from nothing and run the whole test suite (offline; 6-8 min on 2 CPU cores from a fresh clone, CPU torch route).
+# Set up from nothing and run the whole test suite (offline; 7.5 min on 2 CPU cores from a fresh clone, CPU torch route; 9.5 min full route).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

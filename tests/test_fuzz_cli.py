@@ -95,7 +95,7 @@ CASES = [
     ("train", TRAIN + "--config {w}/binary.yaml", r"--config .*binary\.yaml: not UTF-8 text"),
     # --- eval
     ("fid", "--real {w}/adir", r"give both --real and --fake"),
-    ("fid", "--real {w}/adir --fake {w}/adir", r"InceptionV3 FID weights not found.*--inception-weights PATH"),
+    ("fid", "--real {w}/adir --fake {w}/adir --features tiny", r"adir: no images \(\.png.*found in this folder"),
     ("diversity", "", r"give the folder of generated images"),
     ("turing", "explain", r"usage: python -m eval\.turing build"),
     ("turing", "score {w}/study {w}/binary.yaml", r"answers file .*binary\.yaml: not UTF-8 text"),
