@@ -13,10 +13,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from cxrcommon.atomic import atomic_path
+from cxrcommon.prompt_windows import WINDOW_LEN, encode_padded
 
 log = logging.getLogger(__name__)
 
@@ -76,13 +77,32 @@ def build_latent_cache(path: Path, n: int, pixels: Callable[[int], torch.Tensor]
     return LatentCache(path)
 
 
+class TextCache:
+    """Lazy reader of a caption-embedding cache: caption i's (W_i*77, D) hidden states, read from the
+    memory-mapped file when a batch needs them, so neither RAM nor a GPU holds the whole table (100k
+    MIMIC-length captions are tens of GB at SD 2.1's width)."""
+
+    def __init__(self, path: Path, windows: torch.Tensor):
+        self.path, self._fh = path, None
+        self.bounds = torch.cat([torch.zeros(1, dtype=torch.long), windows.cumsum(0)]).mul(WINDOW_LEN).tolist()
+
+    def __call__(self, index: int) -> torch.Tensor:
+        if self._fh is None:
+            self._fh = safe_open(str(self.path), framework="pt")
+        return self._fh.get_slice("hidden")[self.bounds[index]:self.bounds[index + 1]]
+
+
+def _stored_windows(path: Path) -> torch.Tensor:
+    with safe_open(str(path), framework="pt") as fh:
+        return fh.get_tensor("windows")
+
+
 def build_text_cache(path: Path, input_ids: torch.Tensor, windows: torch.Tensor, text_encoder: Any,
-                     batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                     batch_size: int) -> TextCache:
     """Every caption's encoder hidden states over its own windows only, concatenated along the
     sequence axis ((sum of windows) x 77, D), fp32, plus each caption's window count; computed once.
     Storing no padding keeps the cache as small as the captions are long."""
-    from cxrcommon.prompt_windows import WINDOW_LEN, encode_padded
-    if path.is_file() and not torch.equal(load_file(str(path))["windows"], windows):
+    if path.is_file() and not torch.equal(_stored_windows(path), windows):
         log.warning("%s was built for other caption windows; rebuilding it", path)
         path.unlink()
     if not path.is_file():
@@ -94,8 +114,7 @@ def build_text_cache(path: Path, input_ids: torch.Tensor, windows: torch.Tensor,
         with atomic_path(path) as tmp:
             save_file({"hidden": torch.cat(out).contiguous(), "windows": windows.contiguous()}, str(tmp))
         log.info("cached %d caption embeddings in %s", len(input_ids), path)
-    table = load_file(str(path))
-    return table["hidden"], table["windows"]
+    return TextCache(path, windows)
 
 
 def cache_dir(cfg: Any) -> Path:

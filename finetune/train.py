@@ -18,7 +18,7 @@ import torch
 from cxrcommon.cli import cli_entry
 from cxrcommon.config import load_yaml, parse_config, save_config, to_dict
 from cxrcommon.errors import UserError
-from cxrcommon.prompt_windows import WINDOW_LEN, encode_padded, pad_batch
+from cxrcommon.prompt_windows import encode_padded, pad_batch
 from cxrcommon.logs import setup_logging
 
 from . import checkpoint as ckpt
@@ -119,10 +119,8 @@ def train(cfg: TrainConfig, data: TrainData | None = None,
     if cfg.cache_text:  # check_config refused it with a trained text encoder
         path = cache_dir(cfg) / f"text-{text_key(comp.text_encoder, data.captions, windows)}.safetensors"
         with accelerator.main_process_first():
-            flat, _ = build_text_cache(path, input_ids, windows, comp.text_encoder, cfg.train_batch_size)
-        flat = flat.to(device, wdtype)
-        bounds = torch.cat([torch.zeros(1, dtype=torch.long), windows.cumsum(0)]).mul(WINDOW_LEN).tolist()
-        text_table = [flat[lo:hi] for lo, hi in zip(bounds, bounds[1:])]  # views, one per caption
+            text_table = build_text_cache(path, input_ids, windows, comp.text_encoder, cfg.train_batch_size)
+        empty_text = text_table(n_captions).to(device, wdtype)
 
     # --- images: pixels, or cached VAE latent moments
     latents_reader = None
@@ -195,8 +193,8 @@ def train(cfg: TrainConfig, data: TrainData | None = None,
     def hidden_for(caption_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(encoder hidden states, key mask or None) of a batch's captions, padded to its longest."""
         rows = caption_rows(caption_idx, n_captions)
-        if text_table is not None:
-            return pad_batch([text_table[r] for r in rows.tolist()], text_table[n_captions])
+        if text_table is not None:  # each caption's rows read from the memory-mapped cache, copied once
+            return pad_batch([text_table(r).to(device, wdtype, non_blocking=True) for r in rows.tolist()], empty_text)
         return encode_padded(models.get("text_encoder", comp.text_encoder), input_ids[rows], windows[rows])
 
     def latents_for(batch: dict[str, torch.Tensor]) -> torch.Tensor:
