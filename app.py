@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import gradio as gr
 import numpy as np
 
-from cxrcommon.atomic import atomic_write_text
+from cxrcommon.atomic import atomic_write_text, pid_alive
 from cxrcommon.config import field, parse_config
 from cxrcommon.errors import UserError
 from cxrcommon.limits import MAX_BYTES, check_bytes
@@ -204,22 +204,12 @@ class Sessions:
             shutil.rmtree(path, ignore_errors=True)
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def make_root() -> Path:
     """The app's temp root; first removes roots left by apps that were killed (their pid is gone)."""
     tmp = Path(tempfile.gettempdir())
     for old in tmp.glob(f"{ROOT_PREFIX}*"):
         pid = old.name[len(ROOT_PREFIX):].split("-", 1)[0]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
     return Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-"))
 

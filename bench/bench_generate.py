@@ -31,8 +31,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 # one-window reports only: the stock pipeline would cut a longer one to 77 tokens and so do less work
-PROMPTS = [line for line in (ROOT / "examples" / "prompts.txt").read_text().splitlines()
-           if line.strip() and not line.startswith("#") and not line.startswith("FINDINGS:")]
+from cxrcommon.prompt_windows import count_tokens  # noqa: E402
+from cxrcommon.tokenizer import clip_tokenizer  # noqa: E402
+
+_LINES = [line for line in (ROOT / "examples" / "prompts.txt").read_text().splitlines()
+          if line.strip() and not line.startswith("#")]
+PROMPTS = [line for line, n in zip(_LINES, count_tokens(clip_tokenizer(), _LINES)) if n.windows == 1]
 
 
 def prompt_file(folder: Path, n_rows: int) -> Path:

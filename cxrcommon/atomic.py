@@ -20,7 +20,8 @@ def _tag(random: str) -> str:
     return f"synthcxr-{os.getpid()}-{random}"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` still runs (someone else's counts too): whose leftovers may be removed."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -48,13 +49,13 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
     removed = 0
     for root, dirs, files in os.walk(folder):
         for d in list(dirs):
-            if (m := _TEMP_DIR.match(d)) and not _alive(int(m["pid"])):
+            if (m := _TEMP_DIR.match(d)) and not pid_alive(int(m["pid"])):
                 shutil.rmtree(Path(root, d), ignore_errors=True)
                 removed += 1
             if m:
                 dirs.remove(d)
         for f in files:
-            if (m := _TEMP_FILE.match(f)) and not _alive(int(m["pid"])):
+            if (m := _TEMP_FILE.match(f)) and not pid_alive(int(m["pid"])):
                 Path(root, f).unlink(missing_ok=True)
                 removed += 1
     return removed

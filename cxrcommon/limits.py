@@ -4,7 +4,10 @@ so a small file can never expand into gigabytes of memory."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
+
+from PIL import Image
 
 from .errors import ImageReadError, UserError
 
@@ -43,15 +46,12 @@ def image_pixels(path: str | os.PathLike) -> int:
             import pydicom
             ds = pydicom.dcmread(p, stop_before_pixels=True)
             return int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * int(ds.get("NumberOfFrames", 1) or 1)
-        import warnings
-
-        from PIL import Image
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit applies
             with Image.open(p) as img:
                 return img.size[0] * img.size[1] * getattr(img, "n_frames", 1)
     except Exception as exc:  # noqa: BLE001 - any header failure means the same thing to the user
-        if type(exc).__name__ == "DecompressionBombError":  # Pillow refuses > 2x its own limit at open
+        if isinstance(exc, Image.DecompressionBombError):  # Pillow refuses > 2x its own limit at open
             raise ImageReadError(f"{p}: {exc} (possible decompression bomb) — if the image is genuine, convert "
                                  f"it to a smaller image first") from exc
         raise ImageReadError(f"{p}: cannot read the image header ({type(exc).__name__}: {exc}) — is it a complete "
