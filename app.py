@@ -130,7 +130,7 @@ class Services:
         return self._sampler
 
     def remover(self, keep_markers: bool, deidentify: bool = False) -> Any:
-        from textremoval.clean import TextRemover
+        from textremoval.remover import TextRemover
         from textremoval.config import TextRemovalConfig
         key = (keep_markers, deidentify)
         if key not in self._removers:

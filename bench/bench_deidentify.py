@@ -31,8 +31,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cxrcommon.imageio import read_dicom  # noqa: E402
 from textremoval import TextRemovalConfig, TextRemover  # noqa: E402
 from textremoval.clean import clean  # noqa: E402
-from textremoval.deid_files import REVIEW_DIR  # noqa: E402
-from textremoval.deidentify import Pseudonymizer, reads_as_identifier  # noqa: E402
+from textremoval.deid.files import REVIEW_DIR  # noqa: E402
+from textremoval.deid.pseudonyms import Pseudonymizer  # noqa: E402
+from textremoval.deid.scrubber import reads_as_identifier  # noqa: E402
 from textremoval.detect import to_uint8_view  # noqa: E402
 from textremoval.evaluate import REALCXR, realcxr_records  # noqa: E402
 from textremoval.synth_text import font_files, render  # noqa: E402

@@ -304,7 +304,7 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
     is_main = index == 0
     cleaner = None
     if cfg.clean:
-        from textremoval.clean import clean_image as cleaner  # lazy: only --clean pays for OCR models
+        from textremoval.remover import clean_image as cleaner  # lazy: only --clean pays for OCR models
 
     if sampler is None:
         sampler = CXRSampler.load(model_source, lora=lora, lora_scale=cfg.lora_scale, device=device,

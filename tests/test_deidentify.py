@@ -19,10 +19,12 @@ from pydicom.uid import (ComputedRadiographyImageStorage, ExplicitVRLittleEndian
 from cxrcommon.errors import UserError
 from cxrcommon.imageio import read_dicom
 from textremoval import TextRemovalConfig, TextRemover
-from textremoval import clean as clean_mod
-from textremoval import deid_files
+from textremoval import remover as remover_mod
+from textremoval.deid import files as deid_files
 from textremoval.clean import EXIT_REVIEW, clean, clean_file, main
-from textremoval.deidentify import Pseudonymizer, deidentify_dataset, identifiers, reads_as_identifier
+from textremoval.deid.profile import deidentify_dataset
+from textremoval.deid.pseudonyms import Pseudonymizer
+from textremoval.deid.scrubber import identifiers, reads_as_identifier
 from textremoval.detect import TextRegion, to_uint8_view
 from test_textremoval import draw
 NAME, PID, BIRTH, ACC = "DOE^JOHN", "4455667", "19610402", "ACC998877"
@@ -304,11 +306,11 @@ def test_resume_refuses_other_settings_and_always_writes_the_audit(tmp_path):
 def test_remover_is_reused_across_runs_with_random_keys(tmp_path):
     save(phi_dataset(film([])), tmp_path / "a.dcm")
     clean([str(tmp_path / "a.dcm")], tmp_path / "o0", TextRemovalConfig(deidentify=True))
-    n = len(clean_mod._REMOVERS)
+    n = len(remover_mod._REMOVERS)
     clean([str(tmp_path / "a.dcm")], tmp_path / "o1", TextRemovalConfig(deidentify=True))
-    assert len(clean_mod._REMOVERS) == n
-    assert clean_mod.get_remover(TextRemovalConfig(deidentify=True, deid_secret="a")) is \
-        clean_mod.get_remover(TextRemovalConfig(deidentify=True, deid_secret="b"))
+    assert len(remover_mod._REMOVERS) == n
+    assert remover_mod.get_remover(TextRemovalConfig(deidentify=True, deid_secret="a")) is \
+        remover_mod.get_remover(TextRemovalConfig(deidentify=True, deid_secret="b"))
     assert {p.name for p in (tmp_path / "o0").glob("*.dcm")} != {p.name for p in (tmp_path / "o1").glob("*.dcm")}
 
 
@@ -425,7 +427,7 @@ def test_multiframe_is_refused_with_the_fix_and_nothing_is_written(tmp_path, rem
 
 
 def test_a_header_the_profile_cannot_handle_is_skipped_whole(tmp_path, monkeypatch):
-    from textremoval import deidentify
+    from textremoval.deid import profile as deidentify
 
     def broken(ds, tag):
         raise NotImplementedError("Not anonymized. VR XX not yet implemented.")
@@ -437,7 +439,7 @@ def test_a_header_the_profile_cannot_handle_is_skipped_whole(tmp_path, monkeypat
 
 
 def test_verify_pass_erases_text_the_first_pass_missed(remover):
-    from textremoval.clean import clean_verified
+    from textremoval.deid.pixels import clean_verified
     img = film(PHI_FILM[:1])
     calls = []
 

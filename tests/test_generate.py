@@ -254,7 +254,7 @@ def test_yaml_config_maps_one_to_one_onto_the_dataclass():
 
 
 def test_clean_runs_textremoval_on_each_image_and_failures_are_retried(cfg, monkeypatch):
-    import textremoval.clean
+    import textremoval.remover
     calls = []
 
     def fake_clean(image):  # stands in for OCR + inpainting: blank the top rows, fail once
@@ -263,9 +263,9 @@ def test_clean_runs_textremoval_on_each_image_and_failures_are_retried(cfg, monk
             raise RuntimeError("detector crashed")
         cleaned = image.copy()
         cleaned[:4] = 0.0
-        return textremoval.clean.CleanResult(cleaned, cleaned == 0, [])
+        return textremoval.remover.CleanResult(cleaned, cleaned == 0, [])
 
-    monkeypatch.setattr(textremoval.clean, "clean_image", fake_clean)
+    monkeypatch.setattr(textremoval.remover, "clean_image", fake_clean)
     s = generate(dataclasses.replace(cfg, clean=True))
     assert (s.generated, s.failed) == (5, 1) and calls[0] == (32, 32)
     for k, img in images(s.out).items():

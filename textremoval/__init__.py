@@ -2,14 +2,14 @@
 
 Public API: `clean_image(image, config) -> CleanResult`, `clean_file(path, out_dir, config)`, the batch
 `textremoval.clean.clean(inputs, out_dir, config)`,
-`TextRemover.from_config(config)`, `TextRemovalConfig` (`deidentify=True`: PS3.15 header profile, textremoval/deidentify.py).
+`TextRemover.from_config(config)`, `TextRemovalConfig` (`deidentify=True`: PS3.15 header profile, textremoval/deid/).
 Names are imported lazily so `python -m textremoval.clean` does not import its own module twice."""
 from __future__ import annotations
 
 from typing import Any
 
-_EXPORTS = {"CleanResult": "clean", "TextRemover": "clean", "clean_file": "clean",
-            "clean_image": "clean", "TextRemovalConfig": "config", "TextRegion": "detect"}
+_EXPORTS = {"CleanResult": "remover", "TextRemover": "remover", "clean_file": "clean",
+            "clean_image": "remover", "TextRemovalConfig": "config", "TextRegion": "detect"}
 __all__ = sorted(_EXPORTS)
 
 

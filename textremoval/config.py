@@ -51,7 +51,7 @@ class TextRemovalConfig:
                                                 "marker for --keep-markers")
     erase_pattern: str | None = field(None, "if set, erase only boxes whose recognised text matches this regex "
                                             "(case-insensitive search); others are kept")
-    # de-identify (textremoval/deidentify.py)
+    # de-identify (textremoval/deid/)
     deidentify: bool = field(False, "DICOM only: also de-identify the header with the PS3.15 Basic Application Level "
                                     "Confidentiality Profile (dicom-anonymizer), private tags removed and UIDs remapped "
                                     "consistently within the run; the patient's name, ID and other header identifiers "

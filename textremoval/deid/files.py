@@ -19,7 +19,8 @@ import numpy as np
 from cxrcommon.atomic import atomic_path
 from cxrcommon.errors import UserError
 
-from .deidentify import HeaderResult, finish_dataset, normalize
+from .profile import HeaderResult, finish_dataset
+from .scrubber import normalize
 
 REVIEW_DIR = "needs_review"  # under --out: files a person must check before sharing (the CLI exits 3)
 MASK_PAD = 6                 # px a mask box grows beyond the erased pixels and boxes

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from cxrcommon.atomic import atomic_path, atomic_write_text
 
-from .deidentify import CODES, HeaderResult
+from .profile import CODES, HeaderResult
 
 AUDIT_JSON, AUDIT_CSV = "deid_audit.json", "deid_audit.csv"
 TAG_KINDS = ("removed", "replaced", "emptied", "kept", "added", "swept")

@@ -1,38 +1,30 @@
 """De-identify a DICOM header for sharing: the PS3.15 Basic Application Level Confidentiality Profile
-(dicom-anonymizer's copy of Table E.1-1) plus the Options in `ps315_options`, keyed pseudonyms so the
-files of a run stay linked, and an audit of what changed that names tags but never their old values.
+(dicom-anonymizer's copy of Table E.1-1) plus the Options in `options`, keyed pseudonyms (`pseudonyms`) so
+the files of a run stay linked, and an audit of what changed that names tags but never their old values.
 
-The identifying strings are read from the header *before* it is scrubbed, so the pixel pass can erase
-them wherever OCR reads them (as Presidio's DICOM redactor does) and the scrubbed header can be swept
-for copies hidden in tags the profile keeps."""
+The identifying strings are read from the header *before* it is scrubbed (`scrubber.identifiers`), so the
+pixel pass can erase them wherever OCR reads them (as Presidio's DICOM redactor does) and the scrubbed
+header can be swept for copies hidden in tags the profile keeps."""
 from __future__ import annotations
 
 import copy
 import datetime as _dt
-import difflib
 import functools
 import hashlib
-import hmac
-import os
-import re
-import secrets
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
-from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
-from cxrcommon.errors import MissingFileError, UserError
-
-from .ps315_options import CLEAN_DESCRIPTORS, PATIENT_CHARACTERISTICS_CLEAN, PATIENT_CHARACTERISTICS_KEEP
+from .options import CLEAN_DESCRIPTORS, PATIENT_CHARACTERISTICS_CLEAN, PATIENT_CHARACTERISTICS_KEEP
+from .pseudonyms import Pseudonymizer
+from .scrubber import clean_text, each_value, identifiers, sweep, values
 
 PROFILE_TABLE = "dicomfields_2026c"   # dicom-anonymizer's newest copy of Table E.1-1
-MAX_SHIFT_DAYS = 3650                 # dates move back 1..3650 days, the same amount for every file of a patient
 # CID 7050 De-identification Method codes (DCM) for what we apply.
 CODES = {"basic": ("113100", "Basic Application Confidentiality Profile"),
          "pixels": ("113101", "Clean Pixel Data Option"),
@@ -40,144 +32,9 @@ CODES = {"basic": ("113100", "Basic Application Confidentiality Profile"),
          "dates": ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
          "characteristics": ("113108", "Retain Patient Characteristics Option")}
 # Free-text VRs: the only ones identifiers are read from (besides dates) and swept out of. Coded VRs (CS, AE,
-# UI) hold defined terms that a cut would corrupt (MONOCHROME2, ISO_IR 100).
-TEXT_VRS = {"PN", "LO", "SH", "ST", "LT", "UT", "UC"}
-# Free-text VRs that still carry codes, never swept (a code value is no identifier, and cutting breaks it).
-CODED = frozenset({"CodeValue", "LongCodeValue", "CodingSchemeDesignator", "CodingSchemeVersion",
-                   "ContextGroupVersion", "MappingResourceName"})
-SECRET_ENV = "SYNTHCXR_DEID_SECRET"   # where --deid-secret is read from when it is not given
-DATE_IN_TEXT = re.compile(r"\b(\d{4}[-/.]\d{1,2}[-/.]\d{1,2}|\d{1,2}[-/.]\d{1,2}[-/.]\d{2,4}|(19|20)\d{6})\b")
-MIN_LEN = 3                            # shorter strings (initials, marker letters) are not matched
-OCR_FOLD = str.maketrans("0158", "OISB")  # characters OCR confuses, folded on both sides before comparing
-
 
 class DeidentifyError(ValueError):
     """A file whose header cannot be de-identified; the message names the file and the fix."""
-
-
-def normalize(text: str) -> str:
-    """Upper-case letters and digits only, OCR look-alikes folded: how identifiers are compared."""
-    return re.sub(r"[^0-9A-Z]", "", str(text).upper()).translate(OCR_FOLD)
-
-
-def date_forms(value: str) -> list[str]:
-    """The ways a header date is commonly burned into a film, so the real one can be erased from the pixels
-    (next to the shifted header date it would reveal the shift). The 00010101 placeholder is none."""
-    try:
-        d = _dt.datetime.strptime(value[:8], "%Y%m%d")
-    except ValueError:
-        return []
-    if d.year < 1800:
-        return []
-    return [d.strftime(f) for f in ("%Y%m%d", "%Y-%m-%d", "%d/%m/%Y", "%m/%d/%Y", "%d.%m.%Y", "%d-%b-%Y",
-                                    "%d/%m/%y")]
-
-
-def _values(elem: Any) -> list[str]:
-    return [str(v) for v in (elem.value if elem.VM > 1 else [elem.value])] if elem.value not in (None, "") else []
-
-
-def identifiers(ds: Dataset, scrubbed: set[tuple[int, int]]) -> list[str]:
-    """Every identifying string in the header, sequences included: each person name (whole and by
-    component), each date in its written forms, and each free-text value of an attribute the profile
-    removes or replaces (`scrubbed`: IDs, accession, institution, station, department, ...)."""
-    found: list[str] = []
-
-    def visit(_: Dataset, elem: Any) -> None:
-        if elem.VR in ("DA", "DT"):
-            found.extend(f for v in _values(elem) for f in date_forms(v))
-        elif elem.VR == "PN" or (elem.VR in TEXT_VRS and (elem.tag.group, elem.tag.element) in scrubbed
-                                 and elem.keyword not in CODED):
-            for text in _values(elem):
-                found.append(text.replace("^", " ").strip())
-                if elem.VR == "PN":
-                    found.extend(re.split(r"[\s^,=]+", text))  # family, given, middle names on their own
-    ds.walk(visit)
-    return sorted({s.strip() for s in found if len(normalize(s)) >= MIN_LEN}, key=lambda s: (-len(s), s))
-
-
-def _words(text: str) -> list[str]:
-    return [w.translate(OCR_FOLD) for w in re.findall(r"[0-9A-Z]+", str(text).upper())]
-
-
-def contains_identifier(text: str, idents: Iterable[str]) -> bool:
-    """Whether `text` (a header value) holds an identifier as whole words, case and punctuation aside:
-    'ROME' is in 'ROME CLINIC' but not in 'MONOCHROME2'."""
-    words = _words(text)
-    for ident in idents:
-        iw = _words(ident)
-        if iw and len(normalize(ident)) >= MIN_LEN and any(words[k:k + len(iw)] == iw
-                                                           for k in range(len(words) - len(iw) + 1)):
-            return True
-    return False
-
-
-def reads_as_identifier(text: str, idents: Iterable[str]) -> bool:
-    """Whether OCR'd `text` contains (or is a fragment of) an identifier, allowing one OCR slip in five."""
-    t = normalize(text)
-    if len(t) < MIN_LEN:
-        return False
-    for ident in idents:
-        i = normalize(ident)
-        if len(i) < MIN_LEN:
-            continue
-        if i in t or t in i:
-            return True
-        if len(i) >= 5 and len(t) >= len(i) - 1:
-            windows = (t[k:k + len(i)] for k in range(len(t) - len(i) + 1))
-            if any(difflib.SequenceMatcher(None, w, i).ratio() >= 0.8 for w in windows):
-                return True
-    return False
-
-
-class Pseudonymizer:
-    """Keyed, stateless replacements: the same secret maps the same UID, patient, date or file to the same
-    new value in every file and process of a run (so series and studies stay linked), and records what it
-    mapped so `--mapping-out` can write it."""
-
-    def __init__(self, secret: str):
-        self.key = secret.encode("utf-8")
-        self.mapping: dict[tuple[str, str], str] = {}
-
-    def _digest(self, kind: str, value: str) -> bytes:
-        return hmac.new(self.key, f"{kind}\0{value}".encode("utf-8"), hashlib.sha256).digest()
-
-    def uid(self, old: str) -> str:
-        new = f"2.25.{int.from_bytes(self._digest('uid', old)[:16], 'big')}"  # a UUID-sized integer
-        self.mapping[("uid", old)] = new
-        return new
-
-    def patient(self, old: str) -> str:
-        new = "ANON-" + self._digest("patient", old).hex()[:12].upper()
-        self.mapping[("patient_id", old)] = new
-        return new
-
-    def shift_days(self, patient: str) -> int:
-        days = -(1 + int.from_bytes(self._digest("shift", patient)[:4], "big") % MAX_SHIFT_DAYS)
-        self.mapping[("date_shift_days", patient)] = str(days)
-        return days
-
-    def file_name(self, rel: str | Path) -> Path:
-        """The output name of input `rel` (its path under the input folder): a keyed hash with the suffix,
-        so neither a patient's name in a file or folder name nor the folder layout reaches the outputs."""
-        rel = Path(rel)
-        new = Path(self._digest("file", rel.as_posix()).hex()[:20] + rel.suffix.lower())
-        self.mapping[("file", rel.as_posix())] = new.name
-        return new
-
-
-def resolve_secret(value: str | None) -> str | None:
-    """`--deid-secret` as given: 'file:PATH' reads the key from a file (kept out of shell history and `ps`);
-    unset falls back to the SYNTHCXR_DEID_SECRET environment variable; None when neither is set."""
-    if value and value.startswith("file:"):
-        path = Path(value[5:]).expanduser()
-        if not path.is_file():
-            raise MissingFileError(f"--deid-secret {value}: no such file — give file:PATH of a file holding the key")
-        value = path.read_text(encoding="utf-8").strip()
-        if not value:
-            raise UserError(f"--deid-secret file {path} is empty — put the key in it")
-        return value
-    return value or os.environ.get(SECRET_ENV) or None
 
 
 def settings_fingerprint(cfg: Any, pseudo: Pseudonymizer | None) -> dict[str, Any]:
@@ -221,26 +78,6 @@ def shift_date(value: str, days: int) -> str:
         return (d + _dt.timedelta(days=days)).strftime("%Y%m%d") + value[8:]
     except OverflowError:
         return value
-
-
-def each_value(value: Any, fn: Callable[[Any], Any]) -> Any:
-    """`fn` on every value of a multi-valued element, or on its one value."""
-    return [fn(v) for v in value] if isinstance(value, (list, tuple, MultiValue)) else fn(value)
-
-
-def _clean_one(text: str, idents: Iterable[str]) -> str:
-    text = DATE_IN_TEXT.sub("", text)
-    for ident in idents:
-        words = re.findall(r"[0-9A-Za-z]+", ident)
-        if words:  # whole words only, any punctuation between them
-            text = re.sub(r"(?<![0-9A-Za-z])" + r"[^0-9A-Za-z]*".join(map(re.escape, words)) + r"(?![0-9A-Za-z])",
-                          "", text, flags=re.IGNORECASE)
-    return re.sub(r"\s{2,}", " ", text).strip()
-
-
-def clean_text(value: Any, idents: Iterable[str]) -> Any:
-    """A descriptor with every identifier and written date cut out (the Clean Descriptors Option)."""
-    return each_value(value, lambda v: _clean_one(str(v), idents))
 
 
 @dataclass
@@ -308,7 +145,7 @@ def is_class_uid(elem: Any) -> bool:
     patient's, and remapping them makes the file unreadable."""
     kw = elem.keyword or ""
     return kw.endswith("ClassUID") or "TransferSyntax" in kw or all(UID(str(v)).is_valid and UID(str(v)).name
-                                                                      != str(v) for v in _values(elem))
+                                                                      != str(v) for v in values(elem))
 
 
 def _apply(ds: Dataset, profile: Profile) -> None:
@@ -344,22 +181,6 @@ def _apply(ds: Dataset, profile: Profile) -> None:
         elif rule is not None:
             rule(ds, key)
     ds.remove_private_tags()
-
-
-def _sweep(ds: Dataset, idents: list[str]) -> list[str]:
-    """Cut identifiers (whole words) out of any free text the profile kept, sequences included; returns tag
-    names. Coded values (CS, AE, UI, code items) are never touched."""
-    hits: list[str] = []
-
-    def visit(dataset: Dataset, elem: Any) -> None:
-        if elem.VR not in TEXT_VRS or elem.keyword in CODED or not elem.value:
-            return
-        if any(contains_identifier(v, idents) for v in _values(elem)):
-            cleaned = "" if elem.VR == "PN" else clean_text(elem.value, idents)
-            elem.value = "" if contains_identifier(str(cleaned), idents) else cleaned
-            hits.append(tag_name(elem.tag))
-    ds.walk(visit)
-    return hits
 
 
 def tag_name(tag: Any) -> str:
@@ -401,7 +222,7 @@ def deidentify_dataset(ds: Dataset, cfg: Any, pseudo: Pseudonymizer, *, source: 
     except Exception as exc:  # the library raises NotImplementedError for VRs it cannot replace, and others
         raise DeidentifyError(f"{source}: header could not be de-identified ({type(exc).__name__}: {exc}); "
                               "nothing was written — inspect the file with `python -m pydicom show`") from exc
-    swept = _sweep(out, idents)
+    swept = [tag_name(t) for t in sweep(out, idents)]
     codes = [CODES["basic"]]
     if cfg.deid_retain_dates:
         codes.append(CODES["dates"])
@@ -455,8 +276,3 @@ def finish_dataset(ds: Dataset, header: HeaderResult, pixels_clean: bool) -> Non
     syntax = ds.file_meta.TransferSyntaxUID  # what the pixels were written in
     ds.file_meta = copy.deepcopy(header.dataset.file_meta)
     ds.file_meta.TransferSyntaxUID = syntax
-
-
-def new_secret() -> str:
-    """A random key for one run: without `deid_secret`, UIDs and date shifts link only within the run."""
-    return secrets.token_hex(16)

@@ -1,5 +1,5 @@
 """Two Option columns of PS3.15 Table E.1-1 that `--deidentify` applies on top of the Basic Profile (the
-third, Retain Longitudinal Temporal Information with Modified Dates, is applied by VR in deidentify.py:
+third, Retain Longitudinal Temporal Information with Modified Dates, is applied by VR in profile.py:
 every DA/DT moves, so it does not depend on this list's edition).
 
 dicom-anonymizer carries the Basic Profile column only; these lists were extracted (by a script, not typed)
