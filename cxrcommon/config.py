@@ -20,11 +20,12 @@ from .paths import read_user_text
 T = TypeVar("T")
 
 
-def field(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with its help text (lists/dicts get a default_factory)."""
+def field(default: Any, help: str, aliases: tuple[str, ...] = (), **kw: Any) -> Any:
+    """A dataclass field with its help text and any extra flag spellings (lists/dicts get a default_factory)."""
+    meta = {"help": help, "aliases": aliases}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
-    return dataclasses.field(default=default, metadata={"help": help}, **kw)
+        return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return dataclasses.field(default=default, metadata=meta, **kw)
 
 
 def _bool(text: str) -> bool:
@@ -67,7 +68,7 @@ def build_parser(cls: type, description: str) -> argparse.ArgumentParser:
             kw.update(nargs="?", const=True, type=_bool, metavar="true|false")
         else:
             kw.update(type=conv)
-        parser.add_argument(flag, **kw)
+        parser.add_argument(flag, *f.metadata.get("aliases", ()), **kw)
     return parser
 
 

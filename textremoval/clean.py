@@ -28,7 +28,7 @@ from cxrcommon.paths import check_out_dir
 from .config import TextRemovalConfig, check_config
 from .deid import audit, files as deid_files
 from .deid.pixels import clean_verified
-from .deid.profile import PROFILE_TABLE, settings_fingerprint
+from .deid.profile import DESCRIPTORS_RISK, PROFILE_TABLE, settings_fingerprint
 from .deid.pseudonyms import Pseudonymizer, new_secret, resolve_secret
 from .deid.writer import write_deidentified
 from .files import expand_inputs, output_paths, read_for_cleaning, write_like
@@ -154,6 +154,8 @@ def clean(inputs: Sequence[str], out_dir: str | Path, config: TextRemovalConfig 
     pseudo = Pseudonymizer(secret) if secret else None
     cfg = dataclasses.replace(cfg, deid_secret=None)
     deid_files.check_resume(out_dir, settings_fingerprint(cfg, pseudo))
+    if cfg.deidentify and cfg.deid_clean_descriptors:
+        log.warning(DESCRIPTORS_RISK)
     if out_dir.is_dir() and (removed := remove_stale_temps(out_dir)):
         log.info("removed %d temp file(s) left in %s by an interrupted run", removed, out_dir)
     summary: dict[str, list[str]] = {"done": [], "skipped": [], "failed": [], "review": []}
@@ -196,6 +198,8 @@ def clean(inputs: Sequence[str], out_dir: str | Path, config: TextRemovalConfig 
             pool.shutdown(cancel_futures=True)
     if cfg.deidentify:
         settings = {k: v for k, v in to_dict(cfg).items() if k.startswith("deid") and k != "deid_secret"}
+        if cfg.deid_clean_descriptors:
+            settings["risk"] = DESCRIPTORS_RISK
         audit.write_audit(out_dir, summary["failed"], {**settings, "profile": f"dicom-anonymizer {PROFILE_TABLE}"})
         if mapping_out is not None:
             audit.write_mapping(mapping_out, mapping)

@@ -66,8 +66,11 @@ class TextRemovalConfig:
                                           "times are kept; false = dates removed as the Basic Profile says")
     deid_retain_patient_characteristics: bool = field(True, "de-identify: Retain Patient Characteristics Option "
                                                             "(sex, age, size, weight, ... kept)")
-    deid_clean_descriptors: bool = field(True, "de-identify: Clean Descriptors Option: study/series descriptions and "
-                                               "comments kept, with header identifiers and written dates cut out")
+    deid_clean_descriptors: bool = field(False, "de-identify: Clean Descriptors Option (opt-in, a risk): study/series "
+                                                "descriptions, comments and the SR/ContentSequence text are kept, with "
+                                                "header names, IDs, addresses and every date cut out (deid/scrubber.py). "
+                                                "A scrubber is never perfect; false = the Basic Profile removes them",
+                                         aliases=("--clean-descriptors",))
     deid_verify: bool = field(True, "de-identify: OCR the cleaned image again; any box still found there (other "
                                     "than kept markers, whatever its OCR score) flags the file for review; false = "
                                     "no check, so BurnedInAnnotation stays YES")

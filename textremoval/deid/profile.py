@@ -22,7 +22,7 @@ from pydicom.uid import UID
 
 from .options import CLEAN_DESCRIPTORS, PATIENT_CHARACTERISTICS_CLEAN, PATIENT_CHARACTERISTICS_KEEP
 from .pseudonyms import Pseudonymizer
-from .scrubber import clean_text, each_value, identifiers, sweep, values
+from .scrubber import Identifiers, clean_text, each_value, identifiers, sweep, values
 
 PROFILE_TABLE = "dicomfields_2026c"   # dicom-anonymizer's newest copy of Table E.1-1
 # CID 7050 De-identification Method codes (DCM) for what we apply.
@@ -31,7 +31,10 @@ CODES = {"basic": ("113100", "Basic Application Confidentiality Profile"),
          "descriptors": ("113105", "Clean Descriptors Option"),
          "dates": ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
          "characteristics": ("113108", "Retain Patient Characteristics Option")}
-# Free-text VRs: the only ones identifiers are read from (besides dates) and swept out of. Coded VRs (CS, AE,
+# Logged and put in the audit whenever the Clean Descriptors Option is on.
+DESCRIPTORS_RISK = ("--clean-descriptors keeps free text (descriptions, comments, report text) that the Basic "
+                    "Profile removes, cut of the names, IDs, addresses and dates the scrubber recognises; a name or "
+                    "identifier it does not recognise stays. Read the kept text before sharing, or run without it")
 
 class DeidentifyError(ValueError):
     """A file whose header cannot be de-identified; the message names the file and the fix."""
@@ -83,7 +86,7 @@ def shift_date(value: str, days: int) -> str:
 @dataclass
 class HeaderResult:
     dataset: Dataset                           # the de-identified copy (pixels untouched)
-    identifiers: list[str]                     # identifying strings read before scrubbing (PHI: never written)
+    identifiers: Identifiers                   # identifying strings read before scrubbing (PHI: never written)
     tags: dict[str, list[str]]                 # removed / replaced / emptied / kept / added -> tag names
     codes: list[tuple[str, str]]               # CID 7050 codes applied to the header
     mapping: dict[tuple[str, str], str] = field(default_factory=dict)  # (kind, old) -> new (PHI)
@@ -118,7 +121,7 @@ class Profile:
         return rule
 
 
-def _profile(cfg: Any, pseudo: Pseudonymizer, idents: list[str], patient: str) -> Profile:
+def _profile(cfg: Any, pseudo: Pseudonymizer, idents: Identifiers, patient: str) -> Profile:
     rules: dict[tuple, Callable] = {}
     ranges: list[tuple[tuple, Callable]] = []
     for tag, act in basic_profile().items():
@@ -212,9 +215,11 @@ def deidentify_dataset(ds: Dataset, cfg: Any, pseudo: Pseudonymizer, *, source: 
     `cfg` carries the deid_* options of TextRemovalConfig. Raises DeidentifyError naming `source` (give a
     non-identifying name) when the header cannot be processed."""
     patient = str(ds.get("PatientID", "") or ds.get("PatientName", "") or ds.get("StudyInstanceUID", ""))
-    idents: list[str] = []  # filled below; the Clean Descriptors rule reads it when applied
+    idents = Identifiers()  # filled below; the Clean Descriptors rule reads it when applied
     profile = _profile(cfg, pseudo, idents, patient)
-    idents += identifiers(ds, {k for k in profile.rules if k not in profile.retained})
+    # descriptors and comments hold identifiers but are none (a film's "CHEST" must not read as PHI)
+    containers = {_tag(k) for k in CLEAN_DESCRIPTORS | PATIENT_CHARACTERISTICS_CLEAN if _vr(_tag(k)) != "SQ"}
+    idents.update(identifiers(ds, {k for k in profile.rules if k not in profile.retained and k not in containers}))
     out = copy.deepcopy(ds)
     before = _header_only(ds)
     try:
