@@ -71,6 +71,9 @@ class TextRemovalConfig:
                                                 "header names, IDs, addresses and every date cut out (deid/scrubber.py). "
                                                 "A scrubber is never perfect; false = the Basic Profile removes them",
                                          aliases=("--clean-descriptors",))
+    deid_contrast: bool = field(True, "de-identify: detect, segment and re-read on a contrast-equalised (CLAHE) view, "
+                                      "so faint text (25 grey levels over its background) is erased or flagged "
+                                      "like bold text; false = the plain min-max view")
     deid_verify: bool = field(True, "de-identify: OCR the cleaned image again; any box still found there (other "
                                     "than kept markers, whatever its OCR score) flags the file for review; false = "
                                     "no check, so BurnedInAnnotation stays YES")

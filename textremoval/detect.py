@@ -43,6 +43,12 @@ def to_uint8_view(image: np.ndarray) -> np.ndarray:
     return np.zeros(g.shape, np.uint8) if hi <= lo else ((g - lo) * (255.0 / (hi - lo)) + 0.5).astype(np.uint8)
 
 
+def contrast_view(gray: np.ndarray, clip: float = 3.0, tiles: int = 8) -> np.ndarray:
+    """`gray` with local contrast equalised (CLAHE), so faint burnt-in text (25 grey levels over its
+    background) stands out as bold text does: what de-identification detects and re-reads on."""
+    return cv2.createCLAHE(clipLimit=clip, tileGridSize=(tiles, tiles)).apply(gray)
+
+
 def decide_action(text: str, cfg: TextRemovalConfig) -> str:
     """'kept' for markers under --keep-markers and for non-matching text under --erase-pattern."""
     stripped = re.sub(r"[^0-9A-Za-z]", "", text)

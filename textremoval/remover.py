@@ -15,7 +15,7 @@ from cxrcommon.config import to_dict
 
 from .config import TextRemovalConfig, check_config
 from .deid.scrubber import normalize, reads_as_identifier
-from .detect import TextRegion, build_detector, to_uint8_view
+from .detect import TextRegion, build_detector, contrast_view, to_uint8_view
 from .inpaint import build_inpainter, paste
 from .segment import build_segmenter, polygon_mask
 
@@ -51,7 +51,7 @@ class TextRemover:
         if image.ndim not in (2, 3) or min(image.shape[:2]) < 1:
             raise ValueError(f"expected a 2-D grayscale or H×W×C image, got shape {image.shape}")
         t = {"detect": time.perf_counter()}
-        gray = to_uint8_view(image if view is None else view)
+        gray = self.detection_view(image if view is None else view)
         regions = self.detector(gray) if regions is None else regions
         for r in regions:
             if identifiers and r.text and reads_as_identifier(r.text, identifiers):
@@ -69,15 +69,23 @@ class TextRemover:
                                                           ("inpaint", "end"))}
         return CleanResult(cleaned, mask, regions, seconds)
 
-    def residual_text(self, cleaned: np.ndarray, kept: Sequence[TextRegion]) -> list[TextRegion]:
+    def detection_view(self, image: np.ndarray) -> np.ndarray:
+        """The 8-bit view detection and segmentation see: contrast-equalised under de-identification, so
+        faint text is found (and found again by the verify pass) as bold text is."""
+        gray = to_uint8_view(image)
+        return contrast_view(gray) if self.config.deidentify and self.config.deid_contrast else gray
+
+    def residual_text(self, cleaned: np.ndarray, kept: Sequence[TextRegion],
+                      found: list[TextRegion] | None = None) -> list[TextRegion]:
         """Every box the detector still finds in a cleaned image, outside the boxes kept on purpose and other
-        than a side marker kept by policy, whatever its recognition score (a remnant reads badly)."""
-        gray = to_uint8_view(cleaned)
-        keep = np.zeros(gray.shape, bool)
+        than a side marker kept by policy, whatever its recognition score (a remnant reads badly). `found`:
+        boxes already detected on this very image (nothing was erased), so it is not read a second time."""
+        regions = self.detector(self.detection_view(cleaned)) if found is None else found
+        keep = np.zeros(cleaned.shape[:2], bool)
         for r in kept:
             keep[r.box[1]:r.box[3], r.box[0]:r.box[2]] = True
         marker = re.compile(self.config.marker_pattern, re.IGNORECASE)
-        return [r for r in self.detector(gray) if not (r.action == "kept" and marker.fullmatch(normalize(r.text)))
+        return [r for r in regions if not (r.action == "kept" and marker.fullmatch(normalize(r.text)))
                 and keep[r.box[1]:r.box[3], r.box[0]:r.box[2]].mean() < 0.5]
 
 

@@ -23,7 +23,8 @@ def clean_verified(remover: TextRemover, arr: np.ndarray, view: np.ndarray | Non
     if not (remover.config.deidentify and remover.config.deid_verify):
         return res, []
     kept = [r for r in res.regions if r.action == "kept"]
-    left = remover.residual_text(res.image, kept)
+    # nothing erased: the image is the one just read, at the same contrast; its boxes are the answer
+    left = remover.residual_text(res.image, kept, found=None if res.mask.any() else res.regions)
     for _ in range(VERIFY_ROUNDS):
         if not left:
             break
