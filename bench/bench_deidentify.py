@@ -2,13 +2,17 @@
 builds on (dicom-anonymizer, Basic Profile) used alone, on the same DICOMs.
 
     python bench/bench_deidentify.py --n 20
+    python bench/bench_deidentify.py --n 20 --faint   # the identity in faint, small print
+
 
 Each test DICOM is a real CXR (../shared/data/realcxr, else smooth noise) at 1024 px with 1-4 rendered
 burnt-in items (markers, PORTABLE, dates, kV/mAs: textremoval.synth_text) plus the patient's name, ID and
 birth date rendered in a corner, and the same identity (plus accession, institution, physicians, a private
 tag) in the header. Residual PHI after de-identification is counted two ways: any PHI string anywhere in
 the written file's bytes (header), and any PHI string the project's OCR (PP-OCR, a fresh TextRemover's
-detector with recognition) reads in the written pixels. Prints a Markdown table, the command and the machine."""
+detector with recognition) reads in the written pixels, on the plain view and on a contrast-equalised (CLAHE)
+one. `--faint` prints the identity at 12-18 px, 25-35 grey levels over its local background, as a careful
+attacker's probe did. Prints a Markdown table, the command and the machine."""
 from __future__ import annotations
 
 import argparse
@@ -34,7 +38,7 @@ from textremoval.clean import clean  # noqa: E402
 from textremoval.deid.files import REVIEW_DIR  # noqa: E402
 from textremoval.deid.pseudonyms import Pseudonymizer  # noqa: E402
 from textremoval.deid.scrubber import reads_as_identifier  # noqa: E402
-from textremoval.detect import to_uint8_view  # noqa: E402
+from textremoval.detect import contrast_view, to_uint8_view  # noqa: E402
 from textremoval.evaluate import REALCXR, realcxr_records  # noqa: E402
 from textremoval.synth_text import font_files, render  # noqa: E402
 
@@ -43,7 +47,7 @@ KEY = "bench-key"  # a fixed key, so the bench can find each output by its keyed
 GIVEN = ["ELENA", "SAMUEL", "INGRID", "FARID", "MAUREEN", "HIROSHI", "CLAIRE", "TOMASZ"]
 
 
-def make_files(n: int, folder: Path, seed: int = 0) -> list[tuple[Path, list[str], list[str]]]:
+def make_files(n: int, folder: Path, seed: int = 0, faint: bool = False) -> list[tuple[Path, list[str], list[str]]]:
     """(file, PHI strings in the header, PHI strings rendered into the pixels) per test DICOM."""
     rng = np.random.default_rng(seed)
     fonts = font_files()
@@ -61,11 +65,17 @@ def make_files(n: int, folder: Path, seed: int = 0) -> list[tuple[Path, list[str
         shown = [f"{family}, {given}", f"ID {pid}", f"DOB {birth[6:]}/{birth[4:6]}/{birth[:4]}"]
         img = render(base, rng).image
         layer = Image.fromarray(img)
-        font = ImageFont.truetype(str(fonts[i % len(fonts)]), int(rng.integers(18, 30))) if fonts else \
-            ImageFont.load_default(size=22)
+        size = int(rng.integers(12, 19) if faint else rng.integers(18, 30))
+        font = ImageFont.truetype(str(fonts[i % len(fonts)]), size) if fonts else ImageFont.load_default(size=size)
         x, y = (24, 24) if i % 2 else (620, 900)
         for k, line in enumerate(shown):
-            ImageDraw.Draw(layer).text((x, y + k * 32), line, font=font, fill=int(rng.integers(200, 256)))
+            top = y + k * (size + 8)
+            if faint:  # just above the local background, as a faint print or a dim overlay is
+                local = float(np.median(img[top:top + size + 4, x:x + 20 * size]))
+                fill = int(min(255, local + rng.integers(25, 36)))
+            else:
+                fill = int(rng.integers(200, 256))
+            ImageDraw.Draw(layer).text((x, top), line, font=font, fill=fill)
         pixels = np.asarray(layer)
         ds = Dataset()
         ds.file_meta = FileMetaDataset()
@@ -98,7 +108,8 @@ def residual(files: list[tuple[Path, list[str], list[str]]], output: Callable[[P
         out = output(src)
         raw = out.read_bytes().upper()
         h = any(s.encode() in raw for s in header_phi)
-        texts = [r.text for r in reader.detector(to_uint8_view(read_dicom(out)[0]))]
+        view = to_uint8_view(read_dicom(out)[0])
+        texts = [r.text for v in (view, contrast_view(view)) for r in reader.detector(v)]
         left = [s for s in shown if any(reads_as_identifier(t, [s]) for t in texts)]
         header, pixels, either = header + h, pixels + bool(left), either + (h or bool(left))
         silent += (h or bool(left)) and out.parent.name != REVIEW_DIR
@@ -128,28 +139,32 @@ def header_only(files: list[tuple[Path, list[str], list[str]]], out_dir: Path) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=20, help="test DICOMs")
+    ap.add_argument("--faint", action="store_true", help="print the identity small and faint (12-18 px, 25-35 grey "
+                    "levels over the background) instead of bold")
     args = ap.parse_args()
     load = os.getloadavg()[0]
     reader = TextRemover.from_config(TextRemovalConfig())
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "in").mkdir()
-        files = make_files(args.n, tmp / "in")
+        files = make_files(args.n, tmp / "in", faint=args.faint)
         t_header = header_only(files, tmp / "header_only")
         rows = [("dicom-anonymizer 2.1.0 alone (Basic Profile, header only)", t_header,
                  residual(files, lambda src: tmp / "header_only" / src.name, reader))]
-        for name, cfg in (("textremoval.clean --deidentify --keep-markers (verify pass on)",
-                           TextRemovalConfig(deidentify=True, keep_markers=True, deid_secret=KEY)),
-                          ("textremoval.clean --deidentify --keep-markers --deid-verify false",
-                           TextRemovalConfig(deidentify=True, keep_markers=True, deid_verify=False,
-                                             deid_secret=KEY))):
-            out = tmp / name.split()[-1]
+        for k, (name, cfg) in enumerate((
+                ("textremoval.clean --deidentify --keep-markers (default: contrast-equalised view, verify pass on)",
+                 TextRemovalConfig(deidentify=True, keep_markers=True, deid_secret=KEY)),
+                ("textremoval.clean --deidentify --keep-markers --deid-contrast false (plain view, as before #24)",
+                 TextRemovalConfig(deidentify=True, keep_markers=True, deid_contrast=False, deid_secret=KEY)),
+                ("textremoval.clean --deidentify --keep-markers --deid-verify false",
+                 TextRemovalConfig(deidentify=True, keep_markers=True, deid_verify=False, deid_secret=KEY)))):
+            out = tmp / f"run{k}"
             clean([str(files[0][0])], tmp / f"warm-{out.name}", cfg)  # model load and ONNX warm-up outside the clock
             start = time.perf_counter()
             summary = clean([str(f) for f, _, _ in files], out, cfg)
             rows.append((f"{name}; {len(summary['review'])} of {args.n} flagged for review",
                          time.perf_counter() - start, residual(files, lambda src, o=out: written(o, src), reader)))
-    print(f"command: python bench/bench_deidentify.py --n {args.n}")
+    print(f"command: python bench/bench_deidentify.py --n {args.n}{' --faint' if args.faint else ''}")
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, Python "
           f"{platform.python_version()}, load average at start {load:.2f}, at end {os.getloadavg()[0]:.2f}\n")
     print("| method | s/image | files with PHI in header bytes | files with PHI OCR-readable in pixels | "

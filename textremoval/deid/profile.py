@@ -125,8 +125,14 @@ def _profile(cfg: Any, pseudo: Pseudonymizer, idents: Identifiers, patient: str)
     rules: dict[tuple, Callable] = {}
     ranges: list[tuple[tuple, Callable]] = []
     for tag, act in basic_profile().items():
-        (rules.__setitem__(tag, act) if len(tag) == 2 else ranges.append((tag, act)))
+        if len(tag) == 2:
+            rules[tag] = act
+        else:
+            ranges.append((tag, act))
     rules[_tag("PatientID")] = _set_value(lambda v: pseudo.patient(str(v)))
+    if not cfg.deid_clean_descriptors:  # PS3.15 X: the report text of an SR, whose items the table keeps
+        from dicomanonymizer.simpledicomanonymizer import delete
+        rules[_tag("ContentSequence")] = delete
     retained: set[tuple] = set()
     if cfg.deid_retain_patient_characteristics:
         retained |= {_tag(k) for k in PATIENT_CHARACTERISTICS_KEEP}
