@@ -13,7 +13,9 @@ import functools
 import json
 import logging
 import os
+import re
 import shutil
+import signal
 import tempfile
 import threading
 import uuid
@@ -42,6 +44,9 @@ EXAMPLES = [
 UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".dicom", ".tif", ".tiff"]
 ROOT_PREFIX = "synthcxr-app-"  # + "<pid>-<random>": the app's temp root, swept on start once its app is gone
 ERROR_CHARS = 2000  # longest message shown for a failed request
+PRIVATE_UMASK = 0o077  # while the app runs, what it and Gradio write is its user's only: 0700 folders, 0600 files
+# an absolute path in a message (POSIX, or a Windows drive): shown by its last part only, never the server's folders
+_ABS_PATH = re.compile(r"(?<![\w.~/\\:])(?:/|[A-Za-z]:[\\/])[^\s'\"`<>|;,()\[\]{}]*")
 
 
 @dataclasses.dataclass
@@ -143,8 +148,11 @@ class Services:
         return self._removers[key]
 
     def model_name(self) -> str:
+        """The model as clients see it: its name and content fingerprint, never its folder on the server."""
         from cxrcommon.models import resolve_model
-        return resolve_model(self.cfg.model)
+        from cxrcommon.provenance import model_identity
+        name, sha = model_identity(self.cfg.model, resolve_model(self.cfg.model))
+        return f"{name} (sha256 {sha})" if sha else name
 
     def run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run `fn` holding the model gate as an interactive request."""
@@ -165,12 +173,40 @@ def session_path(request: Any, root: Path) -> Path:
 class Sessions:
     """Per-session output folders under the app's temp root: a request's outputs never leave its session's
     folder, which goes when the browser tab closes, but never from under a request still running (then it
-    goes when that request ends, instead of being recreated by its next write and left behind)."""
+    goes when that request ends, instead of being recreated by its next write and left behind).
 
-    def __init__(self, root: Path):
+    `uploads`: Gradio's upload folder (one `<sha>/<name>` folder per uploaded file). The uploads a session
+    sent are adopted by it and go with its folder, unless another open session sent the same bytes."""
+
+    def __init__(self, root: Path, uploads: Path | None = None):
         self.root, self._lock = root, threading.Lock()
+        self.uploads = uploads.resolve() if uploads is not None else None
         self._busy: dict[Path, int] = {}
         self._closed: set[Path] = set()
+        self._adopted: dict[Path, set[Path]] = {}
+
+    def adopt(self, request: Any, files: Any) -> None:
+        """Record the uploads (paths, or lists of them) this session sent, to remove them when it ends."""
+        if self.uploads is None:
+            return
+        path = session_path(request, self.root)
+        items = files if isinstance(files, (list, tuple)) else [files]
+        for f in items:
+            if not f:
+                continue
+            folder = Path(f).resolve().parent
+            if folder.parent == self.uploads and not folder.is_relative_to(self.root.resolve()):
+                with self._lock:
+                    self._adopted.setdefault(path, set()).add(folder)
+
+    def _remove(self, path: Path) -> None:
+        """A session's folder and the uploads no other open session sent."""
+        shutil.rmtree(path, ignore_errors=True)
+        with self._lock:
+            mine = self._adopted.pop(path, set())
+            others = set().union(*self._adopted.values())
+        for folder in mine - others:
+            shutil.rmtree(folder, ignore_errors=True)
 
     @contextlib.contextmanager
     def folder(self, request: Any) -> Iterator[Path]:
@@ -191,7 +227,7 @@ class Sessions:
                 if drop:
                     self._closed.remove(path)
             if drop:
-                shutil.rmtree(path, ignore_errors=True)
+                self._remove(path)
 
     def close(self, request: Any) -> None:
         """The tab closed: remove the session's folder now, or when its last running request ends."""
@@ -201,7 +237,7 @@ class Sessions:
             if busy:
                 self._closed.add(path)
         if not busy:
-            shutil.rmtree(path, ignore_errors=True)
+            self._remove(path)
 
 
 def make_root() -> Path:
@@ -211,12 +247,44 @@ def make_root() -> Path:
         pid = old.name[len(ROOT_PREFIX):].split("-", 1)[0]
         if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(old, ignore_errors=True)
-    return Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-"))
+    return Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-"))  # mkdtemp: 0700
+
+
+def go_private(root: Path) -> Any:
+    """Point Gradio's upload/cache folder (GRADIO_TEMP_DIR) at the app's private root and set a 0077 umask, so
+    every upload and derived file is its user's only (0600 in 0700 folders) and lies where the app removes it.
+    Must run before any component is built (each reads the folder then). Returns the undo."""
+    import gradio.route_utils
+    import gradio.routes
+    before_env, before_mask = os.environ.get("GRADIO_TEMP_DIR"), os.umask(PRIVATE_UMASK)
+    os.environ["GRADIO_TEMP_DIR"] = str(root)
+    # a few Gradio modules read the variable once, at import (before this ran): the routes make a folder there
+    modules = [m for m in (gradio.routes, gradio.route_utils) if isinstance(getattr(m, "DEFAULT_TEMP_DIR", 0), str)]
+    before_modules = [m.DEFAULT_TEMP_DIR for m in modules]
+    for m in modules:
+        m.DEFAULT_TEMP_DIR = str(root)
+
+    def undo() -> None:
+        if os.environ.get("GRADIO_TEMP_DIR") == str(root):  # a later app may have pointed it elsewhere
+            if before_env is None:
+                os.environ.pop("GRADIO_TEMP_DIR", None)
+            else:
+                os.environ["GRADIO_TEMP_DIR"] = before_env
+            for m, value in zip(modules, before_modules):
+                m.DEFAULT_TEMP_DIR = value
+        os.umask(before_mask)
+    return undo
+
+
+def hide_paths(text: str) -> str:
+    """`text` with every absolute path cut to its last part: a message never shows a server folder."""
+    return _ABS_PATH.sub(lambda m: PurePosixPath(m.group(0).replace("\\", "/")).name or "/", text)
 
 
 def user_message(exc: BaseException) -> str:
-    """The whole message on one line: a multi-line one (a prompt file's bad lines) keeps every reason."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    """The whole message on one line: a multi-line one (a prompt file's bad lines) keeps every reason; files
+    are named by their names, never by where they lie on the server."""
+    lines = [line.strip() for line in hide_paths(str(exc)).splitlines() if line.strip()]
     text = lines[0] + (" " + "; ".join(lines[1:]) if lines[1:] else "") if lines else type(exc).__name__
     return text if len(text) <= ERROR_CHARS else text[:ERROR_CHARS - 3] + "..."
 
@@ -316,7 +384,11 @@ def batch_dataset(services: Services, out_dir: Path, prompt_file: str, n_per_pro
     archive = out_dir / "dataset.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
         for p in sorted(job.rglob("*")):
-            if p.is_file():
+            if p.name == "settings.json" and p.parent == job:  # names the model by name, not its server folder
+                settings = json.loads(p.read_text(encoding="utf-8"))
+                settings["model"] = services.model_name()
+                zf.writestr("settings.json", json.dumps(settings, indent=1, sort_keys=True))
+            elif p.is_file():
                 zf.write(p, p.relative_to(job))
     return str(archive), f"{summary.generated} images from {len(rows)} prompts → {archive.name}"
 
@@ -339,12 +411,15 @@ def clean_upload(services: Services, out_dir: Path, path: str, keep_markers: boo
     shutil.rmtree(job, ignore_errors=True)
     record = services.run(clean_file, src, job, remover=remover)
     cleaned_view = write_png(job / "cleaned_view.png", read_image(record["output"]))
-    annotated = (np.stack([original] * 3, -1) * 255).astype(np.uint8)
+    # the boxes are drawn on a file in the session's folder (Gradio would cache an array in its shared folder);
+    # a de-identifying request shows them on the cleaned image: the original's burnt-in identifiers never
+    # leave the upload
+    annotated = cleaned_view if deidentify else write_png(job / "detected_view.png", original)
     regions = record["regions"]
     boxes = [(tuple(int(v) for v in r["box"]), f"{r.get('text') or '?'} ({r['action']})") for r in regions]
     table = [[r.get("text") or "", round(float(r.get("score") or 0), 3), r["action"], str(r["box"])] for r in regions]
     files = [record["output"], record["mask"], record["mask"].removesuffix(".mask.png") + ".regions.json"]
-    return (annotated, boxes), str(cleaned_view), record["mask"], files, table
+    return (str(annotated), boxes), str(cleaned_view), record["mask"], files, table
 
 
 def _zip_images(up: Path, zf: zipfile.ZipFile, max_members: int) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
@@ -428,7 +503,8 @@ def evaluate_sets(out_dir: Path, real: Sequence[str] | None, fake: Sequence[str]
         if n_images < 2:
             raise ValueError(f"the {name} set needs at least 2 images (PNG/JPEG/DICOM, or a zip of them)")
         sets[name] = folder
-    result = evaluate(sets["real"], sets["fake"], features=features, out=out_dir / "eval" / "report")
+    # no feature cache: it would keep features of the uploaded images in the user cache after the session
+    result = evaluate(sets["real"], sets["fake"], features=features, out=out_dir / "eval" / "report", use_cache=False)
     return Path(result["report"]["markdown"]).read_text(encoding="utf-8"), result["report"]["json"]
 
 
@@ -448,11 +524,14 @@ def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
 
     services = services or Services(cfg)
     root = make_root()
+    atexit.register(shutil.rmtree, root, True)
+    undo_private = go_private(root)  # before any component reads GRADIO_TEMP_DIR
     default_steps, default_guidance = slider_defaults(cfg.model)
 
     progress = gr.Progress(track_tqdm=True)
 
-    sessions = Sessions(root)
+    # sessions' folders lie inside Gradio's folder, so their files are served as they are, not copied into it
+    sessions = Sessions(root / "sessions", uploads=root)
 
     @user_errors
     def on_generate(report, negative, steps, guidance, scheduler, seed, n, clean_text,
@@ -463,25 +542,37 @@ def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
 
     @user_errors
     def on_batch(prompt_file, n_per_prompt, steps, guidance, seed, fmt, request: gr.Request, progress=progress):
+        sessions.adopt(request, prompt_file)
         with sessions.folder(request) as folder:
             return batch_dataset(services, folder, prompt_file, n_per_prompt, steps, guidance, seed, fmt)
 
     @user_errors
     def on_clean(upload, keep_markers, deidentify, request: gr.Request, progress=progress):
+        sessions.adopt(request, upload)
         with sessions.folder(request) as folder:
             return clean_upload(services, folder, upload, keep_markers, deidentify)
 
     @user_errors
     def on_evaluate(real, fake, features, request: gr.Request, progress=progress):
+        sessions.adopt(request, [*(real or []), *(fake or [])])
         with sessions.folder(request) as folder:
             return evaluate_sets(folder, real, fake, features, max_bytes=cfg.max_unzip_mb << 20,
                                  max_members=cfg.max_zip_members)
 
     def on_unload(request: gr.Request) -> None:
-        """The browser tab closed: this session's outputs go (API clients' go when the app stops)."""
+        """The browser tab closed: this session's outputs and uploads go (API clients' go when the app stops)."""
         sessions.close(request)
 
-    # delete_cache: gradio's copies of uploads and results go after a day (checked hourly) and on shutdown
+    def on_upload(files, request: gr.Request) -> None:
+        """A browser upload belongs to its session from the start, used by a request or not."""
+        sessions.adopt(request, files)
+
+    def adopt_uploads(*components: Any) -> None:
+        for c in components:
+            c.upload(on_upload, c, None, queue=False, api_visibility="private", show_progress="hidden")
+
+    # delete_cache: what Gradio itself writes to its (private) folder, e.g. the annotation masks, goes after a day
+    # (checked hourly); uploads and outputs go with their session, and everything when the app stops
     with gr.Blocks(title="synthcxr", delete_cache=(3600, 86400)) as demo:
         gr.Markdown(f"# synthcxr\nModel: `{services.model_name()}` — every image is **synthetic** and marked so "
                     "in its metadata. Not for diagnosis.")
@@ -551,16 +642,19 @@ def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
             e_json = gr.File(label="Report (JSON)")
             e_go.click(on_evaluate, [real, fake, features], [e_report, e_json],
                        api_name="evaluate", concurrency_id="evaluate", concurrency_limit=1)
+        adopt_uploads(prompt_file, upload, real, fake)
         demo.unload(on_unload)
     demo.queue(max_size=cfg.queue_size, default_concurrency_limit=cfg.concurrency)
     demo.synthcxr_root = root
-    atexit.register(shutil.rmtree, root, True)
     close = demo.close
 
     def close_and_remove(verbose: bool = True) -> None:
-        """Stopping the app removes every session's outputs."""
-        close(verbose)
-        shutil.rmtree(root, ignore_errors=True)
+        """Stopping the app removes every session's outputs and every upload, and undoes `go_private`."""
+        try:
+            close(verbose)
+        finally:
+            shutil.rmtree(root, ignore_errors=True)
+            undo_private()
 
     demo.close = close_and_remove
     return demo
@@ -577,12 +671,25 @@ def launch(cfg: AppConfig, **kwargs: Any) -> Any:
     return demo
 
 
+def _stop(signum: int, frame: Any) -> None:
+    """SIGTERM stops the app as Ctrl-C does, so its folders are removed (a killed Python runs no cleanup)."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     from cxrcommon.logs import setup_logging
     setup_logging()
     cfg = parse_config(AppConfig, argv, __doc__.splitlines()[0])
     log.info("starting on http://%s:%d", cfg.host, cfg.port)
-    launch(cfg)
+    signal.signal(signal.SIGTERM, _stop)
+    demo = None
+    try:
+        demo = launch(cfg)  # blocks until Ctrl-C or SIGTERM, then returns
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if demo is not None:
+            demo.close()  # removes the app's folder; atexit does it if the app stopped before it launched
 
 
 if __name__ == "__main__":

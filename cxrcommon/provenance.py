@@ -36,3 +36,44 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
             while block := fh.read(chunk):
                 h.update(block)
     return h.hexdigest()
+
+
+def model_fingerprint(folder: str | os.PathLike, small: int = 1 << 20) -> str:
+    """A short SHA-256 naming a model folder's content without reading its weights: every file's relative path
+    and size, and the bytes of the small ones (model_index.json, configs, tokenizer files). Cheap on a
+    multi-GB model; two copies of one model in different places get the same fingerprint."""
+    root = Path(folder)
+    h = hashlib.sha256()
+    files = (q for q in root.rglob("*") if q.is_file())
+    for q in sorted(q for q in files if not any(part.startswith(".") for part in q.relative_to(root).parts)):
+        size = q.stat().st_size
+        h.update(f"{q.relative_to(root).as_posix()}\0{size}\0".encode())
+        if size <= small:
+            h.update(q.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def model_identity(model: str | os.PathLike | None, resolved: str | os.PathLike) -> tuple[str, str | None]:
+    """(name, fingerprint) naming a model in an image's metadata without a server path: a hub id as given,
+    'embedded' for the demonstrator, else the local folder's name; the fingerprint of the folder it was
+    loaded from (for a hub id, its snapshot in the local cache), or None where there is no such folder."""
+    text = "embedded" if model is None else str(model)
+    folder = Path(resolved).expanduser()
+    if not folder.is_dir():
+        folder = _hub_snapshot(str(resolved))
+    local = Path(text).expanduser().exists()
+    name = text if text == "embedded" or not local else Path(text).expanduser().resolve().name
+    return name, model_fingerprint(folder) if folder is not None else None
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot folder of a hub model, or None (nothing is downloaded)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+        for marker in ("model_index.json", "config.json"):
+            hit = try_to_load_from_cache(repo_id, marker)
+            if isinstance(hit, str):
+                return Path(hit).parent
+    except Exception:  # not a valid repo id, no hub package: no fingerprint, never a failure
+        return None
+    return None

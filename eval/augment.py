@@ -20,6 +20,7 @@ from tqdm import tqdm
 from cxrcommon.atomic import atomic_write_text
 from cxrcommon.cli import cli_entry
 from cxrcommon.config import field
+from cxrcommon.csv_cells import safe_row
 from cxrcommon.errors import UserError
 from cxrcommon.device import pick_device
 from cxrcommon.optional import require
@@ -164,9 +165,9 @@ def augment(real_train: str | Path, synthetic: str | Path, test: str | Path, *, 
     if out:
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
-        w.writerow(["image", "label", "model"] + [f"p_{c}" for c in classes])
+        w.writerow(safe_row(["image", "label", "model"] + [f"p_{c}" for c in classes]))
         for name, probs in (("real", p_real), ("real+synthetic", p_aug)):
-            w.writerows([str(p), lt[i], name] + [repr(float(v)) for v in probs[i]] for i, p in enumerate(pt))
+            w.writerows(safe_row([str(p), lt[i], name] + [repr(float(v)) for v in probs[i]]) for i, p in enumerate(pt))
         atomic_write_text(Path(out) / "predictions.csv", buf.getvalue())
         result["report"] = _report(out, result)
     return result

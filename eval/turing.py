@@ -20,6 +20,7 @@ import numpy as np
 from cxrcommon.atomic import atomic_write_text
 from cxrcommon.cli import cli_entry
 from cxrcommon.config import field
+from cxrcommon.csv_cells import safe_dict, unescape
 from cxrcommon.errors import UserError
 from cxrcommon.logs import setup_logging
 from cxrcommon.paths import read_user_text
@@ -61,7 +62,7 @@ def _csv(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     w.writeheader()
-    w.writerows(rows)
+    w.writerows(safe_dict(r) for r in rows)
     return buf.getvalue()
 
 
@@ -169,7 +170,7 @@ def score_study(study: str | Path, answer_files: Sequence[str | Path]) -> dict[s
     if not (study / KEY).is_file():
         raise FileNotFoundError(f"{study / KEY} not found: score needs the study's key (put it back if moved)")
     with open(study / KEY, newline="", encoding="utf-8") as fh:
-        key = {row["image"]: row["truth"] for row in csv.DictReader(fh)}
+        key = {unescape(row["image"]): unescape(row["truth"]) for row in csv.DictReader(fh)}
     if not answer_files:
         raise ValueError("no answer CSVs given: python -m eval.turing score STUDY answers_*.csv")
     readers: dict[str, dict[str, str]] = {}

@@ -29,7 +29,7 @@ from cxrcommon.imageio import read_image, save_image, to_square
 from cxrcommon.logs import setup_logging
 from cxrcommon.models import lora_weights, resolve_model
 from cxrcommon.paths import check_out_dir
-from cxrcommon.provenance import SOFTWARE, file_sha256, provenance
+from cxrcommon.provenance import SOFTWARE, file_sha256, model_identity, provenance
 from cxrcommon.prompt_windows import count_tokens
 from cxrcommon.reports import FittedText, ReportTooLongError, fit_windows, normalize_report
 
@@ -274,6 +274,11 @@ class _ProgressLog:
                  time.strftime("%H:%M:%S", time.gmtime(eta)) if eta < 86400 else f"{eta / 86400:.1f} days")
 
 
+def _file_name(path: str | None) -> str | None:
+    """An input file as image metadata names it: its name, not where it lies on this machine."""
+    return Path(path).name if path else None
+
+
 def _process_layout(shard: tuple[int, int] | None, device: str):
     """(index, count, device, barrier): `shard` when given (tests), else accelerate's process state."""
     if shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -364,13 +369,15 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
     manifest = out / (MANIFEST if count == 1 else _part_name(index, count))
     log.info("%d image(s) for this process: %d already done, %d to make (batch %d, %d steps, %s)",
              planned, planned - n_todo, n_todo, cfg.batch_size, cfg.steps, cfg.scheduler)
+    # metadata names files and the model, never a path on this machine (issue #24): names plus content hashes
+    model_name, model_sha = model_identity(cfg.model, model_source)
     base_tags = dict(steps=cfg.steps, guidance=cfg.guidance, guidance_rescale=cfg.guidance_rescale or None,
                      guidance_interval=None if list(cfg.guidance_interval) == [0.0, 1.0] else cfg.guidance_interval,
-                     scheduler=cfg.scheduler, model=cfg.model, model_path=model_source, lora=cfg.lora,
-                     lora_sha256=lora_sha, lora_scale=cfg.lora_scale if cfg.lora else None,
+                     scheduler=cfg.scheduler, model=model_name, model_sha256=model_sha,
+                     lora=_file_name(cfg.lora), lora_sha256=lora_sha, lora_scale=cfg.lora_scale if cfg.lora else None,
                      height=cfg.height, width=cfg.width, dtype=str(sampler.dtype),
-                     init_image=cfg.init_image, init_image_sha256=settings["init_image_sha256"],
-                     strength=cfg.strength if translation else None, mask=cfg.mask,
+                     init_image=_file_name(cfg.init_image), init_image_sha256=settings["init_image_sha256"],
+                     strength=cfg.strength if translation else None, mask=_file_name(cfg.mask),
                      mask_sha256=settings["mask_sha256"], text_removed="true" if cfg.clean else None)
 
     shown = cfg.model if model_source == cfg.model else f"{cfg.model} = {model_source}"
@@ -396,13 +403,13 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
                 original, fit = fits[job.prompt_index]
                 text_tags = fit.tags(original)
                 tags = provenance(prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed,
-                                  label=job.label, prompt_source=f"{source}:{job.prompt_index}", image_index=job.k,
-                                  **text_tags, **base_tags)
+                                  label=job.label, prompt_source=f"{Path(source).name}:{job.prompt_index}",
+                                  image_index=job.k, **text_tags, **base_tags)
                 path = save_image(out / job.key, image, fmt=cfg.format, tags=tags)
                 append_jsonl(manifest, {"key": job.key, "file": job.key, "prompt": job.prompt,
                                         **{k: v for k, v in text_tags.items() if v is not None},
                                         "negative_prompt": job.negative_prompt, "seed": job.seed, "label": job.label,
-                                        "prompt_index": job.prompt_index, "k": job.k, "model": cfg.model,
+                                        "prompt_index": job.prompt_index, "k": job.k, "model": model_name,
                                         "lora_sha256": lora_sha, "synthetic": True, "software": SOFTWARE,
                                         "created": tags["created"]})
                 summary.generated += 1

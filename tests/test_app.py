@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import os
+import re
 import shutil
 import socket
+import tempfile
 import zipfile
 from pathlib import Path
 
@@ -37,9 +39,11 @@ def client(server):
     return Client(server[0], verbose=False)
 
 
-def _xray_with_text(path: Path) -> Path:
+def _xray_with_text(path: Path, seed: int | None = None) -> Path:
     import cv2
     img = np.full((256, 256), 60, np.uint8)
+    if seed is not None:   # a little noise: bytes no other test sends
+        img += np.random.default_rng(seed).integers(0, 3, img.shape, dtype=np.uint8)
     cv2.circle(img, (128, 140), 80, 150, -1)
     cv2.putText(img, "PORTABLE", (20, 40), cv2.FONT_HERSHEY_SIMPLEX, 1.0, 255, 2)
     cv2.putText(img, "R", (220, 240), cv2.FONT_HERSHEY_SIMPLEX, 0.9, 255, 2)
@@ -196,3 +200,171 @@ def test_browser_generate_and_clean(server, tmp_path):
         page.screenshot(path=str(shots / "app_clean.png"), full_page=True)
         browser.close()
     assert (shots / "app_generate.png").stat().st_size > 10_000
+
+
+# --- issue #24: no PHI at rest, no server path to a client --------------------------------------
+
+def _modes(root: Path) -> dict[str, set[str]]:
+    """Permission bits of every folder and file under `root` (root included)."""
+    found: dict[str, set[str]] = {"dirs": {oct(root.stat().st_mode & 0o777)}, "files": set()}
+    for p in root.rglob("*"):
+        found["dirs" if p.is_dir() else "files"].add(oct(p.lstat().st_mode & 0o777))
+    return found
+
+
+def _phi_upload(tmp_path: Path) -> Path:
+    from test_deidentify import PHI_FILM, PHI_NAME, film, phi_dataset
+    src = tmp_path / PHI_NAME                      # a patient-named file, as real exports are
+    phi_dataset(film(PHI_FILM)).save_as(src, enforce_file_format=True)
+    return src
+
+
+def test_uploads_and_derived_files_lie_in_the_apps_private_folder(server, client, tmp_path):
+    """Gradio's upload/cache folder is the app's 0700 root; every file in it is 0600, every folder 0700."""
+    from gradio_client import handle_file
+    from test_deidentify import PHI_NAME
+    root = server[1].synthcxr_root
+    client.predict(handle_file(str(_phi_upload(tmp_path))), True, True, api_name="/clean")
+    client.predict("Small left effusion.", "", 2, 2.0, "ddim", 5, 1, False, api_name="/generate")
+    assert os.environ["GRADIO_TEMP_DIR"] == str(root)
+    uploads = list(root.rglob(PHI_NAME))
+    assert uploads and all(p.parent.parent == root for p in uploads)   # gradio's <sha>/<name>, in the root
+    modes = _modes(root)
+    assert modes == {"dirs": {"0o700"}, "files": {"0o600"}}, modes
+
+
+def test_a_deidentifying_clean_shows_the_cleaned_image_never_the_original(client, tmp_path):
+    from gradio_client import handle_file
+    from PIL import Image
+
+    from cxrcommon.imageio import read_image
+
+    def gray(path):  # whatever format the view came in
+        return np.asarray(Image.open(path).convert("L"), np.float32) / 255
+
+    src = _phi_upload(tmp_path)
+    annotated, cleaned, _, files, _ = client.predict(handle_file(str(src)), True, True, api_name="/clean")
+    base, original = gray(annotated["image"]), read_image(src)
+    assert np.abs(base - gray(cleaned)).max() < 1 / 255 + 1e-6
+    assert np.abs(base - original)[:80, :250].max() > 0.2            # the name and ID are not in the view
+    # without de-identification the boxes are still drawn on the original (what was found, where)
+    annotated, cleaned, _, _, _ = client.predict(handle_file(str(src)), True, False, api_name="/clean")
+    assert np.abs(gray(annotated["image"]) - original).max() < 1 / 255 + 1e-6
+
+
+def test_error_messages_name_the_file_never_a_server_path(client, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+    bad = tmp_path / "broken.dcm"
+    bad.write_bytes(b"DICM" * 40)
+    with pytest.raises(AppError) as err:
+        client.predict(handle_file(str(bad)), True, True, api_name="/clean")
+    msg = str(err.value)
+    assert "broken.dcm" in msg and not re.search(r"/\S*broken\.dcm", msg), msg
+    assert tempfile.gettempdir() not in msg, msg
+
+
+def test_hide_paths_keeps_names_words_and_urls():
+    import app
+    assert app.hide_paths("/tmp/gradio/ab12/broken.dcm: cannot read") == "broken.dcm: cannot read"
+    assert app.hide_paths("cannot open '/srv/x/DOE JOHN.dcm'") == "cannot open 'DOE JOHN.dcm'"
+    assert app.hide_paths("/tmp/s/p.csv:3: no prompt") == "p.csv:3: no prompt"
+    assert app.hide_paths(r"C:\Users\me\a.png is broken") == "a.png is broken"
+    words = "write real/synthetic, see https://hf.co/x/y"
+    assert app.hide_paths(words) == words
+
+
+def test_images_and_the_page_name_the_model_by_name_and_hash_not_its_folder(server, client, tiny_model_dir):
+    import httpx
+
+    from cxrcommon.provenance import model_fingerprint
+    _, files, _ = client.predict("Small left effusion.", "", 2, 2.0, "ddim", 7, 1, False, api_name="/generate")
+    tags = read_png_text(next(Path(f) for f in files if str(f).endswith(".png")))
+    assert "model_path" not in tags
+    assert tags["model"] == tiny_model_dir.name and tags["model_sha256"] == model_fingerprint(tiny_model_dir)
+    assert re.fullmatch(r"prompts\.jsonl:\d+", tags["prompt_source"])
+    leaks = {k: v for k, v in tags.items() if "/" in v and k not in ("prompt", "warning")}
+    assert not leaks, leaks
+    _, dcm = read_dicom(next(Path(f) for f in files if str(f).endswith(".dcm")))
+    assert str(tiny_model_dir) not in str(dcm) and str(server[1].synthcxr_root) not in str(dcm)
+    page = httpx.get(server[0] + "config", timeout=60).text
+    assert tiny_model_dir.name in page and str(tiny_model_dir) not in page
+    assert str(server[1].synthcxr_root) not in page
+
+
+def test_a_sessions_uploads_and_outputs_go_when_it_ends(server, tmp_path):
+    """A client that disconnects (a closed tab) loses its folder and its uploads at once."""
+    import time
+
+    from gradio_client import Client, handle_file
+    root = server[1].synthcxr_root
+    src = _xray_with_text(tmp_path / "DOE_JANE_778899.png", seed=os.getpid())      # bytes no other session sent
+    c = Client(server[0], verbose=False)
+    c.predict(handle_file(str(src)), True, False, api_name="/clean")
+    mine = {p.parent for p in root.glob(f"*/{src.name}")}       # gradio's <sha>/<name> upload folder
+    sessions = set((root / "sessions").iterdir())
+    assert mine
+    c.close()
+    deadline = time.time() + 30
+    while time.time() < deadline and (any(d.exists() for d in mine) or set((root / "sessions").iterdir()) >= sessions):
+        time.sleep(0.2)
+    assert not any(d.exists() for d in mine)
+    assert not set((root / "sessions").iterdir()) >= sessions   # the closed session's folder went
+
+
+def test_sessions_remove_their_uploads_unless_another_open_session_sent_them(tmp_path):
+    import types
+
+    import app
+    up = tmp_path / "gradio"
+    a_file, shared = up / "aaa" / "DOE_JOHN.dcm", up / "sss" / "x.png"
+    for f in (a_file, shared):
+        f.parent.mkdir(parents=True)
+        f.write_bytes(b"x")
+    sessions = app.Sessions(up / "sessions", uploads=up)
+    a, b = types.SimpleNamespace(session_hash="a1"), types.SimpleNamespace(session_hash="b2")
+    sessions.adopt(a, [str(a_file), str(shared)])
+    sessions.adopt(b, str(shared))
+    sessions.adopt(b, str(tmp_path / "elsewhere.png"))     # not an upload: never touched
+    sessions.close(a)
+    assert not a_file.parent.exists() and shared.exists()
+    sessions.close(b)
+    assert not shared.parent.exists()
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_stopping_the_app_removes_uploads_and_its_folder(tiny_model_dir, tmp_path, sig):
+    """`python app.py` stopped by SIGTERM (a service manager) or Ctrl-C leaves nothing on disk."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    tmp, port = tmp_path / "tmp", _free_port()
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp), "GRADIO_ANALYTICS_ENABLED": "False"}
+    env.pop("GRADIO_TEMP_DIR", None)
+    proc = subprocess.Popen([sys.executable, "app.py", "--model", str(tiny_model_dir), "--port", str(port)],
+                            cwd=Path(__file__).resolve().parent.parent, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        url, deadline = f"http://127.0.0.1:{port}/", time.time() + 180
+        while time.time() < deadline:
+            try:
+                if httpx.get(url + "config", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        up = httpx.post(url + "gradio_api/upload", files={"files": ("DOE_JOHN.png", b"x" * 100)}, timeout=60)
+        [path] = map(Path, up.json())
+        roots = list(tmp.glob("synthcxr-app-*"))
+        assert len(roots) == 1 and path.is_file() and path.is_relative_to(roots[0])
+        proc.send_signal(getattr(signal, sig))
+        out = proc.communicate(timeout=60)[0].decode(errors="replace")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, out[-2000:]
+    assert not list(tmp.iterdir()), list(tmp.rglob("*"))      # neither the upload nor the app's folder

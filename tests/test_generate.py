@@ -59,7 +59,9 @@ def test_provenance_and_manifest_in_every_file(cfg, capsys):
         assert tags["prompt"] == row["prompt"] and tags["prompt"] in PROMPTS
         assert tags["seed"] == str(row["seed"]) and tags["negative_prompt"] == "letters"
         assert (tags["steps"], tags["guidance"], tags["scheduler"]) == ("3", "4.0", "ddim")
-        assert tags["model"] == cfg.model and tags["software"].startswith("synthcxr ")
+        assert tags["model"] == Path(cfg.model).name and tags["software"].startswith("synthcxr ")
+        assert "model_path" not in tags and len(tags["model_sha256"]) == 16     # no server path (issue #24)
+        assert tags["prompt_source"].startswith("prompts.txt:")
         assert "lora_sha256" not in tags and "created" in tags
     assert len({rows[k]["seed"] for k in rows}) == 6
     assert json.loads((out / "settings.json").read_text())["steps"] == 3

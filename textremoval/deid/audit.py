@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cxrcommon.atomic import atomic_path, atomic_write_text
+from cxrcommon.csv_cells import safe_dict, safe_row, unescape
 
 from .profile import CODES, HeaderResult
 
@@ -57,8 +58,9 @@ def write_audit(out_dir: str | Path, failed: Sequence[str], settings: dict[str, 
     w.writeheader()
     for r in rows:
         tags = r.get("tags") or {}
-        w.writerow({**r, **{k: ";".join(tags.get(k, [])) for k in TAG_KINDS},
-                    "codes": ";".join(r.get("codes", [])), "review": " | ".join(r.get("review", []))})
+        w.writerow(safe_dict({**{k: v for k, v in r.items() if k in CSV_FIELDS},
+                              **{k: ";".join(tags.get(k, [])) for k in TAG_KINDS},
+                              "codes": ";".join(r.get("codes", [])), "review": " | ".join(r.get("review", []))}))
     atomic_write_text(out_dir / AUDIT_CSV, buf.getvalue())
     return out_dir / AUDIT_JSON, out_dir / AUDIT_CSV
 
@@ -69,13 +71,13 @@ def write_mapping(path: str | Path, mapping: dict[tuple[str, str], str]) -> Path
     path = Path(path)
     rows: dict[tuple[str, str], str] = {}
     if path.is_file():
-        for r in csv.DictReader(io.StringIO(path.read_text(encoding="utf-8"))):
-            rows[(r["kind"], r["old"])] = r["new"]
+        for r in csv.DictReader(io.StringIO(path.read_bytes().decode("utf-8"), newline="")):  # a CR stays a CR
+            rows[(unescape(r["kind"]), unescape(r["old"]))] = unescape(r["new"])
     rows.update(mapping)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["kind", "old", "new"])
-    w.writerows([k, o, n] for (k, o), n in sorted(rows.items()))
+    w.writerows(safe_row([k, o, n]) for (k, o), n in sorted(rows.items()))
     with atomic_path(path) as tmp:
         os.chmod(tmp, 0o600)  # before a byte is written
         tmp.write_text(buf.getvalue(), encoding="utf-8")
