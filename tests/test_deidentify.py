@@ -415,15 +415,18 @@ def test_compressed_and_monochrome1_inputs_give_valid_uncompressed_dicom(tmp_pat
     assert mask.any() and np.array_equal(raw[~mask], stored[~mask])
 
 
-def test_multiframe_is_refused_with_the_fix_and_nothing_is_written(tmp_path, remover):
+def test_a_multiframe_header_is_deidentified_and_its_uncleaned_pixels_go_to_review(tmp_path, remover):
     ds = phi_dataset(film([]))
     frames = np.stack([ds.pixel_array] * 2)
     ds.set_pixel_data(frames, "MONOCHROME2", 12)
     save(ds, tmp_path / "m.dcm")
     summary = clean([str(tmp_path / "m.dcm")], tmp_path / "out", TextRemovalConfig(**DEID))
-    assert "2 frames DICOM is not supported; split it" in summary["failed"][0]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["deid_audit.csv", "deid_audit.json"]
-    assert "failed" in (tmp_path / "out" / "deid_audit.csv").read_text()
+    assert summary["failed"] == [] and summary["review"] == [out_name("m.dcm")]
+    out = pydicom.dcmread(tmp_path / "out" / deid_files.REVIEW_DIR / out_name("m.dcm"))
+    assert out.PatientIdentityRemoved == "YES" and out.BurnedInAnnotation == "YES" and PID not in str(out)
+    assert np.array_equal(out.pixel_array, frames)                     # pixels kept as they were, for a person
+    row = next(csv.DictReader((tmp_path / "out" / "deid_audit.csv").open()))
+    assert row["status"] == "review" and "multi-frame" in row["review"]
 
 
 def test_a_header_the_profile_cannot_handle_is_skipped_whole(tmp_path, monkeypatch):

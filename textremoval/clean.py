@@ -81,8 +81,12 @@ class Worker:
         try:
             pseudo = self.pseudonymizer(secret) if secret else None
             rec = clean_file(path, out_dir, rel=rel, remover=self.remover, pseudo=pseudo)
-        except Exception as exc:  # one bad file must not stop the batch
-            return FileOutcome(label, "failed", reason=f"{type(exc).__name__}: {str(exc).replace(str(path), label)}")
+        except UserError as exc:  # one bad file must not stop the batch
+            return FileOutcome(label, "failed", reason=str(exc).replace(str(path), label))
+        except Exception as exc:  # a bug or a library's raw error: no text of it (paths, values) in the outcome
+            log.debug("%s failed", label, exc_info=True)
+            return FileOutcome(label, "failed", reason=f"unexpected {type(exc).__name__} while cleaning it — "
+                               "rerun with --verbose for the traceback, and report it if the file opens elsewhere")
         status = "review" if rec.get("deidentify", {}).get("review") else "ok"
         return FileOutcome(label, status, sum(r["action"] == "erased" for r in rec["regions"]),
                            mapping=rec.get("mapping", {}))

@@ -20,7 +20,13 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import UID
 
-from .options import CLEAN_DESCRIPTORS, PATIENT_CHARACTERISTICS_CLEAN, PATIENT_CHARACTERISTICS_KEEP
+from cxrcommon.errors import UserError
+
+from .options import (
+    CLEAN_DESCRIPTORS,
+    PATIENT_CHARACTERISTICS_CLEAN,
+    PATIENT_CHARACTERISTICS_KEEP,
+)
 from .pseudonyms import Pseudonymizer
 from .scrubber import Identifiers, clean_text, each_value, identifiers, sweep, values
 
@@ -36,7 +42,7 @@ DESCRIPTORS_RISK = ("--clean-descriptors keeps free text (descriptions, comments
                     "Profile removes, cut of the names, IDs, addresses and dates the scrubber recognises; a name or "
                     "identifier it does not recognise stays. Read the kept text before sharing, or run without it")
 
-class DeidentifyError(ValueError):
+class DeidentifyError(UserError):
     """A file whose header cannot be de-identified; the message names the file and the fix."""
 
 
@@ -231,8 +237,8 @@ def deidentify_dataset(ds: Dataset, cfg: Any, pseudo: Pseudonymizer, *, source: 
     try:
         _apply(out, profile)
     except Exception as exc:  # the library raises NotImplementedError for VRs it cannot replace, and others
-        raise DeidentifyError(f"{source}: header could not be de-identified ({type(exc).__name__}: {exc}); "
-                              "nothing was written — inspect the file with `python -m pydicom show`") from exc
+        raise DeidentifyError(f"{source}: header could not be de-identified ({type(exc).__name__} in the profile "
+                              "library); nothing was written — inspect the file with `python -m pydicom show`") from exc
     swept = [tag_name(t) for t in sweep(out, idents)]
     codes = [CODES["basic"]]
     if cfg.deid_retain_dates:
@@ -243,13 +249,13 @@ def deidentify_dataset(ds: Dataset, cfg: Any, pseudo: Pseudonymizer, *, source: 
         codes.append(CODES["descriptors"])
     out.PatientIdentityRemoved = "YES"
     out.LongitudinalTemporalInformationModified = "MODIFIED" if cfg.deid_retain_dates else "REMOVED"
-    _fresh_file_meta(out)
+    _fresh_file_meta(out, pseudo, source)
     tags = _changes(before, _header_only(out))
     tags["swept"] = swept
     return HeaderResult(out, idents, tags, codes, dict(pseudo.mapping))
 
 
-def _fresh_file_meta(ds: Dataset) -> None:
+def _fresh_file_meta(ds: Dataset, pseudo: Pseudonymizer, source: str) -> None:
     """A file meta and preamble that describe us rather than the source (PS3.15 E.1.1 item 7): the source's
     preamble (128 free bytes) and meta can carry anything, so none of it is copied."""
     from pydicom.dataset import FileMetaDataset
@@ -257,8 +263,11 @@ def _fresh_file_meta(ds: Dataset) -> None:
 
     old = getattr(ds, "file_meta", None)
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "")
-    meta.MediaStorageSOPInstanceUID = ds.get("SOPInstanceUID", "")
+    # an object without them (old toolkits) still needs both in its meta: Secondary Capture, a keyed new instance
+    meta.MediaStorageSOPClassUID = ds.get("SOPClassUID", "") or "1.2.840.10008.5.1.4.1.1.7"
+    if not ds.get("SOPInstanceUID"):
+        ds.SOPInstanceUID = pseudo.uid(f"missing-sop-instance:{ds.get('StudyInstanceUID', '')}:{source}")
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
     meta.TransferSyntaxUID = old.TransferSyntaxUID if old is not None and "TransferSyntaxUID" in old else \
         "1.2.840.10008.1.2.1"
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
