@@ -10,6 +10,8 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
+from .paths import make_dirs, walk
+
 # what `atomic_path`/`atomic_dir` leave behind when a run is killed: a marker no user file carries, and the
 # writer's pid, so a sweep never touches a file a live process (another run into the same folder) is writing
 _TEMP_FILE = re.compile(r"^\..+\.synthcxr-(?P<pid>\d+)-[0-9a-f]{8}\.tmp(\.[^.]+)?$")
@@ -47,7 +49,7 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
     """Delete the temp files and folders that runs which have since died left under `folder` (a zero-byte
     `.x.png.synthcxr-<pid>-1a2b3c4d.tmp.png` still matches `*.png`); those of live processes stay."""
     removed = 0
-    for root, dirs, files in os.walk(folder):
+    for root, dirs, files in walk(folder, follow_links=False):  # no recursion: outputs may mirror a deep input
         for d in list(dirs):
             if (m := _TEMP_DIR.match(d)) and not pid_alive(int(m["pid"])):
                 shutil.rmtree(Path(root, d), ignore_errors=True)
@@ -65,7 +67,7 @@ def remove_stale_temps(folder: str | os.PathLike) -> int:
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success fsync it and rename it over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     tmp = _make_unique(lambda r: path.with_name(f".{path.name}.{_tag(r)}.tmp{path.suffix}"),
                        lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)))
     try:
@@ -81,7 +83,7 @@ def atomic_dir(final: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Fill a temp folder beside `final` with `write(tmp)`, then swap it in (replacing an older one),
     so a model folder on disk is always complete."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(final.parent)
     tmp = _make_unique(lambda r: final.with_name(f".tmp-synthcxr-{os.getpid()}-{final.name}-{r}"),
                        lambda p: p.mkdir(0o777))
     try:

@@ -16,11 +16,16 @@ from typing import Any, Iterator, Sequence
 from tqdm import tqdm
 
 from .errors import MissingFileError, UserError
+from .paths import file_kind
 
 log = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ""}
 IMAGEFOLDER_NAME = "metadata.jsonl"
+# Smallest image side (pixels) a row may have. A 1x1 or 4x4 thumbnail opens fine but, resized to the
+# model's resolution, is a flat grey square that teaches nothing; 8 px is one latent cell of the SD VAE.
+# (finetune.data also warns, with a count, about images far smaller than the training resolution.)
+MIN_IMAGE_SIDE = 8
 
 
 @dataclasses.dataclass
@@ -32,6 +37,8 @@ class Record:
     label: str | None
     line: int
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # (width, height) from the image header when images were checked; derived, so not part of equality
+    size: tuple[int, int] | None = dataclasses.field(default=None, compare=False)
 
 
 @dataclasses.dataclass
@@ -97,23 +104,33 @@ def table_rows(text: str, kind: str) -> Iterator[tuple[int, dict[str, Any] | str
             yield n, row
 
 
-def _image_problem(p: Path, root: Path) -> str | None:
-    """Cheap readability check: the file exists, is non-empty and its header opens (no pixel decode)."""
-    if not p.is_file():
+def _image_problem(p: Path, root: Path, min_side: int = MIN_IMAGE_SIDE) -> str | tuple[int, int] | None:
+    """Cheap readability check: the path is a regular file, non-empty, its header opens (no pixel
+    decode) and its shorter side is at least `min_side` pixels. Returns the problem, or else the
+    (width, height) the header gives (None if it gives none)."""
+    kind = file_kind(p)
+    if kind == "missing":
         return f"image {p} not found — fix the path (relative paths start at {root})"
+    if kind != "file":
+        return f"image {p} is {kind}, not an image file — point the row at an image file or remove the row"
     if p.stat().st_size == 0:
         return f"image {p} is empty (0 bytes) — re-export or remove the row"
     try:
         if p.suffix.lower() in DICOM_SUFFIXES:
             import pydicom
-            pydicom.dcmread(p, stop_before_pixels=True)
+            ds = pydicom.dcmread(p, stop_before_pixels=True)
+            size = (int(ds.get("Columns", 0) or 0), int(ds.get("Rows", 0) or 0)) if "Rows" in ds else None
         else:
             from PIL import Image
             with Image.open(p) as im:
+                size = im.size
                 im.verify()
     except Exception as e:  # noqa: BLE001 - any decoder failure means the same thing to the user
         return f"image {p} is unreadable ({type(e).__name__}: {e}) — re-export it as PNG/JPEG/DICOM or remove the row"
-    return None
+    if size is not None and min(size) < min_side:
+        return (f"image {p} is only {size[0]}x{size[1]} pixels, below the {min_side}-pixel minimum side — "
+                f"it would be stretched into a featureless square; use the full-size image or remove the row")
+    return size
 
 
 def _cell(row: dict[str, Any], col: str | None) -> str | None:
@@ -124,11 +141,13 @@ def _cell(row: dict[str, Any], col: str | None) -> str | None:
 
 
 def read_manifest(path: str | Path, columns: Columns | None = None, *, on_error: str = "fail",
-                  check_images: bool = True, image_root: str | Path | None = None) -> list[Record]:
+                  check_images: bool = True, image_root: str | Path | None = None,
+                  min_side: int = MIN_IMAGE_SIDE) -> list[Record]:
     """Validated records of a CSV / JSONL / imagefolder `metadata.jsonl` manifest.
 
     Relative image paths resolve against `image_root` (default: the manifest's folder). Bad rows
-    (missing column, bad JSON, missing/empty/unreadable image, duplicate image, empty text, ...)
+    (missing column, bad JSON, missing/empty/unreadable image, a folder or pipe where an image should
+    be, an image whose shorter side is under `min_side` pixels, duplicate image, empty text, ...)
     are all collected: on_error="fail" raises ManifestError listing them; "skip" logs each and
     returns the good rows. A manifest that cannot be read at all, or has no good row, always raises."""
     if on_error not in ("fail", "skip"):
@@ -139,8 +158,10 @@ def read_manifest(path: str | Path, columns: Columns | None = None, *, on_error:
             raise MissingFileError(f"{path} is a folder without {IMAGEFOLDER_NAME} — pass a CSV/JSONL manifest or "
                                     f"an imagefolder (images plus {IMAGEFOLDER_NAME} with file_name and text)")
         path = path / IMAGEFOLDER_NAME
-    if not path.is_file():
-        raise MissingFileError(f"manifest {path} not found — check the path")
+    if (kind := file_kind(path)) != "file":
+        if kind == "missing":
+            raise MissingFileError(f"manifest {path} not found — check the path")
+        raise UserError(f"manifest {path} is {kind}, not a file — pass a CSV/JSONL manifest file")
     if path.suffix.lower() not in (".csv", ".jsonl"):
         raise ManifestError(path, [f"{path}:1: unsupported manifest type {path.suffix!r} — use .csv or .jsonl"])
     cols = columns or Columns()
@@ -174,7 +195,7 @@ def read_manifest(path: str | Path, columns: Columns | None = None, *, on_error:
             continue
         image = _cell(row, cols.image)
         text = _cell(row, cols.text) or ""
-        row_problems = []
+        row_problems, size = [], None
         if image is None:
             row_problems.append(f"{where} empty image path in column {cols.image!r} — fill it in or remove the row")
         else:
@@ -182,8 +203,10 @@ def read_manifest(path: str | Path, columns: Columns | None = None, *, on_error:
             key = img.resolve()
             if key in seen:
                 row_problems.append(f"{where} duplicate image {image} (also on line {seen[key]}) — remove one of the rows")
-            elif check_images and (bad := _image_problem(img, root)):
+            elif check_images and isinstance(bad := _image_problem(img, root, min_side), str):
                 row_problems.append(f"{where} {bad}")
+            else:
+                size = bad if check_images else None
             seen.setdefault(key, line)
         if cols.text and not text:
             row_problems.append(f"{where} empty text in column {cols.text!r} — fill in the report or remove the row")
@@ -191,7 +214,7 @@ def read_manifest(path: str | Path, columns: Columns | None = None, *, on_error:
             problems.extend(row_problems)
             continue
         extra = {k: v for k, v in row.items() if k not in wanted}
-        records.append(Record(img, text, _cell(row, cols.patient), _cell(row, cols.label), line, extra))
+        records.append(Record(img, text, _cell(row, cols.patient), _cell(row, cols.label), line, extra, size))
     if fatal:
         raise ManifestError(path, fatal)
     if problems and on_error == "fail":

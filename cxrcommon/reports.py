@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from .errors import UserError
 from .prompt_windows import DEFAULT_MAX_WINDOWS, WINDOW, count_tokens
@@ -221,13 +221,15 @@ def impression_of(report: str | Mapping[str, Any]) -> str:
 
 
 def fit_windows(text: str, tokenizer: Any, *, max_windows: int = DEFAULT_MAX_WINDOWS, policy: str = "sentence",
-                name: str | None = None, salient: tuple[str, str] | None = None) -> FittedText:
+                name: str | None = None, salient: tuple[str, str] | None = None,
+                warn: Callable[..., None] | None = None) -> FittedText:
     """`text` as it will be encoded in at most `max_windows` windows of 75 CLIP tokens.
 
     A text that fits is returned unchanged. A longer one is cut by `policy` ("sentence": whole trailing
     sentences, "hard": tokens, "error": raise ReportTooLongError naming `name`) after putting its
     impression first (`salient_order`, or `salient` = (ordered text, impression) from a caller that
-    knows the sections); a shortened impression is logged, never dropped silently."""
+    knows the sections); a shortened impression is logged (through `warn`, e.g. a
+    `cxrcommon.logs.RepeatedWarning` that summarises a batch; default: a warning each), never dropped silently."""
     if max_windows < 1:
         raise ValueError(f"max_windows must be at least 1, got {max_windows}")
     count = count_tokens(tokenizer, [text])[0]
@@ -244,8 +246,8 @@ def fit_windows(text: str, tokenizer: Any, *, max_windows: int = DEFAULT_MAX_WIN
     kept = normalize_report(cut)  # each impression sentence must survive (there may be several headers)
     lost = any(normalize_report(x) not in kept for x in _SENTENCE_END_RE.split(impression) if x.strip())
     if lost:
-        log.warning("%s: the report's impression is longer than %d window(s); kept its first %s",
-                    name or repr(text[:60] + "..."), max_windows, "sentences" if cut else "tokens")
+        (warn or log.warning)("%s: the report's impression is longer than %d window(s); kept its first %s",
+                              name or repr(text[:60] + "..."), max_windows, "sentences" if cut else "tokens")
     final = count_tokens(tokenizer, [cut])[0]
     return FittedText(cut, final.tokens, final.windows, cut=True, impression_cut=lost)
 
@@ -261,7 +263,9 @@ def prepare_reports(texts: Sequence[str | Mapping[str, Any]], tokenizer: Any = N
     if tokenizer is None:
         from .tokenizer import clip_tokenizer
         tokenizer = clip_tokenizer()
+    from .logs import RepeatedWarning
     stats = ReportStats(total=len(texts), policy=policy, max_windows=max_windows)
+    warn = RepeatedWarning(log, "reports with a shortened impression")
     by_salience = sorted(sections, key=lambda s: SALIENCE.index(s) if s in SALIENCE else len(SALIENCE))
     out: list[str] = []
     for i, raw in enumerate(texts):
@@ -273,8 +277,9 @@ def prepare_reports(texts: Sequence[str | Mapping[str, Any]], tokenizer: Any = N
         salient = (normalize_report(extract_sections(raw, by_salience)),
                    normalize_report(impression_of(raw)) if "impression" in sections else "")
         fitted = fit_windows(text, tokenizer, max_windows=max_windows, policy=policy,
-                             name=names[i] if names is not None else f"#{i}", salient=salient)
+                             name=names[i] if names is not None else f"#{i}", salient=salient, warn=warn)
         stats.add(fitted)
         out.append(fitted.text)
+    warn.summary()
     log.info(stats.summary())
     return out, stats

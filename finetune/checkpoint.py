@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from cxrcommon.errors import MissingFileError
+from cxrcommon.errors import MissingFileError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -137,15 +138,55 @@ def save_checkpoint(root: str | os.PathLike, step: int, models: dict[str, torch.
     return final
 
 
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why a checkpoint folder cannot be resumed from, or None if it can: its JSON state parses and each
+    safetensors file's header reads and covers the whole file (safe_open; no tensor is loaded, so this
+    is cheap). A folder is renamed into place only once whole, but a disk that filled up, a copy that
+    was cut short or a bad sector can still leave a truncated file behind."""
+    path = Path(path)
+    try:
+        json.loads((path / STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return f"{STATE} is unreadable ({exc})"
+    for name in (WEIGHTS, OPTIMIZER):
+        try:
+            with safe_open(str(path / name), framework="pt"):
+                pass
+        except (OSError, SafetensorError) as exc:
+            return f"{name} is unreadable ({exc})"
+    return None
+
+
 def find_checkpoint(root: str | os.PathLike, resume: str) -> Path | None:
-    """'latest' -> newest complete checkpoint (None if there is none); otherwise the given folder."""
+    """'latest' -> newest complete checkpoint (None if there is none); otherwise the given folder.
+
+    With 'latest', a newest checkpoint that fails `checkpoint_problem` (e.g. truncated) is named in a
+    warning and the next older one is tried; if every one is bad that is a UserError naming them (not a
+    silent restart from step 0). A named folder that is not a whole checkpoint is a UserError naming it."""
     if resume == "latest":
         found = list_checkpoints(root)
-        return found[-1] if found else None
+        bad = []
+        for path in reversed(found):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                if bad:
+                    log.warning("resuming from %s, the newest complete checkpoint (skipped %d damaged newer one(s))",
+                                path.name, len(bad))
+                return path
+            log.warning("checkpoint %s is damaged: %s — skipping it and trying an older one (it is left in place; "
+                        "delete it once the run has resumed)", path, problem)
+            bad.append(f"{path.name} ({problem})")
+        if bad:
+            raise UserError(f"no complete checkpoint in {root}: {'; '.join(bad)} — restore one from a backup, or move "
+                            f"them away to start again from step 0")
+        return None
     path = Path(resume)
     if not (path / STATE).is_file():
         raise MissingFileError(f"--resume {path} is not a checkpoint (no {STATE}); pass 'latest' or a "
                                 f"checkpoint-<step> folder from {root}")
+    if problem := checkpoint_problem(path):
+        raise UserError(f"--resume {path} is damaged: {problem} — pass another checkpoint-<step> folder from {root}, "
+                        f"or 'latest' for the newest complete one")
     return path
 
 
@@ -157,8 +198,8 @@ def load_checkpoint(path: str | os.PathLike, models: dict[str, torch.nn.Module],
         state = json.loads((path / STATE).read_text())
         weights = load_file(str(path / WEIGHTS))
         opt_tensors = load_file(str(path / OPTIMIZER))
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"checkpoint {path} is unreadable ({exc}); delete it and resume from an older one") from exc
+    except (OSError, ValueError, SafetensorError) as exc:
+        raise UserError(f"checkpoint {path} is unreadable ({exc}); delete it and resume from an older one") from exc
     load_trainable_state(models, weights)
     optimizer.load_state_dict(_join_optimizer(opt_tensors, state.pop("optimizer")))
     return state

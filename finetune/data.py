@@ -19,6 +19,11 @@ from cxrcommon.errors import UserError
 log = logging.getLogger(__name__)
 
 EMPTY = -1  # caption index meaning "dropped caption" (the empty prompt)
+# Images under cxrcommon.manifest.MIN_IMAGE_SIDE (8 px: a 1x1 image is a flat grey square) are bad rows:
+# listed, or skipped and counted with on_error=skip. Larger ones whose shorter side is under
+# resolution / MAX_UPSCALE (64 px at 512) are stretched more than 8x into a blur: kept, with one warning
+# that counts them and names a few.
+MAX_UPSCALE = 8
 
 
 @dataclass
@@ -47,6 +52,12 @@ def load_train_data(cfg: Any, tokenizer: Any) -> TrainData:
     train, val = patient_split(records, cfg.val_fraction, seed=cfg.seed) if cfg.val_fraction > 0 else (records, [])
     if cfg.max_train_samples:
         train = train[:cfg.max_train_samples]
+    small = [r for r in train + val if r.size and min(r.size) * MAX_UPSCALE < cfg.resolution]
+    if small:
+        log.warning("%d of %d images are smaller than %d px (--resolution %d / %d) on a side, e.g. %s: they are "
+                    "stretched more than %dx and teach blur — use full-size images, or a lower --resolution",
+                    len(small), len(train) + len(val), cfg.resolution // MAX_UPSCALE, cfg.resolution, MAX_UPSCALE,
+                    ", ".join(f"{r.image.name} ({r.size[0]}x{r.size[1]})" for r in small[:3]), MAX_UPSCALE)
     def captions(rows: list) -> list[str]:
         return prepare_reports([r.text for r in rows], tokenizer, sections=tuple(cfg.sections),
                                policy=cfg.token_policy, max_windows=cfg.max_windows,

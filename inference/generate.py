@@ -31,10 +31,9 @@ from cxrcommon.models import lora_weights, resolve_model
 from cxrcommon.paths import check_out_dir
 from cxrcommon.provenance import SOFTWARE, file_sha256, model_identity, provenance
 from cxrcommon.prompt_windows import count_tokens
-from cxrcommon.reports import FittedText, ReportTooLongError, fit_windows, normalize_report
 
 from .config import FORMATS, GenerateConfig, check_generate_config
-from .prompts import PromptRow, read_prompts, write_prompts_jsonl
+from .prompts import PromptFits, PromptRow, read_prompts, write_prompts_jsonl
 from .sampler import CXRSampler, Request, Translation, derive_seed
 
 log = logging.getLogger(__name__)
@@ -164,6 +163,14 @@ def check_settings(out: Path, settings: dict, force: bool, absent_ok: Iterable[s
     return True
 
 
+def _lacks_setting(out: Path, key: str) -> bool:
+    """Whether `out` holds a settings file written without `key` (a folder started by an older version)."""
+    try:
+        return key not in json.loads((out / SETTINGS).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def _part_name(index: int, count: int) -> str:
     return f"manifest.part{index:03d}-of{count:03d}.jsonl"
 
@@ -197,33 +204,6 @@ def finished_rows(out: Path) -> list[dict]:
 
 
 # ---------------------------------------------------------------- inputs
-
-def _fit_prompts(rows: list[PromptRow], tokenizer, policy: str, max_windows: int,
-                 source: str) -> tuple[list[PromptRow], dict[int, tuple[str, FittedText]]]:
-    """Normalise report text and fit it to `max_windows` CLIP windows (impression kept first).
-    Returns rows holding the text to encode and, per row index, (original text, what was encoded).
-    With policy "error" every over-long prompt is named before anything is generated."""
-    fitted, info, too_long = [], {}, []
-    for row in rows:
-        try:
-            fit = fit_windows(normalize_report(row.prompt), tokenizer, max_windows=max_windows, policy=policy,
-                              name=f"{source}:{row.index}")
-        except ReportTooLongError as exc:
-            too_long.append(str(exc))
-            continue
-        if fit.cut:
-            log.warning("%s:%d: prompt cut to %d CLIP window(s) of 75 tokens, impression first: %r",
-                        source, row.index, max_windows, fit.text)
-        info[row.index] = (row.prompt, fit)
-        fitted.append(dataclasses.replace(row, prompt=fit.text))
-    if too_long:
-        raise UserError("; ".join(too_long))
-    fits = [f for _, f in info.values()]
-    log.info("%d prompt(s): %d longer than one CLIP window (encoded whole, up to %d windows), %d cut to fit, "
-             "%d with a shortened impression", len(fits), sum(f.windows > 1 for f in fits), max_windows,
-             sum(f.cut for f in fits), sum(f.impression_cut for f in fits))
-    return fitted, info
-
 
 def _read_translation(cfg: GenerateConfig) -> tuple[np.ndarray | None, np.ndarray | None]:
     """--init-image and --mask read (and the mask checked) before any model is loaded or file written."""
@@ -325,7 +305,9 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
     if sampler.inpainting_unet and (translation is None or translation.mask is None):
         raise UserError(f"{cfg.model} is an inpainting model (9-channel UNet): pass --init-image and --mask, "
                          f"or use a text-to-image model")
-    rows, fits = _fit_prompts(rows, sampler.tokenizer, cfg.clip_policy, cfg.max_windows, source)
+    fits = PromptFits(rows, sampler.tokenizer, policy=cfg.clip_policy, max_windows=cfg.max_windows, source=source,
+                      logger=log)
+    rows = fits.rows()  # each fitted when the job reaches it: the first image never waits for the whole file
     negatives = list(dict.fromkeys([cfg.negative_prompt] + [r.negative_prompt for r in rows if r.negative_prompt]))
     neg_windows = {t: c.windows for t, c in zip(negatives, count_tokens(sampler.tokenizer, negatives))}
 
@@ -341,7 +323,9 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
     if not translation:
         settings.pop("strength")
     # before windows, every text was cut at 77 tokens: one-window jobs make the same images as then
-    one_window = all(f.windows == 1 and not f.cut for _, f in fits.values()) and set(neg_windows.values()) <= {1}
+    # (asked only of such a folder, as it fits every prompt; all() stops at the first long one)
+    one_window = (_lacks_setting(out, "max_windows") and set(neg_windows.values()) <= {1}
+                  and all(f.windows == 1 and not f.cut for _, f in fits.values()))
     legacy = ("max_windows",) if one_window else ()
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -363,6 +347,7 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
     plan = dict(base_seed=cfg.seed, negative_prompt=cfg.negative_prompt, fmt=cfg.format,
                 label_folders=cfg.label_folders)
     finished = finished_rows(out)
+    fits.reuse(finished)  # a resumed job does not re-fit the prompts of the images it skips
     done = {r["key"] for r in finished}
     planned, n_done = plan_size(rows, finished, index, count, **plan)
     n_todo = planned - n_done
@@ -418,6 +403,7 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
                     on_image(path)
             if is_main:
                 progress.update(summary.generated + summary.failed)
+    fits.summary()
     summary.seconds = time.perf_counter() - start
     barrier()
     if is_main:

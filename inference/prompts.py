@@ -7,10 +7,13 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from cxrcommon.errors import MissingFileError, UserError
 from cxrcommon.manifest import table_rows
+
+if TYPE_CHECKING:
+    from cxrcommon.reports import FittedText
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +113,13 @@ def _csv_header_problem(text: str, path: Path) -> None:
 def read_prompts(path: str | Path, *, default_n: int = 1, skip_bad: bool = False) -> list[PromptRow]:
     """Parse a prompt file. All problems are collected and raised together (or logged and
     skipped with `skip_bad`), each naming its line and the fix."""
+    from cxrcommon.paths import file_kind
     path = Path(path)
-    if path.is_dir():
-        raise UserError(f"--prompts {path} is a folder — pass a prompt file (.txt, .csv or .jsonl)")
-    if not path.is_file():
+    kind = file_kind(path)
+    if kind == "missing":
         raise MissingFileError(f"--prompts {path} does not exist — pass a prompt file (.txt, .csv or .jsonl)")
+    if kind != "file":
+        raise UserError(f"--prompts {path} is {kind}, not a file — pass a prompt file (.txt, .csv or .jsonl)")
     suffix = path.suffix.lower()
     if suffix not in (".txt", ".csv", ".jsonl"):
         raise PromptFileError(path, [f"{path}: unknown prompt-file type {suffix!r} — use .txt, .csv or .jsonl"])
@@ -149,3 +154,104 @@ def write_prompts_jsonl(path: str | Path, rows: list[PromptRow]) -> None:
                                             ("negative_prompt", r.negative_prompt)) if v is not None})
              for r in rows]
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+class PromptFits(Mapping[int, "tuple[str, FittedText]"]):
+    """Row index -> (original prompt, `FittedText`: the normalised text fitted to `max_windows` CLIP
+    windows, impression first), each computed on first use and kept.
+
+    Fitting tokenises a prompt several times; doing it for every row before the first image made a
+    file of 20,000 reports wait minutes, so a job fits a row only when it reaches it, like it expands
+    a row's `n` images. Policy "error" is the exception: it promises that every over-long prompt is
+    named before any image is made, so it counts all tokens up front (one batched call) and raises
+    one UserError naming each. Cut prompts are logged as a few examples plus a count (`summary`)."""
+
+    def __init__(self, rows: Sequence[PromptRow], tokenizer: Any, *, policy: str, max_windows: int, source: str,
+                 logger: logging.Logger = log):
+        from cxrcommon.logs import RepeatedWarning
+        self.log = logger
+        self._rows = {row.index: row for row in rows}
+        self._fits: dict[int, tuple[str, FittedText]] = {}
+        self.tokenizer, self.policy, self.max_windows, self.source = tokenizer, policy, max_windows, source
+        self.cut_warning = RepeatedWarning(logger, "prompts cut to fit", where="every cut prompt has "
+                                           "prompt_truncated and prompt_original in manifest.jsonl")
+        self.impression_warning = RepeatedWarning(logging.getLogger("cxrcommon.reports"),
+                                                  "prompts with a shortened impression")
+        if policy == "error":
+            self._check_lengths()
+
+    def _check_lengths(self) -> None:
+        from cxrcommon.prompt_windows import WINDOW, count_tokens
+        from cxrcommon.reports import ReportTooLongError, normalize_report
+        rows = list(self._rows.values())
+        counts = count_tokens(self.tokenizer, [normalize_report(r.prompt) for r in rows])
+        too_long = []
+        for row, count in zip(rows, counts):
+            if count.tokens > WINDOW * self.max_windows:
+                try:
+                    self[row.index]
+                except ReportTooLongError as exc:
+                    too_long.append(str(exc))
+        if too_long:
+            raise UserError("; ".join(too_long))
+
+    def __getitem__(self, index: int) -> tuple[str, FittedText]:
+        if index not in self._fits:
+            from cxrcommon.reports import fit_windows, normalize_report
+            row = self._rows[index]
+            fit = fit_windows(normalize_report(row.prompt), self.tokenizer, max_windows=self.max_windows,
+                              policy=self.policy, name=f"{self.source}:{index}", warn=self.impression_warning)
+            if fit.cut:
+                self.cut_warning("%s:%d: prompt cut to %d CLIP window(s) of 75 tokens, impression first: %r",
+                                 self.source, index, self.max_windows, fit.text)
+            self._fits[index] = (row.prompt, fit)
+        return self._fits[index]
+
+    def reuse(self, finished: Sequence[dict]) -> None:
+        """Take the fit of each row that already has an image from the job's own manifest records (what
+        was encoded, its windows and cuts), so a resumed job does not re-fit the rows it skips. Only a
+        record made from the same prompt text counts (same settings are checked by the caller's folder
+        check); `tokens` is not stored there and reads -1."""
+        from cxrcommon.reports import FittedText
+        for rec in finished:
+            row = self._rows.get(rec.get("prompt_index"))
+            text, windows = rec.get("prompt"), rec.get("prompt_windows")
+            if (row is None or row.index in self._fits or not isinstance(text, str)
+                    or not str(windows).isdigit() or rec.get("prompt_original", text) != row.prompt):
+                continue
+            self._fits[row.index] = (row.prompt, FittedText(text, -1, int(windows),
+                                                            cut=rec.get("prompt_truncated") == "true",
+                                                            impression_cut=rec.get("prompt_impression_cut") == "true"))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._rows)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def rows(self) -> list["FittedRow"]:
+        """The rows in file order, each reading its fitted text on first use of `.prompt`."""
+        return [FittedRow(row, self) for row in self._rows.values()]
+
+    def summary(self) -> None:
+        """Log the held-back warnings' counts and how the prompts fitted so far were encoded."""
+        self.cut_warning.summary()
+        self.impression_warning.summary()
+        fits = [fit for _, fit in self._fits.values()]
+        self.log.info("%d prompt(s): %d longer than one CLIP window (encoded whole, up to %d windows), %d cut to fit, "
+                 "%d with a shortened impression", len(fits), sum(f.windows > 1 for f in fits), self.max_windows,
+                 sum(f.cut for f in fits), sum(f.impression_cut for f in fits))
+
+
+class FittedRow:
+    """A PromptRow whose `prompt` is the text as encoded (`PromptFits`), fitted when first read."""
+    __slots__ = ("n", "index", "seed", "label", "negative_prompt", "_fits")
+
+    def __init__(self, row: PromptRow, fits: PromptFits):
+        self.n, self.index, self.seed, self.label = row.n, row.index, row.seed, row.label
+        self.negative_prompt, self._fits = row.negative_prompt, fits
+
+    @property
+    def prompt(self) -> str:
+        return self._fits[self.index][1].text
+

@@ -2,7 +2,6 @@
 and written back in its own format, and where its outputs go."""
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,6 +11,7 @@ import numpy as np
 from cxrcommon.atomic import atomic_path
 from cxrcommon.errors import ImageReadError, MissingFileError, UserError
 from cxrcommon.limits import check_image_file
+from cxrcommon.paths import file_kind, glob_files, walk_files
 
 from .detect import to_uint8_view
 
@@ -70,20 +70,25 @@ def is_input_image(path: Path) -> bool:
 
 def expand_inputs(inputs: Sequence[str]) -> tuple[list[tuple[Path, Path]], list[Path]]:
     """((file, name relative to the output folder), the folders/files/glob hits they came from) for files,
-    folders (recursive) and glob patterns. A path that matches nothing, or inputs holding no image at
-    all, is a UserError naming it."""
+    folders (at any depth, walked without recursion) and glob patterns (`**` spans folders). A path that
+    matches nothing, a pipe or device instead of a file, or inputs holding no image at all, is a UserError
+    naming it."""
     found: list[tuple[Path, Path]] = []
     roots: list[Path] = []
     for item in inputs:
         p = Path(item)
-        if p.is_dir():
+        kind = file_kind(p)
+        if kind == "a folder":
             roots.append(p)
-            found += [(f, f.relative_to(p)) for f in sorted(p.rglob("*")) if f.is_file() and is_input_image(f)]
-        elif p.is_file():
+            found += [(f, f.relative_to(p)) for f in sorted(walk_files(p)) if is_input_image(f)]
+        elif kind == "file":
             roots.append(p)
             found.append((p, Path(p.name)))
+        elif kind != "missing":
+            raise UserError(f"input {item} is {kind}, not an image file — pass PNG, JPEG or DICOM files or a "
+                            f"folder of them (save a stream to a file first)")
         else:
-            hits = sorted(Path(h) for h in glob.glob(item, recursive=True) if Path(h).is_file())
+            hits = glob_files(item)
             if not hits:
                 raise MissingFileError(f"input {item} does not exist and matches no file — check the path "
                                        f"(or quote a glob pattern so the shell does not expand it)")
