@@ -73,6 +73,12 @@ def read_dicom(path: str | os.PathLike, *, max_pixels: int | None = None) -> tup
     return _display(stored, ds, stored).astype(np.float32), ds
 
 
+def display_view(stored: np.ndarray, ds: Dataset) -> np.ndarray:
+    """Stored values of one grayscale frame as the 8-bit image a reader sees (modality LUT, VOI LUT or
+    window, MONOCHROME1 inverted), for detection while the stored values are what gets cleaned."""
+    return (np.clip(_display(stored, ds, stored), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
 def read_png_text(path: str | os.PathLike) -> dict[str, str]:
     """The tEXt/zTXt/iTXt chunks of a PNG (e.g. provenance written by `write_png`)."""
     p = _check_file(path)
@@ -361,16 +367,32 @@ def write_dicom_like(path: str | os.PathLike, template: Dataset, arr: np.ndarray
     changed = np.abs(arr - _display(stored, ds, stored)) > 1e-6
     new = np.where(changed, inverse, stored)
     dtype = {(8, False): np.uint8, (8, True): np.int8, (16, False): np.uint16, (16, True): np.int16}
-    new = new.astype(dtype[(int(ds.BitsAllocated), signed)])
-    ds.set_pixel_data(new, ds.PhotometricInterpretation, bits)  # uncompressed TS if it was compressed
+    return write_dicom_stored(path, template, new.astype(dtype[(int(ds.BitsAllocated), signed)]), note=note)
+
+
+def write_dicom_stored(path: str | os.PathLike, template: Dataset, stored: np.ndarray, *, note: str) -> Path:
+    """Write stored values (the template's dtype and shape) into a copy of `template`: uncompressed,
+    BurnedInAnnotation=NO, a DerivationDescription note, ImageType DERIVED, a new SOPInstanceUID. Cleaning
+    in stored values keeps an erased patch at its neighbours' stored level, which a display-space inverse
+    cannot where the window clips (every clipped level shows alike)."""
+    ds = copy.deepcopy(template)
+    if ds.original_encoding[1] is False:  # pydicom writes big-endian sources back little-endian
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.set_original_encoding(False, True)
+    ds.set_pixel_data(stored, ds.PhotometricInterpretation, int(ds.BitsStored))  # uncompressed TS if it was compressed
     ds.BurnedInAnnotation = "NO"
+    mark_derived(ds, note)
+    with atomic_path(Path(path)) as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
+    return Path(path)
+
+
+def mark_derived(ds: Dataset, note: str) -> None:
+    """DerivationDescription gets `note` and ImageType says DERIVED: these pixels are no longer the device's."""
     old = str(ds.get("DerivationDescription", ""))
     ds.DerivationDescription = (f"{old}; {note}" if old else note)[:1024]
     if "ImageType" in ds:
         ds.ImageType = ["DERIVED"] + list(ds.ImageType)[1:] if ds["ImageType"].VM > 1 else "DERIVED"
-    with atomic_path(path) as tmp:
-        ds.save_as(tmp, enforce_file_format=True)
-    return path
 
 
 def save_image(path: str | os.PathLike, arr: np.ndarray, *, fmt: str = "png",

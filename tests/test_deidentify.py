@@ -415,18 +415,37 @@ def test_compressed_and_monochrome1_inputs_give_valid_uncompressed_dicom(tmp_pat
     assert mask.any() and np.array_equal(raw[~mask], stored[~mask])
 
 
-def test_a_multiframe_header_is_deidentified_and_its_uncleaned_pixels_go_to_review(tmp_path, remover):
+def test_a_multiframe_film_is_cleaned_frame_by_frame_in_its_stored_values(tmp_path, remover):
     ds = phi_dataset(film([]))
-    frames = np.stack([ds.pixel_array] * 2)
-    ds.set_pixel_data(frames, "MONOCHROME2", 12)
+    plain, marked = ds.pixel_array, phi_dataset(film(PHI_FILM[:2])).pixel_array   # the name on frame 2 only
+    ds.set_pixel_data(np.stack([plain, marked]), "MONOCHROME2", 12)
     save(ds, tmp_path / "m.dcm")
     summary = clean([str(tmp_path / "m.dcm")], tmp_path / "out", TextRemovalConfig(**DEID))
-    assert summary["failed"] == [] and summary["review"] == [out_name("m.dcm")]
-    out = pydicom.dcmread(tmp_path / "out" / deid_files.REVIEW_DIR / out_name("m.dcm"))
-    assert out.PatientIdentityRemoved == "YES" and out.BurnedInAnnotation == "YES" and PID not in str(out)
-    assert np.array_equal(out.pixel_array, frames)                     # pixels kept as they were, for a person
-    row = next(csv.DictReader((tmp_path / "out" / "deid_audit.csv").open()))
-    assert row["status"] == "review" and "multi-frame" in row["review"]
+    assert summary["failed"] == [] and summary["review"] == []
+    out = pydicom.dcmread(tmp_path / "out" / out_name("m.dcm"))
+    assert out.PatientIdentityRemoved == "YES" and out.BurnedInAnnotation == "NO" and PID not in str(out)
+    frames = out.pixel_array
+    assert frames.shape == (2, *plain.shape) and np.array_equal(frames[0], plain)     # frame 1 untouched
+    changed = frames[1] != marked
+    assert changed[16:45, 20:150].mean() > 0.1                                       # the name is erased
+    # erased in stored values: the patch sits at its neighbours' level, not at a display-space extreme
+    assert abs(float(np.median(frames[1][changed])) - float(np.median(plain[changed]))) < 200
+
+
+def test_a_clipped_window_does_not_leave_a_stencil_of_the_erased_text(tmp_path, remover):
+    """A window that shows every stored value up to 600 as black: erasing in display space and mapping back
+    gave the lowest stored value, a readable stencil of the glyphs on a 600-level background."""
+    img = film(PHI_FILM[:1]).astype(np.uint16) * 16
+    ds = phi_dataset(film([]))
+    stored = np.maximum(img, 600).astype(np.uint16)
+    ds.set_pixel_data(stored, "MONOCHROME2", 12)
+    ds.WindowCenter, ds.WindowWidth = 2000, 2800            # 600 and below display as 0
+    save(ds, tmp_path / "w.dcm")
+    clean([str(tmp_path / "w.dcm")], tmp_path / "out", TextRemovalConfig(**DEID))
+    out = next((tmp_path / "out").rglob("*.dcm"))
+    px = pydicom.dcmread(out).pixel_array
+    erased = px != stored
+    assert erased.any() and px[erased].min() >= 550, np.unique(px[erased])[:5]
 
 
 def test_a_header_the_profile_cannot_handle_is_skipped_whole(tmp_path, monkeypatch):

@@ -34,7 +34,7 @@ def read_for_cleaning(path: Path) -> tuple[np.ndarray, np.ndarray | None, Any]:
             what = f"{frames} frames" if frames > 1 else f"colour ({samples} samples per pixel)"
             raise ImageReadError(f"{path}: {what} DICOM is not supported; split it into single-frame grayscale "
                                  "files first (e.g. with highdicom or dcmtk) and clean those")
-        return arr, to_uint8_view(arr), ds
+        return ds.pixel_array, to_uint8_view(arr), ds  # cleaned in stored values, seen through the display
     if suffix not in RASTER:
         raise ImageReadError(f"{path}: unsupported file type {suffix!r}; give PNG, JPEG or DICOM (.dcm) files")
     arr = cv2.imread(str(check_image_file(path)), cv2.IMREAD_UNCHANGED)
@@ -46,10 +46,10 @@ def read_for_cleaning(path: Path) -> tuple[np.ndarray, np.ndarray | None, Any]:
 
 
 def write_like(path: Path, arr: np.ndarray, ds: Any) -> None:
-    """Write in the input's format: DICOM with its own tags, else PNG/JPEG by suffix (atomically)."""
+    """Write in the input's format: DICOM stored values with its own tags, else PNG/JPEG by suffix (atomically)."""
     if ds is not None:
-        from cxrcommon.imageio import write_dicom_like
-        write_dicom_like(path, ds, arr, note=NOTE)
+        from cxrcommon.imageio import write_dicom_stored
+        write_dicom_stored(path, ds, arr, note=NOTE)
         return
     with atomic_path(path) as tmp:
         if not cv2.imwrite(str(tmp), arr):

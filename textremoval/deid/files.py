@@ -6,10 +6,8 @@ settings fingerprint that stops a later run from mixing other settings into the 
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -19,7 +17,6 @@ import numpy as np
 from cxrcommon.atomic import atomic_path
 from cxrcommon.errors import UserError
 
-from .profile import HeaderResult, finish_dataset
 from .scrubber import normalize
 
 REVIEW_DIR = "needs_review"  # under --out: files a person must check before sharing (the CLI exits 3)
@@ -57,21 +54,6 @@ def image_bytes(arr: np.ndarray, suffix: str) -> bytes:
     if not ok:
         raise OSError(f"could not encode a {arr.shape} {arr.dtype} image as {suffix}")
     return buf.tobytes()
-
-
-def dicom_bytes(arr: np.ndarray, header: HeaderResult, pixels_clean: bool, note: str) -> bytes:
-    """The cleaned pixels in the de-identified header, finished in memory and serialised once. The pixel
-    conversion is cxrcommon's writer, run in a private temp folder outside --out on the de-identified
-    dataset (fresh file meta and preamble already), so no copy of the source's meta is ever written."""
-    import pydicom
-    from cxrcommon.imageio import write_dicom_like
-
-    with tempfile.TemporaryDirectory(prefix="synthcxr-deid-") as tmp:
-        ds = pydicom.dcmread(write_dicom_like(Path(tmp) / "x.dcm", header.dataset, arr, note=note))
-    finish_dataset(ds, header, pixels_clean)
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def write_together(files: Sequence[tuple[Path, bytes]]) -> None:

@@ -1,5 +1,10 @@
 """One file through `--deidentify`: header profile, pixel pass, review verdict and audit entry, written
-together under a keyed name."""
+together under a keyed name.
+
+Every DICOM object gets a de-identified header. Its pixels, of any kind (single or multi-frame, grey or colour,
+8 to 32 bits, big- or little-endian), are cleaned in their stored values, each frame seen through its display
+or luminance; an object whose pixels cannot be cleaned (none decodable, bitmaps, palettes, floats) is written
+with its pixels as they were and sent to needs_review/, never marked BurnedInAnnotation=NO."""
 from __future__ import annotations
 
 import io
@@ -11,15 +16,19 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
 
-from cxrcommon.errors import ImageReadError, UserError
-from cxrcommon.imageio import PLUGIN_HINT
+from cxrcommon.errors import ImageReadError
+from cxrcommon.imageio import PLUGIN_HINT, display_view, mark_derived
+from cxrcommon.limits import check_pixels
 
+from ..detect import TextRegion, to_uint8_view
 from ..files import DICOM, NOTE, output_paths, read_for_cleaning
 from ..remover import TextRemover
 from . import audit, files as deid_files
 from .pixels import clean_verified, pixel_review
-from .profile import deidentify_dataset, mark_method, settings_fingerprint
+from .profile import HeaderResult, deidentify_dataset, finish_dataset, mark_method, settings_fingerprint
 from .pseudonyms import Pseudonymizer
+
+LUMINANCE = np.float32([0.299, 0.587, 0.114])  # ITU-R BT.601: what a colour frame's text is detected on
 
 
 def write_deidentified(path: Path, out_dir: Path, rel: Path, remover: TextRemover,
@@ -27,46 +36,18 @@ def write_deidentified(path: Path, out_dir: Path, rel: Path, remover: TextRemove
     """clean_file under --deidentify: outputs named by a keyed hash of `rel` (input->output only in the
     mapping), under needs_review/ when a person must look, mask as boxes, region texts blanked but for
     side markers, BurnedInAnnotation=NO only when the verify pass read nothing; all files written together."""
-    cfg = remover.config
     pseudo.mapping.clear()
     name = pseudo.file_name(rel)
-    if path.suffix.lower() in DICOM:
-        ds = read_header(path)
-        why = uncleanable(ds)
-        if why is None:
-            try:
-                arr, view, ds = read_for_cleaning(path)
-            except UserError:  # no installed decoder could read these pixels
-                ts = ds.file_meta.get("TransferSyntaxUID", "") if hasattr(ds, "file_meta") else ""
-                why = (f"pixel data in {getattr(ts, 'name', ts) or 'an unknown transfer syntax'} could not be "
-                       f"decoded, so it was not cleaned — {PLUGIN_HINT}")
-        if why is not None:
-            return write_header_only(ds, why, out_dir, name, cfg, pseudo)
-    else:
-        arr, view, ds = read_for_cleaning(path)
-    # before any write: a header that fails leaves nothing behind
-    header = deidentify_dataset(ds, cfg, pseudo, source=name.name) if ds is not None else None
-    idents = header.identifiers if header else []
-    res, left = clean_verified(remover, arr, view, idents)
-    review = pixel_review(remover, res, left, idents)
-    pixels_clean = cfg.deid_verify and not review
-    folder = out_dir / deid_files.REVIEW_DIR if review else out_dir
-    paths = output_paths(folder, name)
-    regions = res.regions_json()
-    deid_files.blank_texts(regions, cfg.marker_pattern)
-    record = {"input": name.name, "output": str(paths["image"]), "mask": str(paths["mask"]),
-              "shape": list(arr.shape), "dtype": str(arr.dtype), "masked_pixels": int(res.mask.sum()),
-              "seconds": res.seconds, "regions": regions, "settings": settings_fingerprint(cfg, pseudo),
-              "deidentify": audit.file_entry(header, res.regions, review, pixels_clean)}
-    image = deid_files.dicom_bytes(res.image, header, pixels_clean, NOTE) if header else \
-        deid_files.image_bytes(res.image, name.suffix)
-    mask = deid_files.image_bytes(deid_files.box_mask(res.mask, res.regions).astype(np.uint8) * 255, ".png")
-    deid_files.write_together([(paths["image"], image), (paths["mask"], mask),
-                               (paths["json"], json.dumps(record, indent=1).encode("utf-8"))])
-    other = out_dir if review else out_dir / deid_files.REVIEW_DIR  # an earlier run's verdict, now stale
-    for p in output_paths(other, name).values():
-        p.unlink(missing_ok=True)
-    return {**record, "mapping": dict(pseudo.mapping)}
+    if path.suffix.lower() not in DICOM:
+        return _write_raster(path, out_dir, name, remover, pseudo)
+    ds = read_header(path)
+    why = uncleanable(ds)
+    if why is None:
+        try:
+            return _write_image(ds, out_dir, name, remover, pseudo)
+        except ImageReadError as exc:  # no installed decoder could read these pixels
+            why = str(exc)
+    return _write_header_only(ds, why, out_dir, name, remover.config, pseudo)
 
 
 def read_header(path: Path) -> Dataset:
@@ -84,8 +65,8 @@ def read_header(path: Path) -> Dataset:
             return ds
     except Exception:
         pass
-    raise ImageReadError("not a readable DICOM file (truncated, corrupt or not DICOM) — re-export "
-                         "it, or remove it from the input")
+    raise ImageReadError("not a readable DICOM file (truncated, corrupt or not DICOM) — re-export it, or remove "
+                         "it from the input")
 
 
 def uncleanable(ds: Dataset) -> str | None:
@@ -93,39 +74,78 @@ def uncleanable(ds: Dataset) -> str | None:
     review), '' for an object without pixels, None when it can be cleaned."""
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         return ""
-    try:
-        frames, samples = int(ds.get("NumberOfFrames", 1) or 1), int(ds.get("SamplesPerPixel", 1) or 1)
-        bits = int(ds.get("BitsAllocated", 16) or 16)
-    except (TypeError, ValueError):
-        return "the pixel description (frames, samples or bits) is not a number, so the pixels are not cleaned"
-    if _big_endian(ds):
-        return "big-endian pixels are not cleaned"
     if "PixelData" not in ds:
         return "floating-point pixel data is not cleaned"
-    if frames > 1:
-        return f"{frames} frames: multi-frame pixels are not cleaned"
-    if samples != 1:
-        return f"colour ({ds.get('PhotometricInterpretation', samples)}) pixels are not cleaned"
-    if bits not in (8, 16):
-        return f"{bits}-bit pixels are not cleaned"
+    try:
+        samples, bits = int(ds.get("SamplesPerPixel", 1) or 1), int(ds.get("BitsAllocated", 16) or 16)
+        int(ds.get("NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        return "the pixel description (frames, samples or bits) is not a number, so the pixels are not cleaned"
+    photometric = str(ds.get("PhotometricInterpretation", ""))
+    if samples not in (1, 3) or photometric.startswith("PALETTE"):
+        return f"{photometric or samples} pixels are not cleaned"
+    if bits == 1:
+        return "1-bit (bitmap) pixels are not cleaned"
     return None
 
 
-def _big_endian(ds: Dataset) -> bool:
-    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
-    return ts == ExplicitVRBigEndian or ds.original_encoding[1] is False
+def decoded_pixels(ds: Dataset, label: str) -> np.ndarray:
+    """Every frame's stored values (colour as RGB), or an ImageReadError naming the transfer syntax and the fix."""
+    check_pixels(Path(label), int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * int(ds.get("NumberOfFrames", 1)
+                                                                                      or 1), None)
+    try:
+        return ds.pixel_array
+    except Exception:  # each decoder plugin raises its own kind
+        ts = ds.file_meta.get("TransferSyntaxUID", "") if hasattr(ds, "file_meta") else ""
+        raise ImageReadError(f"pixel data in {getattr(ts, 'name', ts) or 'an unknown transfer syntax'} could not "
+                             f"be decoded, so it was not cleaned — {PLUGIN_HINT}") from None
 
 
-def _to_little_endian(ds: Dataset) -> None:
-    if "PixelData" in ds:
-        arr = ds.pixel_array
-        ds.PixelData = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.set_original_encoding(False, True)
+def _write_image(ds: Dataset, out_dir: Path, name: Path, remover: TextRemover,
+                 pseudo: Pseudonymizer) -> dict[str, Any]:
+    """A DICOM image: each frame detected on its display (grey) or luminance (colour) view, cleaned in its
+    stored values in every channel and verified, then written uncompressed little-endian in the
+    de-identified header (YBR comes out as RGB). Review reasons name the frame."""
+    cfg = remover.config
+    arr = decoded_pixels(ds, name.name)
+    frames, colour = int(ds.get("NumberOfFrames", 1) or 1), int(ds.get("SamplesPerPixel", 1) or 1) == 3
+    header = deidentify_dataset(ds, cfg, pseudo, source=name.name)  # before any write: a failure leaves nothing
+    idents = header.identifiers
+    cleaned, mask, regions, review = [], np.zeros(arr.shape[-3:-1] if colour else arr.shape[-2:], bool), [], []
+    for i, frame in enumerate(arr if frames > 1 else arr[None]):
+        view = to_uint8_view(frame.astype(np.float32) @ LUMINANCE) if colour else display_view(frame, ds)
+        res, left = clean_verified(remover, frame, view, idents)
+        review += [(f"frame {i + 1}: " if frames > 1 else "") + r for r in pixel_review(remover, res, left, idents)]
+        cleaned.append(res.image)
+        mask |= res.mask
+        regions += res.regions
+    pixels_clean = cfg.deid_verify and not review
+    out = header.dataset
+    if _big_endian(ds):
+        out.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        out.set_original_encoding(False, True)
+    store_pixels(out, np.stack(cleaned) if frames > 1 else cleaned[0], "RGB" if colour else
+                 str(ds.PhotometricInterpretation), int(ds.get("BitsStored", arr.dtype.itemsize * 8)))
+    mark_derived(out, NOTE)
+    finish_dataset(out, header, pixels_clean)
+    return _write_outputs(out_dir, name, remover.config, pseudo, _dicom_bytes(out), header, regions, mask, review,
+                          pixels_clean, {"shape": list(arr.shape), "dtype": str(arr.dtype), "frames": frames})
 
 
-def write_header_only(ds: Dataset, why: str, out_dir: Path, name: Path, cfg: Any,
-                      pseudo: Pseudonymizer) -> dict[str, Any]:
+def _write_raster(path: Path, out_dir: Path, name: Path, remover: TextRemover,
+                  pseudo: Pseudonymizer) -> dict[str, Any]:
+    """A PNG/JPEG: no header, the pixel pass only."""
+    arr, view, _ = read_for_cleaning(path)
+    res, left = clean_verified(remover, arr, view, [])
+    review = pixel_review(remover, res, left, [])
+    pixels_clean = remover.config.deid_verify and not review
+    return _write_outputs(out_dir, name, remover.config, pseudo, deid_files.image_bytes(res.image, name.suffix),
+                          None, res.regions, res.mask, review, pixels_clean,
+                          {"shape": list(arr.shape), "dtype": str(arr.dtype), "seconds": res.seconds})
+
+
+def _write_header_only(ds: Dataset, why: str, out_dir: Path, name: Path, cfg: Any,
+                       pseudo: Pseudonymizer) -> dict[str, Any]:
     """An object the pixel pass cannot clean: its header de-identified all the same and written with its
     pixels (if any) as they were, BurnedInAnnotation never NO, under needs_review/ when pixels are left
     unread or the profile removed all of a report's content."""
@@ -139,19 +159,64 @@ def write_header_only(ds: Dataset, why: str, out_dir: Path, name: Path, cfg: Any
         out.BurnedInAnnotation = "YES"
     mark_method(out, header.codes)
     if _big_endian(ds):  # written little-endian, pixels swapped too
-        _to_little_endian(out)
-    buf = io.BytesIO()
-    out.save_as(buf, enforce_file_format=True)
+        out.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        out.set_original_encoding(False, True)
+        if "PixelData" in out:
+            store_pixels(out, ds.pixel_array, str(ds.PhotometricInterpretation), int(ds.BitsStored))
+    entry_extra = {"pixels": why or "none"}
+    return _write_outputs(out_dir, name, cfg, pseudo, _dicom_bytes(out), header, [], None, review,
+                          False, {}, entry_extra, no_pixels=not why)
+
+
+def _write_outputs(out_dir: Path, name: Path, cfg: Any, pseudo: Pseudonymizer, image: bytes,
+                   header: HeaderResult | None, regions: list[TextRegion], mask: np.ndarray | None,
+                   review: list[str], pixels_clean: bool, extra: dict[str, Any],
+                   entry_extra: dict[str, Any] | None = None, no_pixels: bool = False) -> dict[str, Any]:
+    """The image, its box mask (if it has pixels) and its regions JSON, written together in OUT or
+    OUT/needs_review/; an earlier run's verdict for the same file in the other folder is removed."""
     folder = out_dir / deid_files.REVIEW_DIR if review else out_dir
     paths = output_paths(folder, name)
-    record = {"input": name.name, "output": str(paths["image"]), "mask": None, "regions": [],
-              "settings": settings_fingerprint(cfg, pseudo),
-              "deidentify": {**audit.file_entry(header, [], review, False), "pixels": why or "none"}}
-    if not review:
-        record["deidentify"]["status"] = "ok"
-    deid_files.write_together([(paths["image"], buf.getvalue()),
-                               (paths["json"], json.dumps(record, indent=1).encode("utf-8"))])
+    regions_json = [r.to_json() for r in regions]
+    deid_files.blank_texts(regions_json, cfg.marker_pattern)
+    entry = {**audit.file_entry(header, regions, review, pixels_clean), **(entry_extra or {})}
+    if no_pixels and not review:
+        entry["status"] = "ok"
+    record = {"input": name.name, "output": str(paths["image"]),
+              "mask": None if mask is None else str(paths["mask"]),
+              "masked_pixels": 0 if mask is None else int(mask.sum()), **extra, "regions": regions_json,
+              "settings": settings_fingerprint(cfg, pseudo), "deidentify": entry}
+    files = [(paths["image"], image)]
+    if mask is not None:
+        box = deid_files.box_mask(mask, regions).astype(np.uint8) * 255
+        files.append((paths["mask"], deid_files.image_bytes(box, ".png")))
+    files.append((paths["json"], json.dumps(record, indent=1).encode("utf-8")))  # last: marks the file done
+    deid_files.write_together(files)
     other = out_dir if review else out_dir / deid_files.REVIEW_DIR
     for p in output_paths(other, name).values():
         p.unlink(missing_ok=True)
     return {**record, "mapping": dict(pseudo.mapping)}
+
+
+def store_pixels(ds: Dataset, arr: np.ndarray, photometric: str, bits_stored: int) -> None:
+    """`arr` (frames, rows, columns[, 3]) as uncompressed little-endian pixel data (pydicom's set_pixel_data
+    for 8/16-bit; 32-bit by hand, which it does not take)."""
+    if arr.dtype.itemsize <= 2:
+        ds.set_pixel_data(arr, photometric, bits_stored, generate_instance_uid=False)
+        return
+    ds.PixelData = np.ascontiguousarray(arr.astype(arr.dtype.newbyteorder("<"))).tobytes()
+    ds["PixelData"].VR = "OW"
+    ds.PhotometricInterpretation = photometric
+    if "PlanarConfiguration" in ds:
+        ds.PlanarConfiguration = 0
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+
+def _big_endian(ds: Dataset) -> bool:
+    ts = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+    return ts == ExplicitVRBigEndian or ds.original_encoding[1] is False
+
+
+def _dicom_bytes(ds: Dataset) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
