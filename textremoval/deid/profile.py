@@ -11,6 +11,7 @@ import copy
 import datetime as _dt
 import functools
 import hashlib
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,7 +29,7 @@ from .options import (
     PATIENT_CHARACTERISTICS_KEEP,
 )
 from .pseudonyms import Pseudonymizer
-from .scrubber import Identifiers, clean_text, each_value, identifiers, sweep, values
+from .scrubber import CODED, Identifiers, clean_text, contains_identifier, each_value, identifiers, sweep, values
 
 PROFILE_TABLE = "dicomfields_2026c"   # dicom-anonymizer's newest copy of Table E.1-1
 # CID 7050 De-identification Method codes (DCM) for what we apply.
@@ -37,6 +38,14 @@ CODES = {"basic": ("113100", "Basic Application Confidentiality Profile"),
          "descriptors": ("113105", "Clean Descriptors Option"),
          "dates": ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"),
          "characteristics": ("113108", "Retain Patient Characteristics Option")}
+DATE_PART = re.compile(r"(?:(?<=^)|(?<=-))(\d{8})")  # the date at the start of a value or after a range's '-'
+# Attributes the profile's table does not list are kept, but never these: values that cannot be read (UN),
+# links that can carry anything (UR), binary documents, and free text (removed unless --clean-descriptors,
+# which sweeps it); nor attributes that hold a birth date, address, phone, e-mail or signature by name.
+UNLISTED_REMOVED_VRS = frozenset({"UN", "UR", "OB", "OW", "OD", "OF", "OL", "OV"})
+UNLISTED_TEXT_VRS = frozenset({"ST", "LT", "UT", "UC"})
+BINARY_KEPT = re.compile(r"(PixelData|LookupTableData|LUTData|ICCProfile|SegmentedPaletteColor.*)$")
+UNLISTED_PERSONAL = re.compile(r"Birth|Address|Telephone|Email|Contact|Signature")
 # Logged and put in the audit whenever the Clean Descriptors Option is on.
 DESCRIPTORS_RISK = ("--clean-descriptors keeps free text (descriptions, comments, report text) that the Basic "
                     "Profile removes, cut of the names, IDs, addresses and dates the scrubber recognises; a name or "
@@ -77,16 +86,27 @@ def _vr(tag: tuple) -> str:
 
 
 def shift_date(value: str, days: int) -> str:
-    """DA 'YYYYMMDD' or the date part of a DT moved by `days`; a placeholder that cannot move (00010101,
-    set by an earlier anonymizer) stays as it is; anything unparsable becomes ''."""
+    """Every date of a DA or DT value moved by `days`: 'YYYYMMDD', a DT's date part (its time and offset stay)
+    and both ends of a range ('20230115-20230301'). A placeholder that cannot move (00010101, set by an
+    earlier anonymizer) stays as it is; a value with no parsable date becomes ''."""
+    def move(m: re.Match) -> str:
+        try:
+            d = _dt.datetime.strptime(m.group(1), "%Y%m%d")
+        except ValueError:
+            raise _Unparsable from None
+        try:
+            return (d + _dt.timedelta(days=days)).strftime("%Y%m%d")
+        except OverflowError:
+            return m.group(1)
     try:
-        d = _dt.datetime.strptime(value[:8], "%Y%m%d")
-    except ValueError:
+        out = DATE_PART.sub(move, value)
+    except _Unparsable:
         return ""
-    try:
-        return (d + _dt.timedelta(days=days)).strftime("%Y%m%d") + value[8:]
-    except OverflowError:
-        return value
+    return out if DATE_PART.search(value) else ""
+
+
+class _Unparsable(Exception):
+    pass
 
 
 @dataclass
@@ -100,6 +120,12 @@ class HeaderResult:
 
 def _keep(ds: Dataset, tag: tuple) -> None:
     """Option K: the value stays."""
+
+
+def cap_age(value: Any) -> str:
+    """An age over 89 years shown as 090Y: HIPAA Safe Harbor groups the very old, who are few enough to find."""
+    text = str(value)
+    return "090Y" if re.fullmatch(r"\d{3}Y", text) and int(text[:3]) > 89 else text
 
 
 def _set_value(fn: Callable[[Any], Any]) -> Callable:
@@ -118,6 +144,7 @@ class Profile:
     retained: set[tuple]                       # tags kept or cleaned by an Option (not identifiers)
     pseudo: Pseudonymizer
     days: int | None                           # date shift (Modified Dates Option) or None
+    clean_descriptors: bool = False            # free text kept (and swept) rather than removed
 
     def action(self, tag: Tag) -> Callable | None:
         rule = self.rules.get((tag.group, tag.element))
@@ -143,6 +170,7 @@ def _profile(cfg: Any, pseudo: Pseudonymizer, idents: Identifiers, patient: str)
     if cfg.deid_retain_patient_characteristics:
         retained |= {_tag(k) for k in PATIENT_CHARACTERISTICS_KEEP}
         rules.update({_tag(k): _keep for k in PATIENT_CHARACTERISTICS_KEEP})
+        rules[_tag("PatientAge")] = _set_value(cap_age)
     cleaned = set(CLEAN_DESCRIPTORS) if cfg.deid_clean_descriptors else set()
     if cfg.deid_retain_patient_characteristics:
         cleaned |= PATIENT_CHARACTERISTICS_CLEAN
@@ -152,15 +180,29 @@ def _profile(cfg: Any, pseudo: Pseudonymizer, idents: Identifiers, patient: str)
             rules[_tag(k)] = clean
         retained.add(_tag(k))
     days = pseudo.shift_days(patient) if cfg.deid_retain_dates else None
-    return Profile(rules, ranges, retained, pseudo, days)
+    if cfg.deid_clean_descriptors:  # the report's text kept, the profile applied inside and every text swept
+        retained.add(_tag("ContentSequence"))
+    return Profile(rules, ranges, retained, pseudo, days, bool(cfg.deid_clean_descriptors))
 
 
-def is_class_uid(elem: Any) -> bool:
-    """SOP Class, Transfer Syntax and other UIDs the standard defines: they name a kind of object, not the
-    patient's, and remapping them makes the file unreadable."""
-    kw = elem.keyword or ""
-    return kw.endswith("ClassUID") or "TransferSyntax" in kw or all(UID(str(v)).is_valid and UID(str(v)).name
-                                                                      != str(v) for v in values(elem))
+def is_standard_uid(elem: Any) -> bool:
+    """UIDs the standard registers (SOP classes, transfer syntaxes, coding schemes): they name a kind of
+    object, not the patient's, and remapping them makes the file unreadable. Any other UID, a vendor's
+    'class' UID included, can embed anything (an MRN, a birth date) and is remapped."""
+    return all(UID(str(v)).is_valid and UID(str(v)).name != str(v) for v in values(elem))
+
+
+def _dictionary_pn(elem: Any) -> bool:
+    """A person-name attribute by the dictionary (whatever VR the file stores) that the table does not list."""
+    try:
+        return dictionary_VR(elem.tag) == "PN"
+    except KeyError:
+        return False
+
+
+def _is_reference(keyword: str) -> bool:
+    """Sequences of references to other objects: kept with their UIDs remapped, so the links survive."""
+    return keyword.startswith(("Referenced", "Source"))
 
 
 def _apply(ds: Dataset, profile: Profile) -> None:
@@ -175,27 +217,44 @@ def _apply(ds: Dataset, profile: Profile) -> None:
             continue
         key = (elem.tag.group, elem.tag.element)
         rule = profile.action(elem.tag)
+        kw = elem.keyword or ""
         if elem.VR == "SQ":
-            if rule is delete:
-                del ds[elem.tag]
-            elif rule is empty:
-                elem.value = Sequence([])
-            else:
+            if rule is None or rule is _keep or key in profile.retained or _is_reference(kw):
                 for item in elem.value:
                     _apply(item, profile)
-        elif elem.VR in ("DA", "DT", "TM") and profile.days is not None and "Birth" not in (elem.keyword or ""):
+            elif rule is empty:
+                elem.value = Sequence([])
+            else:  # X, and X/Z, X/D, U: a person's or place's details; a dummy is worth nothing to research
+                del ds[elem.tag]
+        elif elem.VR in ("DA", "DT", "TM") and profile.days is not None and "Birth" not in kw:
             # Modified Dates Option, by VR (PS3.15 E.3.6 Note 4): every date moves by the patient's shift,
             # wherever it is and whatever the profile's edition lists; times stay
             if elem.VR != "TM":
                 elem.value = each_value(elem.value, lambda v: shift_date(str(v), profile.days))
-        elif elem.VR == "UI" and rule is not None and rule is not _keep:
+        elif elem.VR == "UI" and rule is not _keep:
             if rule is delete:
                 del ds[elem.tag]
-            elif not is_class_uid(elem):
+            elif not is_standard_uid(elem):
                 elem.value = each_value(elem.value, lambda u: profile.pseudo.uid(str(u)))
         elif rule is not None:
             rule(ds, key)
+        elif (elem.VR in UNLISTED_REMOVED_VRS and not BINARY_KEPT.search(kw)) or UNLISTED_PERSONAL.search(kw) \
+                or (elem.VR in UNLISTED_TEXT_VRS and not profile.clean_descriptors) or _dictionary_pn(elem):
+            del ds[elem.tag]
     ds.remove_private_tags()
+
+
+def _drop_coded_identifiers(ds: Dataset, idents: Identifiers) -> list[str]:
+    """Remove coded values (CS, code values) that hold a header identifier or a date: a code cannot be cut
+    without breaking it, and a staff or patient ID used as a code value is an identifier all the same."""
+    hits: list[str] = []
+
+    def visit(dataset: Dataset, elem: Any) -> None:
+        if (elem.VR == "CS" or elem.keyword in CODED) and any(contains_identifier(v, idents) for v in values(elem)):
+            hits.append(tag_name(elem.tag))
+            del dataset[elem.tag]
+    ds.walk(visit)
+    return hits
 
 
 def tag_name(tag: Any) -> str:
@@ -239,7 +298,7 @@ def deidentify_dataset(ds: Dataset, cfg: Any, pseudo: Pseudonymizer, *, source: 
     except Exception as exc:  # the library raises NotImplementedError for VRs it cannot replace, and others
         raise DeidentifyError(f"{source}: header could not be de-identified ({type(exc).__name__} in the profile "
                               "library); nothing was written — inspect the file with `python -m pydicom show`") from exc
-    swept = [tag_name(t) for t in sweep(out, idents)]
+    swept = [tag_name(t) for t in sweep(out, idents)] + _drop_coded_identifiers(out, idents)
     codes = [CODES["basic"]]
     if cfg.deid_retain_dates:
         codes.append(CODES["dates"])
