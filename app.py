@@ -30,6 +30,7 @@ from cxrcommon.atomic import atomic_write_text, pid_alive
 from cxrcommon.config import field, parse_config
 from cxrcommon.errors import UserError
 from cxrcommon.limits import MAX_BYTES, check_bytes
+from cxrcommon.paths import walk_files
 
 log = logging.getLogger("synthcxr.app")
 
@@ -383,7 +384,7 @@ def batch_dataset(services: Services, out_dir: Path, prompt_file: str, n_per_pro
     summary = generate(cfg, sampler=services.batch_sampler())
     archive = out_dir / "dataset.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
-        for p in sorted(job.rglob("*")):
+        for p in sorted(walk_files(job)):
             if p.name == "settings.json" and p.parent == job:  # names the model by name, not its server folder
                 settings = json.loads(p.read_text(encoding="utf-8"))
                 settings["model"] = services.model_name()

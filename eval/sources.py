@@ -5,6 +5,8 @@ import logging
 import random
 from pathlib import Path
 
+from cxrcommon.paths import walk_files
+
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm", ".bmp")
@@ -15,7 +17,7 @@ def list_images(source: str | Path, image_column: str = "image") -> list[Path]:
     """Image files of a folder (recursive, hidden folders skipped, sorted) or the image column of a manifest."""
     src = Path(source)
     if src.is_dir():
-        paths = sorted(p for p in src.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+        paths = sorted(p for p in walk_files(src) if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(src).parts))
         if not paths:
             raise FileNotFoundError(f"{src}: no images ({', '.join(IMAGE_SUFFIXES)}) found in this folder")

@@ -108,6 +108,19 @@ def test_clean_cli_on_a_deep_folder_cleans_it(tmp_path, capsys):
     assert (out / "scan.png").is_file() and (out / "scan.regions.json").is_file()
 
 
+def test_a_deidentify_rerun_over_a_deep_output_folder_resumes(tmp_path):
+    """The resume check and the audit read every regions JSON under --out, at any depth."""
+    import json
+
+    from textremoval.deid import audit, files as deid_files
+    bottom = _deep(tmp_path / "out", name="o")
+    rec = {"input": "x.dcm", "output": "x.dcm", "settings": {"deidentify": True},
+           "deidentify": {"status": "ok", "tags": None, "codes": [], "review": []}}
+    (bottom / "x.regions.json").write_text(json.dumps(rec))
+    deid_files.check_resume(tmp_path / "out", {"deidentify": True})
+    assert [r["input"] for r in audit.collect(tmp_path / "out")] == ["x.dcm"]
+
+
 # ---------------------------------------------------------------- 10: damaged checkpoints
 
 def _checkpoints(root: Path, steps=(10, 20, 30)) -> list[Path]:

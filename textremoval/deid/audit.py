@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 from cxrcommon.atomic import atomic_path, atomic_write_text
 from cxrcommon.csv_cells import safe_dict, safe_row, unescape
+from cxrcommon.paths import walk_files
 
 from .profile import CODES, HeaderResult
 
@@ -40,7 +41,7 @@ def file_entry(header: HeaderResult | None, regions: Sequence[Any], review: list
 def collect(out_dir: Path) -> list[dict[str, Any]]:
     """Every de-identified image's audit entry under `out_dir` (this run's and earlier, resumed ones)."""
     rows = []
-    for p in sorted(Path(out_dir).rglob("*.regions.json")):
+    for p in sorted(f for f in walk_files(out_dir) if f.name.endswith(".regions.json")):
         rec = json.loads(p.read_text(encoding="utf-8"))
         if "deidentify" in rec:
             rows.append({"input": rec["input"], "output": rec["output"], **rec["deidentify"]})

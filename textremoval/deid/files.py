@@ -16,6 +16,7 @@ import numpy as np
 
 from cxrcommon.atomic import atomic_path
 from cxrcommon.errors import UserError
+from cxrcommon.paths import walk_files
 
 from .scrubber import normalize
 
@@ -71,7 +72,7 @@ def check_resume(out_dir: Path, fingerprint: dict[str, Any]) -> None:
     if not out_dir.is_dir():
         return
     other = 0
-    for p in out_dir.rglob("*.regions.json"):
+    for p in (f for f in walk_files(out_dir) if f.name.endswith(".regions.json")):
         try:
             rec = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, ValueError):
