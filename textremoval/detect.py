@@ -95,7 +95,12 @@ class RapidOCRDetector:
         return sizes
 
     def __call__(self, image: np.ndarray) -> list[TextRegion]:
-        gray = to_uint8_view(image)
+        """Text regions of `image`. Under de-identification (deid_contrast) lines are detected and read on a
+        contrast-equalised view, so faint print is found; lone glyphs are looked for on the plain view (the
+        glyph contrast threshold is for plain films: equalised anatomy is full of glyph-like blobs, each a
+        recogniser call, and a lone side marker is no faint PHI)."""
+        plain = to_uint8_view(image)
+        gray = contrast_view(plain) if self.cfg.deidentify and self.cfg.deid_contrast else plain
         h, w = gray.shape
         found = np.zeros((h, w), bool)  # pixels inside boxes of earlier passes
         regions: list[TextRegion] = []
@@ -118,7 +123,7 @@ class RapidOCRDetector:
         if self.cfg.recognize and regions:
             self._read(gray, regions)
         if self.cfg.glyph_detector:
-            regions += self.glyphs(gray, found)
+            regions += self.glyphs(plain, found)
         for r in regions:
             r.action = decide_action(r.text, self.cfg)
         return regions

@@ -51,8 +51,9 @@ class TextRemover:
         if image.ndim not in (2, 3) or min(image.shape[:2]) < 1:
             raise ValueError(f"expected a 2-D grayscale or H×W×C image, got shape {image.shape}")
         t = {"detect": time.perf_counter()}
-        gray = self.detection_view(image if view is None else view)
-        regions = self.detector(gray) if regions is None else regions
+        plain = to_uint8_view(image if view is None else view)
+        regions = self.detector(plain) if regions is None else regions
+        gray = self.detection_view(plain)  # what the segmenter thresholds: equalised, like the detector's view
         for r in regions:
             if identifiers and r.text and reads_as_identifier(r.text, identifiers):
                 r.identifier, r.action = True, "erased"
@@ -70,17 +71,18 @@ class TextRemover:
         return CleanResult(cleaned, mask, regions, seconds)
 
     def detection_view(self, image: np.ndarray) -> np.ndarray:
-        """The 8-bit view detection and segmentation see: contrast-equalised under de-identification, so
-        faint text is found (and found again by the verify pass) as bold text is."""
+        """The 8-bit view segmentation sees: contrast-equalised under de-identification, so faint glyphs are
+        masked as bold ones are (the detector equalises its own view the same way)."""
         gray = to_uint8_view(image)
         return contrast_view(gray) if self.config.deidentify and self.config.deid_contrast else gray
 
-    def residual_text(self, cleaned: np.ndarray, kept: Sequence[TextRegion],
-                      found: list[TextRegion] | None = None) -> list[TextRegion]:
+    def residual_text(self, cleaned: np.ndarray, kept: Sequence[TextRegion], found: list[TextRegion] | None = None,
+                      view: np.ndarray | None = None) -> list[TextRegion]:
         """Every box the detector still finds in a cleaned image, outside the boxes kept on purpose and other
         than a side marker kept by policy, whatever its recognition score (a remnant reads badly). `found`:
-        boxes already detected on this very image (nothing was erased), so it is not read a second time."""
-        regions = self.detector(self.detection_view(cleaned)) if found is None else found
+        boxes already detected on this very image (nothing was erased), so it is not read a second time;
+        `view`: its 8-bit display, as the first pass saw it."""
+        regions = self.detector(to_uint8_view(cleaned if view is None else view)) if found is None else found
         keep = np.zeros(cleaned.shape[:2], bool)
         for r in kept:
             keep[r.box[1]:r.box[3], r.box[0]:r.box[2]] = True

@@ -3,7 +3,7 @@ Reasons never quote the text itself: it may be PHI."""
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -14,24 +14,27 @@ from .scrubber import normalize, reads_as_identifier
 VERIFY_ROUNDS = 2  # --deid-verify: erase-and-look-again rounds before a file is sent to review
 
 
-def clean_verified(remover: TextRemover, arr: np.ndarray, view: np.ndarray | None,
-                   idents: Sequence[str]) -> tuple[CleanResult, list[TextRegion]]:
+def clean_verified(remover: TextRemover, arr: np.ndarray, view: np.ndarray | None, idents: Iterable[str],
+                   view_of: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[CleanResult, list[TextRegion]]:
     """Clean, then (with deid_verify) look at the result again and erase any box still found there (remnants
     of half-masked glyphs, text the first pass missed), up to VERIFY_ROUNDS times. Returns the result and
-    the boxes still found after that, which send the file to review."""
+    the boxes still found after that, which send the file to review. `view_of`: how a cleaned `arr` is
+    displayed (as `view` shows `arr`), so every pass looks at the same kind of picture."""
+    look = view_of or (lambda image: None)
     res = remover(arr, view=view, identifiers=idents)
     if not (remover.config.deidentify and remover.config.deid_verify):
         return res, []
     kept = [r for r in res.regions if r.action == "kept"]
     # nothing erased: the image is the one just read, at the same contrast; its boxes are the answer
-    left = remover.residual_text(res.image, kept, found=None if res.mask.any() else res.regions)
+    left = remover.residual_text(res.image, kept, found=None if res.mask.any() else res.regions,
+                                 view=look(res.image))
     for _ in range(VERIFY_ROUNDS):
         if not left:
             break
-        again = remover(res.image, regions=left, identifiers=idents)
+        again = remover(res.image, view=look(res.image), regions=left, identifiers=idents)
         seconds = {k: round(v + again.seconds[k], 4) for k, v in res.seconds.items()}
         res = CleanResult(again.image, res.mask | again.mask, res.regions + again.regions, seconds)
-        left = remover.residual_text(res.image, kept)
+        left = remover.residual_text(res.image, kept, view=look(res.image))
     return res, left
 
 

@@ -112,9 +112,11 @@ def _write_image(ds: Dataset, out_dir: Path, name: Path, remover: TextRemover,
     header = deidentify_dataset(ds, cfg, pseudo, source=name.name)  # before any write: a failure leaves nothing
     idents = header.identifiers
     cleaned, mask, regions, review = [], np.zeros(arr.shape[-3:-1] if colour else arr.shape[-2:], bool), [], []
+    def view_of(frame: np.ndarray) -> np.ndarray:
+        return to_uint8_view(frame.astype(np.float32) @ LUMINANCE) if colour else display_view(frame, ds)
+
     for i, frame in enumerate(arr if frames > 1 else arr[None]):
-        view = to_uint8_view(frame.astype(np.float32) @ LUMINANCE) if colour else display_view(frame, ds)
-        res, left = clean_verified(remover, frame, view, idents)
+        res, left = clean_verified(remover, frame, view_of(frame), idents, view_of)
         review += [(f"frame {i + 1}: " if frames > 1 else "") + r for r in pixel_review(remover, res, left, idents)]
         cleaned.append(res.image)
         mask |= res.mask
