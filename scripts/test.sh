@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Set up from nothing and run the whole test suite (offline; 7.5 min on 2 CPU cores from a fresh clone, CPU torch route; 9.5 min full route).
+# VENV (default .venv) and TORCH_ROUTE are passed to scripts/setup.sh; extra arguments go to pytest (e.g. -m numerics).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
@@ -14,4 +15,4 @@ if [ ! -x /usr/bin/chromium ]; then
   fi
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=600 tests "$@"
+exec "${VENV:-.venv}/bin/python" -m pytest -q -p no:cacheprovider --timeout=600 tests "$@"

@@ -49,6 +49,7 @@ def test_shipped_weights_are_small_safetensors_with_an_honest_card():
         assert json.loads((d / "text_encoder" / "config.json").read_text())["vocab_size"] == 49408
 
 
+@pytest.mark.numerics
 def test_model_loads_as_fp32_and_makes_64px_images(embedded):
     assert {p.dtype for m in (embedded.unet, embedded.vae, embedded.text_encoder) for p in m.parameters()} == \
         {torch.float32}
@@ -59,6 +60,7 @@ def test_model_loads_as_fp32_and_makes_64px_images(embedded):
     np.testing.assert_allclose(again, b, atol=1e-5)  # image i depends only on seed + i
 
 
+@pytest.mark.numerics
 def test_embedded_follows_left_right_normal_prompts(embedded):
     """10 generations per prompt; chance is 1/3, an untrained model of this architecture scores 0.33."""
     scores = adherence(embedded, 10, steps=15)
@@ -69,6 +71,7 @@ def test_embedded_follows_left_right_normal_prompts(embedded):
         assert seen[side].get(side, 0) >= 3 and seen[side].get(side, 0) > 2 * seen[side].get(other, 0), scores
 
 
+@pytest.mark.numerics
 def test_lora_teaches_a_finding_the_base_never_saw(tmp_path):
     """finetune.train --train lora on effusion phantoms, on a base trained without any effusion."""
     t0 = time.perf_counter()
@@ -87,6 +90,7 @@ def test_presence_counts_any_effusion_side():
     assert presence(scores) == pytest.approx(4 / 8)
 
 
+@pytest.mark.numerics
 def test_vae_trainer_learns_and_sets_the_latent_scale(tmp_path):
     from finetune.phantoms import item, render
     from finetune.vae import train_vae

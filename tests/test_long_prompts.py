@@ -55,6 +55,7 @@ def test_a_one_window_prompt_is_encoded_and_sampled_exactly_as_before(tiny_pipe)
     assert torch.equal(latents(prompt=prompt), latents(**pipeline_embeds(tiny_pipe, prompt)))
 
 
+@pytest.mark.numerics
 def test_the_stock_pipeline_cannot_see_the_impression_and_we_can(tiny_pipe):
     """The defect: left and right reports give bitwise the same stock image. Encoded whole they differ,
     and the stock pipeline given our embeddings agrees with our sampler (plain-diffusers users)."""
@@ -156,10 +157,29 @@ def test_generate_records_the_whole_report_and_what_was_encoded(tmp_path, tiny_m
         generate(dataclasses.replace(cfg, out=str(tmp_path / "e"), max_windows=1, clip_policy="error"))
 
 
+# Findings that fill the first 75-token window exactly: the toy caption after them is the whole second window.
+FIRST_WINDOW = FINDINGS.rsplit(" No pneumothorax.", 1)[0]
+
+
+@pytest.mark.numerics
 def test_a_lora_learns_a_finding_after_token_77_only_when_encoded_whole(tmp_path):
-    """The toy task with each caption behind ~90 tokens of report text: cut at 77 tokens the two captions
+    """The toy task with each caption behind 75 tokens of report text: cut at 77 tokens the two captions
     are one and the LoRA cannot tell them apart; in windows it learns each pattern. The LoRA then loads
-    in plain diffusers, which conditions on the same embeddings through prompt_embeds=."""
+    in plain diffusers, which conditions on the same embeddings through prompt_embeds=.
+
+    Issue #19: at learning rate 1e-2 (and with the caption behind 81 tokens) the toy either learned or
+    ignored the caption entirely (own/other 0.23 or 1.00) depending on the training seed, the thread
+    count and the CPU's vector width. At 3e-3 with the caption filling the second window it learns on
+    every run measured. Measured on the 4 generated latents per caption, as `sep` (mean projection on
+    the left-minus-right pattern direction, left minus right; 1.0 = the two patterns exactly, 0 = the
+    caption is ignored) and `worst` (the least projection of any one image on its own side, 0.5 = its
+    pattern), training seeds 0/1/2 (finetune seed; toy model seed 0):
+      full route (torch 2.14.1+cu130), AVX-512:         sep 2.09 / 2.18 / 1.21, worst 0.525 / 0.507 / 0.549
+      full route, AVX2 only (ATEN_CPU_CAPABILITY=avx2):  sep 2.09 / 2.22 / 1.21, worst 0.523 / 0.507 / 0.552
+      cpu route (torch 2.13.0+cpu), AVX-512:            sep 2.09 / 2.18 / 1.21, worst 0.525 / 0.507 / 0.549
+      cpu route, AVX2 only:                             sep 2.09 / 2.22 / 1.21, worst 0.523 / 0.507 / 0.552
+    (own/other mean squared distance, the old measure, 0.15-0.32; it also counts overshoot past the pattern
+    as a miss, so it is no longer the assertion). The bounds below are half the worst case measured."""
     from diffusers import StableDiffusionPipeline
 
     from finetune.config import TrainConfig
@@ -168,18 +188,19 @@ def test_a_lora_learns_a_finding_after_token_77_only_when_encoded_whole(tmp_path
     r = 16
     model = save_toy_model(tmp_path / "toy", resolution=r)
     data = toy_data(8, r)
-    data.captions = [f"{FINDINGS} {c}" for c in data.captions]
-    data.val_captions = [f"{FINDINGS} {c}" for c in data.val_captions]
-    long = [f"{FINDINGS} {c}" for c in CAPTIONS]
+    data.captions = [f"{FIRST_WINDOW} {c}" for c in data.captions]
+    data.val_captions = [f"{FIRST_WINDOW} {c}" for c in data.val_captions]
+    long = [f"{FIRST_WINDOW} {c}" for c in CAPTIONS]
     pipe = StableDiffusionPipeline.from_pretrained(model, safety_checker=None, local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
+    assert count_tokens(pipe.tokenizer, [FIRST_WINDOW])[0].tokens == WINDOW_LEN - 2  # the caption starts at token 77
     with torch.no_grad():
         x = {c: torch.from_numpy(pattern(c, r))[None, None].expand(1, 3, r, r) * 2 - 1 for c in CAPTIONS}
         target = {c: pipe.vae.encode(x[c]).latent_dist.mean * pipe.vae.config.scaling_factor for c in CAPTIONS}
 
     def trained_latents(max_windows: int, steps: int) -> dict[str, torch.Tensor]:
         out = tmp_path / f"w{max_windows}"
-        train(TrainConfig(model=str(model), output_dir=str(out), resolution=r, train_batch_size=8, learning_rate=1e-2,
+        train(TrainConfig(model=str(model), output_dir=str(out), resolution=r, train_batch_size=8, learning_rate=3e-3,
                           lr_warmup_steps=0, checkpointing_steps=0, validation_steps=0, validation_seeds=[],
                           report_to="none", device="cpu", val_fraction=0.0, lora_rank=16, lora_alpha=32,
                           max_train_steps=steps, max_windows=max_windows, lora_target_modules=BROAD), data)
@@ -190,10 +211,16 @@ def test_a_lora_learns_a_finding_after_token_77_only_when_encoded_whole(tmp_path
         pipe.unload_lora_weights()
         return lat
 
-    lat = trained_latents(3, 160)  # measured: own 0.53 vs other 2.31 (80 steps are not enough)
-    own = np.mean([(lat[c] - target[c]).pow(2).mean().item() for c in CAPTIONS])
-    other = np.mean([(lat[c] - target[o]).pow(2).mean().item() for c, o in zip(CAPTIONS, CAPTIONS[::-1])])
-    assert own < 0.5 * other, (own, other)  # each caption makes ITS pattern
+    left, right = (target[c] for c in CAPTIONS)
+    direction, middle = left - right, (left + right) / 2
+
+    def side(lat: torch.Tensor) -> torch.Tensor:  # per image: +0.5 = the left pattern, -0.5 = the right one
+        return ((lat - middle) * direction).flatten(1).sum(1) / direction.pow(2).sum()
+
+    lat = trained_latents(3, 160)
+    on_left, on_right = side(lat[CAPTIONS[0]]), side(lat[CAPTIONS[1]])
+    sep, worst = (on_left.mean() - on_right.mean()).item(), min(on_left.min().item(), -on_right.max().item())
+    assert sep > 0.6 and worst > 0.2, (sep, on_left, on_right)  # each caption makes ITS pattern, every image
     cut = trained_latents(1, 10)
     assert torch.equal(cut[CAPTIONS[0]], cut[CAPTIONS[1]])  # cut at 77 tokens the captions are one
 
@@ -255,6 +282,7 @@ def test_a_folder_started_before_windows_resumes_when_every_prompt_fits_one(tmp_
         generate(cfg)
 
 
+@pytest.mark.numerics
 def test_mixed_caption_lengths_train_the_same_cached_and_uncached_and_the_cache_follows_max_windows(tmp_path):
     from finetune.config import TrainConfig
     from finetune.toy import CAPTIONS, save_toy_model, toy_data

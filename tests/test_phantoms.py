@@ -140,6 +140,7 @@ def test_labels_follow_the_spec(clean):
     assert lab["effusion"] == "right" and lab["effusion_size"] == "small"
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("size", [128, 64])
 def test_scorer_classifies_effusion_on_held_out_phantoms(size):
     """Thresholds come from seeds >= CALIBRATION_SEED; these phantoms use seeds 0..99."""
@@ -152,6 +153,7 @@ def test_scorer_classifies_effusion_on_held_out_phantoms(size):
     assert min(acc.values()) >= 0.95, acc  # bilateral too: a two-sided effusion never counts as one side
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("size", [128, 64])
 def test_scorer_finds_the_pneumothorax_side_on_held_out_phantoms(size):
     hits: dict[str, list[bool]] = {}
@@ -165,6 +167,7 @@ def test_scorer_finds_the_pneumothorax_side_on_held_out_phantoms(size):
     assert eff.count("none") >= 0.7 * len(eff)
 
 
+@pytest.mark.numerics
 def test_scorer_ctr_rises_with_the_cardiomegaly_parameter(clean):
     ctrs = [0.40, 0.48, 0.56, 0.64]
     measured = [np.mean([ps.measure(ph.render(dataclasses.replace(clean, ctr=c), 128, seed=s)[0])["ctr"]

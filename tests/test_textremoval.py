@@ -56,6 +56,7 @@ def keep_remover():
     return TextRemover.from_config(TextRemovalConfig(keep_markers=True))
 
 
+@pytest.mark.numerics
 def test_detector_finds_and_reads_rendered_text(scene):
     img, _, (portable, marker) = scene
     regions = build_detector(TextRemovalConfig())(img)
@@ -65,14 +66,17 @@ def test_detector_finds_and_reads_rendered_text(scene):
     assert all(r.action == "erased" for r in regions)  # default policy erases everything
 
 
+@pytest.mark.numerics
 def test_default_detector_finds_isolated_single_letter_markers():
     # a 50-px "L" on a 512² film: the old single pass (640 px, thresholds 0.3/0.5) missed it
     from textremoval.evaluate import covered
     img, _, boxes = draw((512, 512), [(t, (60 + 100 * i, 352), 50) for i, t in enumerate("LRDI")])
     found = [r.box for r in build_detector(TextRemovalConfig(recognize=False))(img)]
+    # measured (OCR is onnxruntime, the same on both torch routes): covered 1.0, 1.0, 1.0, 0.947
     assert [covered(tuple(b), found, img.shape) >= 0.5 for b in boxes] == [True] * 4
 
 
+@pytest.mark.numerics
 def test_keep_markers_keeps_R_and_erases_portable(scene, keep_remover):
     img, gt, (portable, marker) = scene
     res = keep_remover(img)
@@ -82,7 +86,7 @@ def test_keep_markers_keeps_R_and_erases_portable(scene, keep_remover):
     assert np.array_equal(res.image[y0:y1, x0:x1], img[y0:y1, x0:x1])  # the marker is untouched
     x0, y0, x1, y1 = portable
     glyphs = gt[y0:y1, x0:x1]
-    assert res.mask[y0:y1, x0:x1][glyphs].mean() > 0.95
+    assert res.mask[y0:y1, x0:x1][glyphs].mean() > 0.95  # measured 1.0 (and the text 163 grey levels darker)
     assert res.image[y0:y1, x0:x1][glyphs].mean() < img[y0:y1, x0:x1][glyphs].mean() - 80  # text gone
     assert np.array_equal(res.image[~res.mask], img[~res.mask])
 
@@ -323,6 +327,7 @@ def letter(bg: np.ndarray, text: str, xy, size: int, level: float):
     return np.clip(bg * (1 - a) + level * a, 0, 255).astype(np.uint8), d.textbbox(xy, text, font=font)
 
 
+@pytest.mark.numerics
 @pytest.mark.parametrize("seed,text,xy", [(0, "L", (200, 30)), (1, "I", (120, 150))])
 def test_glyph_detector_finds_lone_markers_the_line_detector_misses(seed, text, xy):
     from textremoval.evaluate import covered
@@ -332,9 +337,10 @@ def test_glyph_detector_finds_lone_markers_the_line_detector_misses(seed, text, 
     regions = build_detector(TextRemovalConfig(recognize=False))(img)
     glyphs = [r for r in regions if r.source == "glyph"]
     assert len(glyphs) == 1 and covered(box, [glyphs[0].box], img.shape) == 1.0
-    assert glyphs[0].text.upper() in {text, "1"} and glyphs[0].score >= 0.8
+    assert glyphs[0].text.upper() in {text, "1"} and glyphs[0].score >= 0.8  # measured 1.0 ("L"), 0.998 ("I")
 
 
+@pytest.mark.numerics
 def test_glyph_detector_does_not_fire_on_anatomy_or_devices():
     img = film(2)
     cv2.circle(img, (70, 190), 9, 215, 3)                                     # an ECG electrode ring

@@ -65,6 +65,7 @@ def test_extra_passes_add_only_boxes_the_first_pass_missed():
     assert [r.box for r in regions] == [(10, 10, 101, 41), (300, 450, 331, 491)]
 
 
+@pytest.mark.numerics
 def test_evaluate_end_to_end_on_a_tiny_folder(tmp_path):
     (tmp_path / "images").mkdir()
     rng = np.random.default_rng(0)
