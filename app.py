@@ -482,7 +482,7 @@ def unpack_uploads(uploads: Sequence[str], folder: Path, *, max_bytes: int, max_
 def evaluate_sets(out_dir: Path, real: Sequence[str] | None, fake: Sequence[str] | None, features: str, *,
                   max_bytes: int = MAX_BYTES, max_members: int = 10_000) -> tuple[str, str]:
     """FID/KID/PRDC between two uploaded sets (zips or images); returns (Markdown report, JSON path)."""
-    from eval.fid import evaluate
+    from eval.fid import FidConfig, evaluate
     from eval.sources import list_images
 
     sets = {}
@@ -505,7 +505,8 @@ def evaluate_sets(out_dir: Path, real: Sequence[str] | None, fake: Sequence[str]
             raise ValueError(f"the {name} set needs at least 2 images (PNG/JPEG/DICOM, or a zip of them)")
         sets[name] = folder
     # no feature cache: it would keep features of the uploaded images in the user cache after the session
-    result = evaluate(sets["real"], sets["fake"], features=features, out=out_dir / "eval" / "report", use_cache=False)
+    result = evaluate(FidConfig(real=str(sets["real"]), fake=str(sets["fake"]), features=features,
+                                out=str(out_dir / "eval" / "report"), no_cache=True))
     return Path(result["report"]["markdown"]).read_text(encoding="utf-8"), result["report"]["json"]
 
 

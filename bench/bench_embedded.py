@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eval.features import TinyFeatures
-from eval.fid import distances
+from eval.fid import FidConfig, distances
 from eval.phantom_score import measure
 from finetune.embedded import (
     GUIDANCE,
@@ -74,7 +74,7 @@ def from_captions(pipe: object, captions: list[str], steps: int, guidance: float
 
 
 def fd(real: dict[str, torch.Tensor], fake: dict[str, torch.Tensor]) -> dict[str, float]:
-    return {k: distances(real[k], fake[k], kid_subsets=10)["fid"] for k in real}
+    return {k: distances(real[k], fake[k], FidConfig(kid_subsets=10))["fid"] for k in real}
 
 
 def machine() -> str:

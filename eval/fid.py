@@ -62,75 +62,83 @@ class _Given(nn.Module):
         return x
 
 
-def distances(real: torch.Tensor, fake: torch.Tensor, *, k: int = 5, kid_subsets: int = 100,
-              kid_subset_size: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """FID (torchmetrics), KID (torchmetrics) and PRDC on two (N, D) feature matrices."""
+def distances(real: torch.Tensor, fake: torch.Tensor, cfg: FidConfig | None = None) -> dict[str, Any]:
+    """FID and KID (torchmetrics) and precision/recall/density/coverage on two feature matrices.
+
+    Args:
+        real: (N_real, D) features of the real set; N_real >= 2.
+        fake: (N_fake, D) features of the synthetic set, same D; N_fake >= 2.
+        cfg: where `k`, `kid_subsets`, `kid_subset_size` and `seed` come from (FidConfig's defaults if None).
+    Returns: fid, kid_mean, kid_std, kid_subset_size (capped at the smaller set), prdc_k, precision, recall,
+        density and coverage (None when a set is too small for k neighbours)."""
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
+    cfg = cfg or FidConfig()
     if len(real) < 2 or len(fake) < 2:
         raise ValueError(f"FID needs at least 2 images per set; got {len(real)} real and {len(fake)} fake")
     real, fake = real.double(), fake.double()
     fid = FrechetInceptionDistance(feature=_Given(real.shape[1]))
     fid.update(real, real=True)
     fid.update(fake, real=False)
-    size = min(kid_subset_size, len(real), len(fake))
+    size = min(cfg.kid_subset_size, len(real), len(fake))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        kid = KernelInceptionDistance(feature=_Given(real.shape[1]), subsets=kid_subsets, subset_size=size)
+        kid = KernelInceptionDistance(feature=_Given(real.shape[1]), subsets=cfg.kid_subsets, subset_size=size)
     kid.update(real, real=True)
     kid.update(fake, real=False)
     with torch.random.fork_rng():
-        torch.manual_seed(seed)
+        torch.manual_seed(cfg.seed)
         kid_mean, kid_std = kid.compute()
     out: dict[str, Any] = {"fid": float(fid.compute()), "kid_mean": float(kid_mean), "kid_std": float(kid_std),
-                           "kid_subset_size": size, "prdc_k": k}
+                           "kid_subset_size": size, "prdc_k": cfg.k}
     try:
-        out.update(prdc(real, fake, k))
+        out.update(prdc(real, fake, cfg.k))
     except ValueError as exc:
         log.warning("%s", exc)
         out.update(precision=None, recall=None, density=None, coverage=None)
     return out
 
 
-def _embed(source: str | Path, n: int | None, seed: int, backbone: Backbone, cache_dir: str | Path | None,
-           use_cache: bool, image_column: str, batch_size: int, what: str):
-    paths = subsample(list_images(source, image_column), n, seed, what)
-    cdir = (Path(cache_dir) if cache_dir else default_cache_dir(source)) if use_cache else None
-    return embed_paths(paths, backbone, cache_dir=cdir, batch_size=batch_size, desc=f"{what} features")
+def _embed(source: str | Path, cfg: FidConfig, backbone: Backbone, what: str):
+    """Features of one image set (`what`: 'real' or 'fake'), subsampled to cfg.n and read from/written to the
+    feature cache unless cfg.no_cache."""
+    paths = subsample(list_images(source, cfg.image_column), cfg.n or None, cfg.seed, what)
+    cache = None if cfg.no_cache else Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(source)
+    return embed_paths(paths, backbone, cache_dir=cache, batch_size=cfg.batch_size, desc=f"{what} features")
 
 
-def evaluate(real: str | Path, fake: str | Path, features: str | Backbone = "inception", n: int | None = None, *,
-             inception_weights: str | Path | None = None, input_size: int = 224, k: int = 5, seed: int = 0,
-             kid_subsets: int = 100, kid_subset_size: int = 1000, image_column: str = "image",
-             batch_size: int = 32, device: str = "auto", cache_dir: str | Path | None = None,
-             use_cache: bool = True, out: str | Path | None = None) -> dict[str, Any]:
-    """All distribution metrics for two image sets; writes fid.json/fid.md/plots under `out` when given."""
+def evaluate(cfg: FidConfig, backbone: Backbone | None = None) -> dict[str, Any]:
+    """All distribution metrics between cfg.real and cfg.fake (folders or manifests), with N, backbone and
+    resize stated; writes fid.json/fid.md/plots under cfg.out when it is set. `backbone`: an already-loaded
+    feature extractor (else cfg.features is loaded)."""
     t0 = time.perf_counter()
-    bb = load_backbone(features, inception_weights=inception_weights, input_size=input_size, device=device)
-    er = _embed(real, n, seed, bb, cache_dir, use_cache, image_column, batch_size, "real")
-    ef = _embed(fake, n, seed, bb, cache_dir, use_cache, image_column, batch_size, "fake")
-    result: dict[str, Any] = {"real": str(real), "fake": str(fake), "n_real": len(er.paths), "n_fake": len(ef.paths),
-                              "backbone": bb.name, "resize": bb.resize, "feature_dim": int(er.features.shape[1])}
-    result.update(distances(er.features, ef.features, k=k, kid_subsets=kid_subsets,
-                            kid_subset_size=kid_subset_size, seed=seed))
+    backbone = backbone or load_backbone(cfg.features, inception_weights=cfg.inception_weights or None,
+                                         input_size=cfg.input_size, device=cfg.device)
+    real = _embed(cfg.real, cfg, backbone, "real")
+    fake = _embed(cfg.fake, cfg, backbone, "fake")
+    result: dict[str, Any] = {"real": str(cfg.real), "fake": str(cfg.fake), "n_real": len(real.paths),
+                              "n_fake": len(fake.paths), "backbone": backbone.name, "resize": backbone.resize,
+                              "feature_dim": int(real.features.shape[1])}
+    result.update(distances(real.features, fake.features, cfg))
     warns = []
-    if min(len(er.paths), len(ef.paths)) < SMALL_N:
-        warns.append(f"N < {SMALL_N} (real {len(er.paths)}, fake {len(ef.paths)}): FID is biased upwards at small N; "
-                     "compare FIDs only at the same N and backbone, and prefer KID for small sets.")
-    if er.skipped or ef.skipped:
-        warns.append(f"{len(er.skipped) + len(ef.skipped)} unreadable image(s) skipped; see `skipped` in the JSON.")
-    result.update(warnings=warns, skipped=er.skipped + ef.skipped,
-                  cache={"real_hits": er.cache_hits, "real_extracted": er.extracted,
-                         "fake_hits": ef.cache_hits, "fake_extracted": ef.extracted},
+    if min(len(real.paths), len(fake.paths)) < SMALL_N:
+        warns.append(f"N < {SMALL_N} (real {len(real.paths)}, fake {len(fake.paths)}): FID is biased upwards at small "
+                     "N; compare FIDs only at the same N and backbone, and prefer KID for small sets.")
+    if real.skipped or fake.skipped:
+        warns.append(f"{len(real.skipped) + len(fake.skipped)} unreadable image(s) skipped; see `skipped` in the JSON.")
+    result.update(warnings=warns, skipped=real.skipped + fake.skipped,
+                  cache={"real_hits": real.cache_hits, "real_extracted": real.extracted,
+                         "fake_hits": fake.cache_hits, "fake_extracted": fake.extracted},
                   seconds=round(time.perf_counter() - t0, 2))
     for w in warns:
         log.warning("%s", w)
-    if out:
-        result["report"] = _report(out, result, er.features, ef.features)
+    if cfg.out:
+        result["report"] = _report(cfg.out, result, real.features, fake.features)
     return result
 
 
 def _report(out: str | Path, result: dict[str, Any], real: torch.Tensor, fake: torch.Tensor) -> dict[str, str]:
+    """fid.json, fid.md and a figure (features on their first two principal components; PRDC bars)."""
     import matplotlib.pyplot as plt
     from .report import write_report
     both = torch.cat([real, fake]).double()
@@ -161,12 +169,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not cfg.real or not cfg.fake:
         raise UserError("give both --real and --fake (folders or manifests)")
     with user_errors():
-        result = evaluate(cfg.real, cfg.fake, cfg.features, cfg.n or None,
-                          inception_weights=cfg.inception_weights or None, input_size=cfg.input_size, k=cfg.k,
-                          seed=cfg.seed, kid_subsets=cfg.kid_subsets, kid_subset_size=cfg.kid_subset_size,
-                          image_column=cfg.image_column, batch_size=cfg.batch_size,
-                          device=cfg.device, cache_dir=cfg.cache_dir or None, use_cache=not cfg.no_cache,
-                          out=cfg.out)
+        result = evaluate(cfg)
     print(f"FID {result['fid']:.3f}  KID {result['kid_mean']:.5f}  N real {result['n_real']} fake {result['n_fake']}  "
           f"backbone {result['backbone']}  report {result['report']['markdown']}")
     return result

@@ -13,7 +13,7 @@ import torch
 
 from cxrcommon.imageio import write_png
 from eval import features as feats
-from eval.fid import distances, evaluate
+from eval.fid import FidConfig, distances, evaluate
 from eval.prdc import prdc
 
 SIZE = 48
@@ -49,7 +49,7 @@ def test_fid_self_is_zero_and_grows_with_noise(real_dir, tmp_path):
     results = []
     for noise in (0.0, 0.1, 0.2, 0.4):
         fake = write_set(tmp_path / f"fake_{noise}", blobs(0, 40, noise))
-        results.append(evaluate(real_dir, fake, "tiny", use_cache=False))
+        results.append(evaluate(FidConfig(real=str(real_dir), fake=str(fake), features="tiny", no_cache=True, out="")))
     fids = [r["fid"] for r in results]
     kids = [r["kid_mean"] for r in results]
     # Measured, both torch routes (identical to 5 digits), blob seeds 0/1/2: fid 0, 2.7-3.4e-4, 1.3-1.6e-3,
@@ -75,7 +75,7 @@ def test_kid_near_zero_for_same_distribution_and_large_for_shifted():
 
 def test_report_states_n_backbone_resize_and_small_n_warning(real_dir, tmp_path):
     fake = write_set(tmp_path / "fake", blobs(5, 12))
-    r = evaluate(real_dir, fake, "tiny", cache_dir=tmp_path / "cache", out=tmp_path / "out")
+    r = evaluate(FidConfig(real=str(real_dir), fake=str(fake), features="tiny", cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "out")))
     saved = json.loads((tmp_path / "out" / "fid.json").read_text())
     assert saved["n_real"] == 40 and saved["n_fake"] == 12
     assert saved["backbone"].startswith("tiny") and "32x32" in saved["resize"]
@@ -89,7 +89,7 @@ def test_n_subsamples_and_manifest_input(real_dir, tmp_path):
     manifest = tmp_path / "fake.csv"
     rows = ["image"] + [str(p) for p in sorted(real_dir.glob("*.png"))[:20]]
     manifest.write_text("\n".join(rows) + "\n")
-    r = evaluate(real_dir, manifest, "tiny", n=15, use_cache=False)
+    r = evaluate(FidConfig(real=str(real_dir), fake=str(manifest), features="tiny", n=15, no_cache=True, out=""))
     assert r["n_real"] == 15 and r["n_fake"] == 15
 
 
@@ -147,8 +147,8 @@ def test_cache_hits_on_second_run_and_invalidates_changed_file(tmp_path):
 
 def test_evaluate_caches_in_user_cache_not_beside_the_data(real_dir, tmp_path):
     fake = write_set(tmp_path / "fake", blobs(8, 10))
-    first = evaluate(real_dir, fake, "tiny")
-    second = evaluate(real_dir, fake, "tiny")
+    first = evaluate(FidConfig(real=str(real_dir), fake=str(fake), features="tiny", out=""))
+    second = evaluate(FidConfig(real=str(real_dir), fake=str(fake), features="tiny", out=""))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fake"]  # nothing written beside the data
     assert list((Path(os.environ["SYNTHCXR_CACHE"]) / "features").glob("fake-*/*.safetensors"))
     assert second["cache"]["fake_hits"] == 10 and second["cache"]["fake_extracted"] == 0
@@ -158,7 +158,7 @@ def test_evaluate_caches_in_user_cache_not_beside_the_data(real_dir, tmp_path):
 def test_unreadable_image_is_skipped_and_reported(real_dir, tmp_path):
     fake = write_set(tmp_path / "fake", blobs(8, 10))
     (fake / "broken.png").write_bytes(b"not a png")
-    r = evaluate(real_dir, fake, "tiny", use_cache=False)
+    r = evaluate(FidConfig(real=str(real_dir), fake=str(fake), features="tiny", no_cache=True, out=""))
     assert r["n_fake"] == 10 and len(r["skipped"]) == 1 and "broken.png" in r["skipped"][0]
 
 
@@ -215,7 +215,7 @@ def test_xrv_absent_names_the_install(monkeypatch):
 def test_torchscript_backbone(real_dir, tmp_path):
     path = tmp_path / "net.pt"
     torch.jit.script(feats.TinyFeatures()).save(str(path))
-    r = evaluate(real_dir, real_dir, str(path), input_size=40, use_cache=False)
+    r = evaluate(FidConfig(real=str(real_dir), fake=str(real_dir), features=str(path), input_size=40, no_cache=True, out=""))
     assert r["backbone"] == "torchscript net.pt" and "40x40" in r["resize"] and abs(r["fid"]) < 1e-4
     with pytest.raises(ValueError, match="inception, xrv, tiny"):
         feats.load_backbone(str(tmp_path / "missing.pt"))
