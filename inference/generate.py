@@ -5,7 +5,6 @@ manifest.jsonl row, resumes where a crashed or interrupted run stopped, refuses 
 with different settings in one folder, and shards work over processes under `accelerate launch`."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -16,7 +15,7 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -29,11 +28,11 @@ from cxrcommon.imageio import read_image, save_image, to_square
 from cxrcommon.logs import setup_logging
 from cxrcommon.models import lora_weights, resolve_model
 from cxrcommon.paths import check_out_dir
-from cxrcommon.provenance import SOFTWARE, file_sha256, model_identity, provenance
 from cxrcommon.prompt_windows import count_tokens
+from cxrcommon.provenance import SOFTWARE, file_sha256, model_identity, provenance
 
 from .config import FORMATS, GenerateConfig, check_generate_config
-from .prompts import PromptFits, PromptRow, read_prompts, write_prompts_jsonl
+from .prompts import FittedRow, PromptFits, PromptRow, read_prompts, write_prompts_jsonl
 from .sampler import CXRSampler, Request, Translation, derive_seed
 
 log = logging.getLogger(__name__)
@@ -64,6 +63,7 @@ class Job:
 
 @dataclass
 class GenerateSummary:
+    """What one process of a job did; the CLI prints it and the app shows it."""
     out: Path
     model: str
     planned: int       # images this process is responsible for
@@ -85,7 +85,18 @@ def plan_jobs(rows: Sequence[PromptRow], *, base_seed: int, negative_prompt: str
               label_folders: bool) -> Iterator[Job]:
     """Expand prompt rows into images. A row's own seed s gives images s, s+1, ...; otherwise image k
     of the row on line i gets `derive_seed(base_seed, i, k)`. The file name carries a hash of prompt,
-    negative prompt and seed, so an edited prompt file never reuses a finished image for new text."""
+    negative prompt and seed, so an edited prompt file never reuses a finished image for new text.
+
+    Arguments:
+      rows (sequence(PromptRow)): the prompts in file order; row i yields its `n` images.
+      base_seed (int): >= 0, the job's --seed, for rows without a seed of their own.
+      negative_prompt (str): for rows without a negative prompt of their own ("" = none).
+      fmt (str): a key of `FORMATS` (png, png16, dcm); picks the file suffix.
+      label_folders (bool): put each image in a sub-folder named after its row's label.
+
+    Returns:
+      (iterator(Job)): lazily, so a row with n = 10**9 costs nothing until it is reached.
+    """
     for row in rows:
         for k in range(row.n):
             yield row_job(row, k, base_seed=base_seed, negative_prompt=negative_prompt, fmt=fmt,
@@ -93,7 +104,16 @@ def plan_jobs(rows: Sequence[PromptRow], *, base_seed: int, negative_prompt: str
 
 
 def row_job(row: PromptRow, k: int, *, base_seed: int, negative_prompt: str, fmt: str, label_folders: bool) -> Job:
-    """Image k of `row`, computed directly (so counting finished images never expands the plan)."""
+    """Image k of `row`, computed directly (so counting finished images never expands the plan).
+
+    Arguments:
+      row (PromptRow): the prompt row.
+      k (int): 0 <= k < row.n, the image's number within the row.
+      base_seed, negative_prompt, fmt, label_folders: as for `plan_jobs`.
+
+    Returns:
+      (Job): its key (relative path), seed, prompt and negative prompt.
+    """
     neg = row.negative_prompt if row.negative_prompt is not None else negative_prompt
     seed = row.seed + k if row.seed is not None else derive_seed(base_seed, row.index, k)
     tag = hashlib.sha256(json.dumps([row.prompt, neg, seed]).encode()).hexdigest()[:8]
@@ -106,7 +126,17 @@ def plan_size(rows: Sequence[PromptRow], finished: Iterable[dict], index: int, c
               **plan: object) -> tuple[int, int]:
     """(images this process is responsible for, how many of them are already finished), in
     O(rows + finished): a prompt with n = 10**9 must not be expanded before the first batch.
-    `finished`: manifest rows whose file is on disk; `plan`: the keyword arguments of `plan_jobs`."""
+
+    Arguments:
+      rows (sequence(PromptRow)): the prompts in file order, as given to `plan_jobs`.
+      finished (iterable(dict)): manifest rows whose file is on disk (`finished_rows`).
+      index (int): 0 <= index < count, this process's share.
+      count (int): >= 1, the number of processes.
+      plan: the keyword arguments of `plan_jobs` (base_seed, negative_prompt, fmt, label_folders).
+
+    Returns:
+      (tuple(int, int)): images planned for this process, and how many of them are finished.
+    """
     first: dict[int, tuple[int, PromptRow]] = {}
     total = 0
     for row in rows:
@@ -144,9 +174,19 @@ def _batches(items: Iterable[Job], size: int, length: Callable[[Job], int] = lam
 # ---------------------------------------------------------------- settings and manifest
 
 def check_settings(out: Path, settings: dict, force: bool, absent_ok: Iterable[str] = ()) -> bool:
-    """True if `out` may be (re)used with `settings`; raise if they differ and not `force`.
-    Returns whether earlier results must be discarded. `absent_ok`: keys a folder started by an older
-    version may lack without its images differing (e.g. max_windows when every prompt fits one window)."""
+    """Whether `out`'s earlier images must be discarded to use it with `settings`; raise
+    SettingsChangedError where they differ from the folder's and `force` is off.
+
+    Arguments:
+      out (Path): the output folder; without a settings file it may always be used.
+      settings (dict): this run's settings (`RunRecord.settings`).
+      force (bool): allow changed settings (the caller then sets the old images aside).
+      absent_ok (iterable(str)): keys a folder started by an older version may lack without its images
+        differing (e.g. max_windows when every prompt fits one window).
+
+    Returns:
+      (bool): True where the settings changed and `force` allowed it.
+    """
     path = out / SETTINGS
     if not path.is_file():
         return False
@@ -203,45 +243,17 @@ def finished_rows(out: Path) -> list[dict]:
     return [r for r in manifest_rows(out) if (out / r["key"]).is_file()]
 
 
-# ---------------------------------------------------------------- inputs
-
-def _read_translation(cfg: GenerateConfig) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """--init-image and --mask read (and the mask checked) before any model is loaded or file written."""
-    if not cfg.init_image:
-        return None, None
-    mask = read_image(cfg.mask) if cfg.mask else None
-    if mask is not None and not (mask >= 0.5).any():
-        raise UserError(f"--mask {cfg.mask}: the mask has no white (>= 50%) pixels, so nothing would change — "
-                        f"paint the region to regenerate white")
-    return read_image(cfg.init_image), mask
-
-
-def _translation(cfg: GenerateConfig, image: np.ndarray | None, mask: np.ndarray | None) -> Translation | None:
-    if image is None:
-        return None
-    if cfg.height != cfg.width:
-        raise UserError(f"--init-image needs a square output; got --height {cfg.height} --width {cfg.width}")
-    return Translation(image=to_square(image, cfg.height), strength=cfg.strength,
-                       mask=to_square(mask, cfg.height) if mask is not None else None)
-
-
-def _load_rows(cfg: GenerateConfig, out: Path) -> tuple[list[PromptRow], str]:
-    """The prompt rows and the name they are cited by (the balancing plan, written later, for --balance)."""
-    rows = read_prompts(cfg.prompts, default_n=cfg.n_per_prompt, skip_bad=cfg.skip_bad_lines) if cfg.prompts else None
-    if not cfg.balance:
-        return rows, str(cfg.prompts)
-    from .balance import balance_prompts
-    rows = balance_prompts(cfg.balance, cfg.label_column, prompts=rows, text_column=cfg.text_column,
-                           image_column=cfg.image_column)
-    return rows, str(out / "balance_prompts.jsonl")
-
+# ---------------------------------------------------------------- helpers
 
 class _ProgressLog:
     """An INFO line with rate and ETA after the first batch and then every `every` s: tqdm's bar is off
     when stderr is not a terminal (a log file, a cluster job), and a long job must still show it is alive."""
 
     def __init__(self, total: int, every: float = 30.0):
-        self.total, self.every, self.start, self.last = total, every, time.perf_counter(), -math.inf
+        self.total = total
+        self.every = every
+        self.start = time.perf_counter()
+        self.last = -math.inf
 
     def update(self, done: int) -> None:
         now = time.perf_counter()
@@ -259,154 +271,366 @@ def _file_name(path: str | None) -> str | None:
     return Path(path).name if path else None
 
 
-def _process_layout(shard: tuple[int, int] | None, device: str):
-    """(index, count, device, barrier): `shard` when given (tests), else accelerate's process state."""
+# ---------------------------------------------------------------- one run, described once
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What one run is, kept once and written three ways: settings.json (what a resumed run must match),
+    each image's tags and each manifest row. Metadata names files and the model, never a path on this
+    machine (issue #24): names plus content hashes."""
+    cfg: GenerateConfig
+    height: int                     # output size in pixels: the config's, else the model's native size
+    width: int
+    dtype: str                      # the sampler's weights, e.g. "torch.float32"
+    model_name: str                 # the model as metadata names it (`model_identity`)
+    model_sha256: str | None        # its folder's fingerprint; None where there is no local folder
+    lora_sha256: str | None
+    init_image_sha256: str | None
+    mask_sha256: str | None
+    source: str                     # the prompt file (for --balance, the plan written into the output folder)
+
+    @classmethod
+    def describe(cls, cfg: GenerateConfig, sampler: CXRSampler, model_source: str, source: str) -> RunRecord:
+        """Hash the input files and fingerprint the model once, for every image of the run."""
+        model_name, model_sha = model_identity(cfg.model, model_source)
+        return cls(cfg=cfg, height=cfg.height or sampler.native_size, width=cfg.width or sampler.native_size,
+                   dtype=str(sampler.dtype), model_name=model_name, model_sha256=model_sha,
+                   lora_sha256=file_sha256(cfg.lora) if cfg.lora else None,
+                   init_image_sha256=file_sha256(cfg.init_image) if cfg.init_image else None,
+                   mask_sha256=file_sha256(cfg.mask) if cfg.mask else None, source=source)
+
+    @property
+    def translated(self) -> bool:
+        """Whether images start from --init-image, so that --strength shapes them."""
+        return bool(self.cfg.init_image)
+
+    def settings(self) -> dict[str, Any]:
+        """settings.json: what changes pixels or file layout, which every run into the folder must share."""
+        settings = {k: getattr(self.cfg, k) for k in IMAGE_SETTINGS}
+        settings.update(height=self.height, width=self.width, model=str(self.cfg.model), lora_sha256=self.lora_sha256,
+                        dtype=self.dtype, init_image_sha256=self.init_image_sha256, mask_sha256=self.mask_sha256)
+        if not self.translated:
+            settings.pop("strength")
+        return settings
+
+    def tags(self, job: Job, text: dict[str, str | None]) -> dict[str, str]:
+        """An image's provenance tags; `text`: how its prompt was encoded (`FittedText.tags`). Defaults
+        (no rescale, the full guidance interval, no LoRA) are left out."""
+        cfg = self.cfg
+        full_interval = list(cfg.guidance_interval) == [0.0, 1.0]
+        return provenance(prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed, label=job.label,
+                          prompt_source=f"{Path(self.source).name}:{job.prompt_index}", image_index=job.k, **text,
+                          steps=cfg.steps, guidance=cfg.guidance, guidance_rescale=cfg.guidance_rescale or None,
+                          guidance_interval=None if full_interval else cfg.guidance_interval,
+                          scheduler=cfg.scheduler, model=self.model_name, model_sha256=self.model_sha256,
+                          lora=_file_name(cfg.lora), lora_sha256=self.lora_sha256,
+                          lora_scale=cfg.lora_scale if cfg.lora else None, height=self.height, width=self.width,
+                          dtype=self.dtype, init_image=_file_name(cfg.init_image),
+                          init_image_sha256=self.init_image_sha256,
+                          strength=cfg.strength if self.translated else None, mask=_file_name(cfg.mask),
+                          mask_sha256=self.mask_sha256, text_removed="true" if cfg.clean else None)
+
+    def manifest_row(self, job: Job, text: dict[str, str | None], created: str) -> dict[str, Any]:
+        """An image's manifest.jsonl row; `created` is its tags' time, so file and row agree."""
+        return {"key": job.key, "file": job.key, "prompt": job.prompt,
+                **{k: v for k, v in text.items() if v is not None},
+                "negative_prompt": job.negative_prompt, "seed": job.seed, "label": job.label,
+                "prompt_index": job.prompt_index, "k": job.k, "model": self.model_name,
+                "lora_sha256": self.lora_sha256, "synthetic": True, "software": SOFTWARE, "created": created}
+
+
+# ---------------------------------------------------------------- the steps of `generate`
+
+@dataclass(frozen=True)
+class _Inputs:
+    """Everything the command line names, read and checked before a model is loaded or a file written."""
+    out: Path
+    model_source: str               # what `from_pretrained` loads for cfg.model
+    lora: Path | None               # the LoRA's .safetensors file
+    init_image: np.ndarray | None   # float32 H x W in [0, 1], as read
+    mask: np.ndarray | None         # float32 H x W in [0, 1], as read; 1 = regenerate
+    rows: list[PromptRow]
+    source: str                     # the name the prompts are cited by (`_load_rows`)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """This process's place in the job: share `index` of `count`, its device, and a wait for every process."""
+    index: int
+    count: int
+    device: str
+    barrier: Callable[[], None]
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+
+@dataclass(frozen=True)
+class _Prompts:
+    """The rows with their prompts fitted to CLIP windows on first use, and each negative prompt's windows."""
+    fits: PromptFits
+    rows: list[FittedRow]
+    negative_windows: dict[str, int]
+    guided: bool                    # guidance > 1: each UNet call also encodes the negative prompt
+
+    def windows(self, job: Job) -> int:
+        """The embedding length a job's UNet call needs (prompt and negative padded alike)."""
+        own = self.fits[job.prompt_index][1].windows
+        if not self.guided:
+            return own
+        return max(own, self.negative_windows.get(job.negative_prompt, 1))
+
+    def one_window(self) -> bool:
+        """Whether every text fits one window uncut; fits every prompt, but all() stops at the first long one."""
+        return (set(self.negative_windows.values()) <= {1}
+                and all(f.windows == 1 and not f.cut for _, f in self.fits.values()))
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """This process's images still to make (lazy: a plan of 10**9 images is never expanded) and where
+    their manifest rows go."""
+    jobs: Iterator[Job]
+    planned: int                    # images this process is responsible for
+    skipped: int                    # ... of which an earlier run finished
+    manifest: Path
+
+
+def _check_inputs(cfg: GenerateConfig) -> _Inputs:
+    """Check every flag and read every input file, so a bad one costs no model load and leaves no file."""
+    check_generate_config(cfg)
+    present = [f for f in (cfg.prompts, cfg.init_image, cfg.mask, cfg.balance) if f and Path(f).exists()]
+    out = check_out_dir(cfg.out, present)  # a missing input is named, with its flag, by its reader below
+    model_source = resolve_model(cfg.model)
+    lora = lora_weights(cfg.lora) if cfg.lora else None
+    init_image, mask = _read_translation(cfg)
+    rows, source = _load_rows(cfg, out)
+    return _Inputs(out=out, model_source=model_source, lora=lora, init_image=init_image, mask=mask, rows=rows,
+                   source=source)
+
+
+def _read_translation(cfg: GenerateConfig) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """--init-image and --mask read (and the mask checked) before any model is loaded or file written."""
+    if not cfg.init_image:
+        return None, None
+    mask = read_image(cfg.mask) if cfg.mask else None
+    if mask is not None and not (mask >= 0.5).any():
+        raise UserError(f"--mask {cfg.mask}: the mask has no white (>= 50%) pixels, so nothing would change — "
+                        f"paint the region to regenerate white")
+    return read_image(cfg.init_image), mask
+
+
+def _load_rows(cfg: GenerateConfig, out: Path) -> tuple[list[PromptRow], str]:
+    """The prompt rows and the name they are cited by (the balancing plan, written later, for --balance)."""
+    rows = read_prompts(cfg.prompts, default_n=cfg.n_per_prompt, skip_bad=cfg.skip_bad_lines) if cfg.prompts else None
+    if not cfg.balance:
+        return rows, str(cfg.prompts)
+    from .balance import balance_prompts
+    rows = balance_prompts(cfg.balance, cfg.label_column, prompts=rows, text_column=cfg.text_column,
+                           image_column=cfg.image_column)
+    return rows, str(out / "balance_prompts.jsonl")
+
+
+def _process_layout(shard: tuple[int, int] | None, device: str) -> _Layout:
+    """`shard` when given (tests), else accelerate's process state under `accelerate launch`."""
     if shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
         from cxrcommon.device import pick_device
         state = PartialState(cpu=pick_device(device).type == "cpu")  # without cpu=True it ignores CPU ranks
-        return state.process_index, state.num_processes, str(state.device), state.wait_for_everyone
+        return _Layout(state.process_index, state.num_processes, str(state.device), state.wait_for_everyone)
     index, count = shard or (0, 1)
-    return index, count, device, lambda: None
+    return _Layout(index, count, device, lambda: None)
+
+
+def _text_remover(clean: bool) -> Callable[[np.ndarray], Any] | None:
+    """textremoval's `clean_image` for --clean, imported only then: only --clean pays for OCR models."""
+    if not clean:
+        return None
+    from textremoval.remover import clean_image
+    return clean_image
+
+
+def _prepare_sampler(cfg: GenerateConfig, sampler: CXRSampler | None, inputs: _Inputs, device: str) -> CXRSampler:
+    """Load cfg.model, or reuse the caller's copy of it with cfg's scheduler (the app shares one model)."""
+    if sampler is None:
+        sampler = CXRSampler.load(inputs.model_source, lora=inputs.lora, lora_scale=cfg.lora_scale, device=device,
+                                  precision=cfg.precision, scheduler=cfg.scheduler, channels_last=cfg.channels_last,
+                                  fuse_qkv=cfg.fuse_qkv, compile=cfg.compile, decode_batch=cfg.decode_batch)
+    elif sampler.scheduler_name != cfg.scheduler:
+        sampler.use_scheduler(cfg.scheduler)
+    log.info("model: %s%s (%s on %s); LoRA: %s; %sx%s px", cfg.model,
+             f" -> {inputs.model_source}" if inputs.model_source != cfg.model else "", sampler.dtype, sampler.device,
+             cfg.lora or "none", cfg.height or sampler.native_size, cfg.width or sampler.native_size)
+    return sampler
+
+
+def _translation(record: RunRecord, image: np.ndarray | None, mask: np.ndarray | None,
+                 inpainting: bool) -> Translation | None:
+    """The start image (and mask) at the output size; an inpainting model cannot run without both."""
+    if image is not None and record.height != record.width:
+        raise UserError(f"--init-image needs a square output; got --height {record.height} --width {record.width}")
+    if inpainting and (image is None or mask is None):
+        raise UserError(f"{record.cfg.model} is an inpainting model (9-channel UNet): pass --init-image and --mask, "
+                        f"or use a text-to-image model")
+    if image is None:
+        return None
+    return Translation(image=to_square(image, record.height), strength=record.cfg.strength,
+                       mask=to_square(mask, record.height) if mask is not None else None)
+
+
+def _fit_prompts(cfg: GenerateConfig, rows: list[PromptRow], source: str, tokenizer: Any) -> _Prompts:
+    """Fit each prompt when the job reaches it (the first image never waits for the whole file); count the
+    negative prompts' windows now, as there are few."""
+    fits = PromptFits(rows, tokenizer, policy=cfg.clip_policy, max_windows=cfg.max_windows, source=source,
+                      logger=log)
+    fitted = fits.rows()
+    negatives = list(dict.fromkeys([cfg.negative_prompt] + [r.negative_prompt for r in fitted if r.negative_prompt]))
+    windows = {t: c.windows for t, c in zip(negatives, count_tokens(tokenizer, negatives))}
+    return _Prompts(fits=fits, rows=fitted, negative_windows=windows, guided=cfg.guidance > 1)
+
+
+def _prepare_out_dir(out: Path, record: RunRecord, prompts: _Prompts, layout: _Layout) -> None:
+    """The main process clears what an interrupted run left, checks and writes the settings (with --force,
+    setting earlier images aside) and merges the manifests; then every other process checks the settings."""
+    settings = record.settings()
+    # before windows, every text was cut at 77 tokens: one-window jobs make the same images as then
+    # (asked only of such a folder, as it fits every prompt)
+    legacy = ("max_windows",) if _lacks_setting(out, "max_windows") and prompts.one_window() else ()
+    if layout.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        if removed := remove_stale_temps(out):
+            log.info("removed %d temp file(s) left in %s by an interrupted run", removed, out)
+        if check_settings(out, settings, record.cfg.force, legacy) and (out / MANIFEST).exists():
+            (out / MANIFEST).rename(out / f"manifest.replaced-{int(time.time())}.jsonl")
+            for part in out.glob("manifest.part*.jsonl"):
+                part.unlink()
+        merge_manifests(out)
+        atomic_write_text(out / SETTINGS, json.dumps(settings, indent=1, sort_keys=True))
+        if record.cfg.balance:
+            write_prompts_jsonl(record.source, prompts.rows)
+            log.info("balancing plan (%d images) written to %s", sum(r.n for r in prompts.rows), record.source)
+    layout.barrier()
+    if not layout.is_main:
+        check_settings(out, settings, force=False, absent_ok=legacy)
+
+
+def _plan(cfg: GenerateConfig, out: Path, prompts: _Prompts, layout: _Layout) -> _Plan:
+    """This process's share of the images, less those an earlier run finished (counted without
+    expanding the plan)."""
+    plan = dict(base_seed=cfg.seed, negative_prompt=cfg.negative_prompt, fmt=cfg.format,
+                label_folders=cfg.label_folders)
+    finished = finished_rows(out)
+    prompts.fits.reuse(finished)  # a resumed job does not re-fit the prompts of the images it skips
+    done = {r["key"] for r in finished}
+    planned, skipped = plan_size(prompts.rows, finished, layout.index, layout.count, **plan)
+    log.info("%d image(s) for this process: %d already done, %d to make (batch %d, %d steps, %s)",
+             planned, skipped, planned - skipped, cfg.batch_size, cfg.steps, cfg.scheduler)
+    jobs = shard_jobs(plan_jobs(prompts.rows, **plan), layout.index, layout.count)
+    manifest = out / (MANIFEST if layout.count == 1 else _part_name(layout.index, layout.count))
+    return _Plan(jobs=(j for j in jobs if j.key not in done), planned=planned, skipped=skipped, manifest=manifest)
+
+
+def _remove_text(cleaner: Callable[[np.ndarray], Any], job: Job, image: np.ndarray) -> np.ndarray | None:
+    """The image with burnt-in text removed, or None where removal failed: one bad image must not end a
+    long job, and a rerun retries it."""
+    try:
+        return np.clip(cleaner(image).image, 0, 1).astype(np.float32)
+    except Exception as exc:
+        log.error("%s: text removal failed (%s); not saved, rerun to retry", job.key, exc)
+        return None
+
+
+def _save_image(out: Path, manifest: Path, record: RunRecord, prompts: _Prompts, job: Job,
+                image: np.ndarray) -> Path:
+    """Write the image with its tags, then its manifest row: a row is only ever written for a file on disk."""
+    original, fit = prompts.fits[job.prompt_index]
+    text = fit.tags(original)
+    tags = record.tags(job, text)
+    path = save_image(out / job.key, image, fmt=record.cfg.format, tags=tags)
+    append_jsonl(manifest, record.manifest_row(job, text, tags["created"]))
+    return path
 
 
 # ---------------------------------------------------------------- the job
 
 def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
              on_image: Callable[[Path], None] | None = None, sampler: CXRSampler | None = None) -> GenerateSummary:
-    """Run (or resume) a generation job. `shard=(index, count)` overrides the process layout;
-    `on_image(path)` is called after each image is on disk (progress for the app; tests use it);
-    `sampler`: an already loaded model of `cfg.model` (the app shares one across requests)."""
-    check_generate_config(cfg)  # every input is checked before anything is loaded or written
-    inputs = [f for f in (cfg.prompts, cfg.init_image, cfg.mask, cfg.balance) if f and Path(f).exists()]
-    out = check_out_dir(cfg.out, inputs)  # a missing input is named, with its flag, by its reader below
-    model_source = resolve_model(cfg.model)
-    lora = lora_weights(cfg.lora) if cfg.lora else None
-    init_image, mask = _read_translation(cfg)
-    rows, source = _load_rows(cfg, out)
-    index, count, device, barrier = _process_layout(shard, cfg.device)
-    is_main = index == 0
-    cleaner = None
-    if cfg.clean:
-        from textremoval.remover import clean_image as cleaner  # lazy: only --clean pays for OCR models
+    """Run (or resume) a generation job, in steps numbered as in diffusers' `StableDiffusionPipeline.__call__`.
+    Nothing is written before step 7, so a run refused for a bad input leaves no settings file behind.
 
-    if sampler is None:
-        sampler = CXRSampler.load(model_source, lora=lora, lora_scale=cfg.lora_scale, device=device,
-                                  precision=cfg.precision, scheduler=cfg.scheduler, channels_last=cfg.channels_last,
-                                  fuse_qkv=cfg.fuse_qkv, compile=cfg.compile, decode_batch=cfg.decode_batch)
-    elif sampler.scheduler_name != cfg.scheduler:
-        sampler.use_scheduler(cfg.scheduler)
-    log.info("model: %s%s (%s on %s); LoRA: %s; %sx%s px", cfg.model,
-             f" -> {model_source}" if model_source != cfg.model else "", sampler.dtype, sampler.device,
-             cfg.lora or "none", cfg.height or sampler.native_size, cfg.width or sampler.native_size)
-    cfg = dataclasses.replace(cfg, height=cfg.height or sampler.native_size, width=cfg.width or sampler.native_size)
-    translation = _translation(cfg, init_image, mask)
-    if sampler.inpainting_unet and (translation is None or translation.mask is None):
-        raise UserError(f"{cfg.model} is an inpainting model (9-channel UNet): pass --init-image and --mask, "
-                         f"or use a text-to-image model")
-    fits = PromptFits(rows, sampler.tokenizer, policy=cfg.clip_policy, max_windows=cfg.max_windows, source=source,
-                      logger=log)
-    rows = fits.rows()  # each fitted when the job reaches it: the first image never waits for the whole file
-    negatives = list(dict.fromkeys([cfg.negative_prompt] + [r.negative_prompt for r in rows if r.negative_prompt]))
-    neg_windows = {t: c.windows for t, c in zip(negatives, count_tokens(sampler.tokenizer, negatives))}
+    Arguments:
+      cfg (GenerateConfig): every option of the job, checked before anything is loaded or written;
+        height and width None mean the model's native size.
+      shard (tuple(int, int) or None): (index, count), 0 <= index < count: make every count-th image from
+        `index`; overrides the process layout (tests). None: accelerate's, or (0, 1) in one process.
+      on_image (callable or None): called with each image's path once file and manifest row are on disk
+        (the app's progress; tests stop a job with it).
+      sampler (CXRSampler or None): an already loaded model of `cfg.model`, switched to `cfg.scheduler`
+        (the app shares one across requests). None: load `cfg.model` (with `cfg.lora`).
 
-    def windows(job: Job) -> int:  # the embedding length its UNet call needs (prompt and negative padded alike)
-        own = fits[job.prompt_index][1].windows
-        return max(own, neg_windows.get(job.negative_prompt, 1)) if cfg.guidance > 1 else own
+    Returns:
+      (GenerateSummary): this process's counts (planned, generated, skipped, failed) and time.
+    """
+    # 1. Check inputs: every flag and input file, before a model is loaded or a file written
+    inputs = _check_inputs(cfg)
+    out = inputs.out
 
-    lora_sha = file_sha256(cfg.lora) if cfg.lora else None
-    settings = {k: getattr(cfg, k) for k in IMAGE_SETTINGS}
-    settings.update(model=str(cfg.model), lora_sha256=lora_sha, dtype=str(sampler.dtype),
-                    init_image_sha256=file_sha256(cfg.init_image) if cfg.init_image else None,
-                    mask_sha256=file_sha256(cfg.mask) if cfg.mask else None)
-    if not translation:
-        settings.pop("strength")
-    # before windows, every text was cut at 77 tokens: one-window jobs make the same images as then
-    # (asked only of such a folder, as it fits every prompt; all() stops at the first long one)
-    one_window = (_lacks_setting(out, "max_windows") and set(neg_windows.values()) <= {1}
-                  and all(f.windows == 1 and not f.cut for _, f in fits.values()))
-    legacy = ("max_windows",) if one_window else ()
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        if removed := remove_stale_temps(out):
-            log.info("removed %d temp file(s) left in %s by an interrupted run", removed, out)
-        if check_settings(out, settings, cfg.force, legacy) and (out / MANIFEST).exists():
-            (out / MANIFEST).rename(out / f"manifest.replaced-{int(time.time())}.jsonl")
-            for part in out.glob("manifest.part*.jsonl"):
-                part.unlink()
-        merge_manifests(out)
-        atomic_write_text(out / SETTINGS, json.dumps(settings, indent=1, sort_keys=True))
-        if cfg.balance:
-            write_prompts_jsonl(source, rows)
-            log.info("balancing plan (%d images) written to %s", sum(r.n for r in rows), source)
-    barrier()
-    if not is_main:
-        check_settings(out, settings, force=False, absent_ok=legacy)
+    # 2. Define the process layout: this process's share of the images, and its device
+    layout = _process_layout(shard, cfg.device)
 
-    plan = dict(base_seed=cfg.seed, negative_prompt=cfg.negative_prompt, fmt=cfg.format,
-                label_folders=cfg.label_folders)
-    finished = finished_rows(out)
-    fits.reuse(finished)  # a resumed job does not re-fit the prompts of the images it skips
-    done = {r["key"] for r in finished}
-    planned, n_done = plan_size(rows, finished, index, count, **plan)
-    n_todo = planned - n_done
-    manifest = out / (MANIFEST if count == 1 else _part_name(index, count))
-    log.info("%d image(s) for this process: %d already done, %d to make (batch %d, %d steps, %s)",
-             planned, planned - n_todo, n_todo, cfg.batch_size, cfg.steps, cfg.scheduler)
-    # metadata names files and the model, never a path on this machine (issue #24): names plus content hashes
-    model_name, model_sha = model_identity(cfg.model, model_source)
-    base_tags = dict(steps=cfg.steps, guidance=cfg.guidance, guidance_rescale=cfg.guidance_rescale or None,
-                     guidance_interval=None if list(cfg.guidance_interval) == [0.0, 1.0] else cfg.guidance_interval,
-                     scheduler=cfg.scheduler, model=model_name, model_sha256=model_sha,
-                     lora=_file_name(cfg.lora), lora_sha256=lora_sha, lora_scale=cfg.lora_scale if cfg.lora else None,
-                     height=cfg.height, width=cfg.width, dtype=str(sampler.dtype),
-                     init_image=_file_name(cfg.init_image), init_image_sha256=settings["init_image_sha256"],
-                     strength=cfg.strength if translation else None, mask=_file_name(cfg.mask),
-                     mask_sha256=settings["mask_sha256"], text_removed="true" if cfg.clean else None)
+    # 3. Load the models
+    cleaner = _text_remover(cfg.clean)
+    sampler = _prepare_sampler(cfg, sampler, inputs, layout.device)
 
-    shown = cfg.model if model_source == cfg.model else f"{cfg.model} = {model_source}"
-    summary = GenerateSummary(out=out, model=shown, planned=planned, generated=0, skipped=planned - n_todo,
+    # 4. Describe the run: the source of settings.json, every image's tags and every manifest row
+    record = RunRecord.describe(cfg, sampler, inputs.model_source, inputs.source)
+
+    # 5. Prepare the start image (img2img, inpainting)
+    translation = _translation(record, inputs.init_image, inputs.mask, sampler.inpainting_unet)
+
+    # 6. Fit the prompts to CLIP windows
+    prompts = _fit_prompts(cfg, inputs.rows, inputs.source, sampler.tokenizer)
+
+    # 7. Prepare the output folder
+    _prepare_out_dir(out, record, prompts, layout)
+
+    # 8. Plan jobs
+    plan = _plan(cfg, out, prompts, layout)
+
+    # 9. Generate: one sampler call per batch of equal text length; each image saved as it comes
+    shown = cfg.model if inputs.model_source == cfg.model else f"{cfg.model} = {inputs.model_source}"
+    summary = GenerateSummary(out=out, model=shown, planned=plan.planned, generated=0, skipped=plan.skipped,
                               failed=0, seconds=0.0)
+    n_todo = plan.planned - plan.skipped
     start = time.perf_counter()
     progress = _ProgressLog(n_todo)
-    todo = (j for j in shard_jobs(plan_jobs(rows, **plan), index, count) if j.key not in done)  # lazy
-    with tqdm(total=n_todo, unit="img", desc="generating", disable=not is_main or None) as bar:
-        for batch in _batches(todo, cfg.batch_size, windows):
+    with tqdm(total=n_todo, unit="img", desc="generating", disable=not layout.is_main or None) as bar:
+        for batch in _batches(plan.jobs, cfg.batch_size, prompts.windows):
             images = sampler.generate([Request(j.prompt, j.seed, j.negative_prompt) for j in batch],
-                                      height=cfg.height, width=cfg.width, steps=cfg.steps, guidance=cfg.guidance,
-                                      guidance_rescale=cfg.guidance_rescale,
+                                      height=record.height, width=record.width, steps=cfg.steps,
+                                      guidance=cfg.guidance, guidance_rescale=cfg.guidance_rescale,
                                       guidance_interval=cfg.guidance_interval, translation=translation)
             for job, image in zip(batch, images, strict=True):
                 if cleaner is not None:
-                    try:
-                        image = np.clip(cleaner(image).image, 0, 1).astype(np.float32)
-                    except Exception as exc:  # one bad image must not end a long job; a rerun retries it
-                        log.error("%s: text removal failed (%s); not saved, rerun to retry", job.key, exc)
-                        summary.failed += 1
-                        continue
-                original, fit = fits[job.prompt_index]
-                text_tags = fit.tags(original)
-                tags = provenance(prompt=job.prompt, negative_prompt=job.negative_prompt, seed=job.seed,
-                                  label=job.label, prompt_source=f"{Path(source).name}:{job.prompt_index}",
-                                  image_index=job.k, **text_tags, **base_tags)
-                path = save_image(out / job.key, image, fmt=cfg.format, tags=tags)
-                append_jsonl(manifest, {"key": job.key, "file": job.key, "prompt": job.prompt,
-                                        **{k: v for k, v in text_tags.items() if v is not None},
-                                        "negative_prompt": job.negative_prompt, "seed": job.seed, "label": job.label,
-                                        "prompt_index": job.prompt_index, "k": job.k, "model": model_name,
-                                        "lora_sha256": lora_sha, "synthetic": True, "software": SOFTWARE,
-                                        "created": tags["created"]})
+                    image = _remove_text(cleaner, job, image)
+                if image is None:
+                    summary.failed += 1
+                    continue
+                path = _save_image(out, plan.manifest, record, prompts, job, image)
                 summary.generated += 1
                 bar.update()
                 if on_image is not None:
                     on_image(path)
-            if is_main:
+            if layout.is_main:
                 progress.update(summary.generated + summary.failed)
-    fits.summary()
+
+    # 10. Finish: report the prompt fits, wait for every process, merge their manifests
+    prompts.fits.summary()
     summary.seconds = time.perf_counter() - start
-    barrier()
-    if is_main:
+    layout.barrier()
+    if layout.is_main:
         merge_manifests(out)
     return summary
 
