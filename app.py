@@ -136,8 +136,8 @@ class Services:
         return self._sampler
 
     def remover(self, keep_markers: bool, deidentify: bool = False) -> Any:
-        from textremoval.remover import TextRemover
         from textremoval.config import TextRemovalConfig
+        from textremoval.remover import TextRemover
         key = (keep_markers, deidentify)
         if key not in self._removers:
             tr = TextRemovalConfig(keep_markers=keep_markers, deidentify=deidentify,

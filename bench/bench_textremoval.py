@@ -26,9 +26,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from textremoval import TextRemovalConfig, TextRemover  # noqa: E402
+from textremoval.detect import TextRegion  # noqa: E402
 from textremoval.evaluate import REALCXR, realcxr_records  # noqa: E402
 from textremoval.segment import GlyphSegmenter  # noqa: E402
-from textremoval.detect import TextRegion  # noqa: E402
 from textremoval.synth_text import render  # noqa: E402
 
 

@@ -24,8 +24,7 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing
-from pydicom.uid import (PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian,
-                         SecondaryCaptureImageStorage, generate_uid)
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from .atomic import atomic_path
 from .errors import ImageReadError

@@ -21,10 +21,10 @@ from cxrcommon.atomic import atomic_write_text
 from cxrcommon.cli import cli_entry
 from cxrcommon.config import field
 from cxrcommon.csv_cells import safe_row
-from cxrcommon.errors import UserError
 from cxrcommon.device import pick_device
-from cxrcommon.optional import require
+from cxrcommon.errors import UserError
 from cxrcommon.logs import setup_logging
+from cxrcommon.optional import require
 
 from .cli import parse, user_errors
 from .features import to_square_tensor
@@ -175,6 +175,7 @@ def augment(real_train: str | Path, synthetic: str | Path, test: str | Path, *, 
 
 def _report(out: str | Path, r: dict[str, Any]) -> dict[str, str]:
     import matplotlib.pyplot as plt
+
     from .report import write_report
     ci = r["ci95"]
     fig, ax = plt.subplots(figsize=(5, 3))

@@ -140,6 +140,7 @@ def evaluate(cfg: FidConfig, backbone: Backbone | None = None) -> dict[str, Any]
 def _report(out: str | Path, result: dict[str, Any], real: torch.Tensor, fake: torch.Tensor) -> dict[str, str]:
     """fid.json, fid.md and a figure (features on their first two principal components; PRDC bars)."""
     import matplotlib.pyplot as plt
+
     from .report import write_report
     both = torch.cat([real, fake]).double()
     centred = both - both.mean(0)

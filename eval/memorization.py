@@ -99,6 +99,7 @@ def memorization(train: str | Path, fake: str | Path, features: str | Backbone =
 
 def _figures(result: dict[str, Any], top_k: int) -> dict[str, Any]:
     import matplotlib.pyplot as plt
+
     from cxrcommon.imageio import read_image
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
     ax[0].hist([r["cosine"] for r in result["pairs"]], bins=40, alpha=0.7, density=True, label="synthetic -> train")

@@ -8,9 +8,8 @@ from typing import Any
 
 import torch
 
-from cxrcommon.models import load_pipeline
-
 from cxrcommon.atomic import atomic_dir
+from cxrcommon.models import load_pipeline
 
 from .lora import save_lora
 from .validate import pipeline_from

@@ -128,7 +128,10 @@ class CXRSampler:
         device's default (`COMPILE_AFTER_S` on CUDA, never elsewhere)."""
         self.device, self.dtype = torch.device(device), dtype
         for module in (pipe.unet, pipe.vae, pipe.text_encoder):  # cast only if needed (diffusers warns on casts)
-            module.to(self.device) if module.dtype == dtype else module.to(self.device, dtype)
+            if module.dtype == dtype:
+                module.to(self.device)
+            else:
+                module.to(self.device, dtype)
         self.unet, self.vae, self.tokenizer, self.pipe = pipe.unet, pipe.vae, pipe.tokenizer, pipe
         if not isinstance(self.unet.time_proj, SharedTimestep):
             self.unet.time_proj = SharedTimestep(self.unet.time_proj)

@@ -11,6 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from cxrcommon.optional import available  # noqa: E402
+
 REALCXR = ROOT.parent / "shared" / "data" / "realcxr"
 
 os.environ["HF_HUB_OFFLINE"] = "1"

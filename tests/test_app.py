@@ -4,7 +4,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import os
 import re
-import shutil
 import socket
 import tempfile
 import zipfile

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from unittest import mock
 
@@ -12,7 +11,6 @@ import torch
 
 from cxrcommon import atomic, config, device, models, provenance
 from cxrcommon.tokenizer import clip_tokenizer
-
 
 # --- device & precision -------------------------------------------------------------------------
 

@@ -282,6 +282,7 @@ def test_a_cjk_name_read_from_an_iso_2022_file_is_cut():
     from io import BytesIO
 
     import pydicom
+
     from textremoval.deid.scrubber import identifiers
     ds = header()
     ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]

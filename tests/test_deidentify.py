@@ -13,20 +13,27 @@ import pytest
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
-from pydicom.uid import (ComputedRadiographyImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless,
-                         JPEGLosslessSV1, RLELossless, generate_uid)
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGLosslessSV1,
+    RLELossless,
+    generate_uid,
+)
+from test_textremoval import draw
 
 from cxrcommon.errors import UserError
 from cxrcommon.imageio import read_dicom
 from textremoval import TextRemovalConfig, TextRemover
 from textremoval import remover as remover_mod
-from textremoval.deid import files as deid_files
 from textremoval.clean import EXIT_REVIEW, clean, clean_file, main
+from textremoval.deid import files as deid_files
 from textremoval.deid.profile import deidentify_dataset
 from textremoval.deid.pseudonyms import Pseudonymizer
 from textremoval.deid.scrubber import identifiers, reads_as_identifier
 from textremoval.detect import TextRegion, to_uint8_view
-from test_textremoval import draw
+
 NAME, PID, BIRTH, ACC = "DOE^JOHN", "4455667", "19610402", "ACC998877"
 PHI = ["DOE", "JOHN", PID, BIRTH, ACC, "SAINT ELSEWHERE", "HOUSE", "GREGORY", "02/04/1961", "20200321",
        "ELSEWHERE_WS"]

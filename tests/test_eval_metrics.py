@@ -8,8 +8,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import needs_torch_fidelity, needs_torchvision
 import torch
+from conftest import needs_torch_fidelity, needs_torchvision
 
 from cxrcommon.imageio import write_png
 from eval import features as feats

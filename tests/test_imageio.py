@@ -8,10 +8,17 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, MPEG2MPML, RLELossless,
-                         DigitalXRayImageStorageForPresentation, generate_uid)
+from pydicom.uid import (
+    MPEG2MPML,
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    JPEG2000Lossless,
+    RLELossless,
+    generate_uid,
+)
 
-from cxrcommon import imageio as io, limits
+from cxrcommon import imageio as io
+from cxrcommon import limits
 from cxrcommon.provenance import SYNTHETIC_WARNING, provenance
 
 RNG = np.random.default_rng(0)

@@ -9,8 +9,15 @@ import torch
 
 from cxrcommon.atomic import read_jsonl
 from cxrcommon.imageio import read_image, read_png_text
-from cxrcommon.prompt_windows import (WINDOW_LEN, count_tokens, encode_windows, key_mask, pad_pair, pipeline_embeds,
-                                      window_ids)
+from cxrcommon.prompt_windows import (
+    WINDOW_LEN,
+    count_tokens,
+    encode_windows,
+    key_mask,
+    pad_pair,
+    pipeline_embeds,
+    window_ids,
+)
 from inference.sampler import CXRSampler, Request
 
 BROAD = ["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "conv_in", "conv_out", "conv1", "conv2"]

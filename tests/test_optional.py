@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from cxrcommon.optional import MissingPackageError, require
 from cxrcommon.imageio import write_png
+from cxrcommon.optional import MissingPackageError, require
 
 
 @pytest.fixture

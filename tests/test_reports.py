@@ -6,8 +6,18 @@ import logging
 
 import pytest
 
-from cxrcommon.reports import (FittedText, ReportStats, ReportTooLongError, extract_sections, fit_clip_limit,
-                               fit_windows, impression_of, normalize_report, prepare_reports, salient_order)
+from cxrcommon.reports import (
+    FittedText,
+    ReportStats,
+    ReportTooLongError,
+    extract_sections,
+    fit_clip_limit,
+    fit_windows,
+    impression_of,
+    normalize_report,
+    prepare_reports,
+    salient_order,
+)
 from cxrcommon.tokenizer import clip_tokenizer
 
 MIMIC_FULL = """                                 FINAL REPORT

@@ -112,7 +112,8 @@ def test_a_deidentify_rerun_over_a_deep_output_folder_resumes(tmp_path):
     """The resume check and the audit read every regions JSON under --out, at any depth."""
     import json
 
-    from textremoval.deid import audit, files as deid_files
+    from textremoval.deid import audit
+    from textremoval.deid import files as deid_files
     bottom = _deep(tmp_path / "out", name="o")
     rec = {"input": "x.dcm", "output": "x.dcm", "settings": {"deidentify": True},
            "deidentify": {"status": "ok", "tags": None, "codes": [], "review": []}}

@@ -5,13 +5,12 @@ import json
 import logging
 from functools import partial
 from types import SimpleNamespace
-from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from conftest import needs_torchvision
 import torch
+from conftest import needs_torchvision
 from PIL import Image, ImageDraw, ImageFont
 
 from textremoval import TextRemovalConfig, TextRemover
@@ -364,6 +363,7 @@ def test_glyph_candidates_cover_dark_print_and_reject_low_contrast():
 
 def test_confirm_scores_the_marker_alphabet_as_one_verdict():
     from rapidocr.ch_ppocr_rec.utils import CTCLabelDecode
+
     from textremoval.glyphs import Candidate, confirm
 
     chars = ["1", "I", "C", "L"]

@@ -2,19 +2,17 @@
 from __future__ import annotations
 
 import csv
-from types import SimpleNamespace
 
 import cv2
 import numpy as np
 import pytest
+from conftest import ROOT
 
 from cxrcommon.config import from_dict, load_yaml, to_dict
 from textremoval.config import TextRemovalConfig
 from textremoval.detect import build_detector
-from textremoval.evaluate import EvalConfig, covered, eval_indices, evaluate, ioa, psnr, ssim_map, sample
+from textremoval.evaluate import EvalConfig, covered, eval_indices, evaluate, ioa, psnr, sample, ssim_map
 from textremoval.synth_text import render
-
-from conftest import ROOT
 
 
 def test_yaml_mirrors_the_config_dataclass():

@@ -26,7 +26,8 @@ from cxrcommon.errors import UserError
 from cxrcommon.paths import check_out_dir
 
 from .config import TextRemovalConfig, check_config
-from .deid import audit, files as deid_files
+from .deid import audit
+from .deid import files as deid_files
 from .deid.pixels import clean_verified
 from .deid.profile import DESCRIPTORS_RISK, PROFILE_TABLE, settings_fingerprint
 from .deid.pseudonyms import Pseudonymizer, new_secret, resolve_secret

@@ -23,7 +23,8 @@ from cxrcommon.limits import check_pixels
 from ..detect import TextRegion, to_uint8_view
 from ..files import DICOM, NOTE, output_paths, read_for_cleaning
 from ..remover import TextRemover
-from . import audit, files as deid_files
+from . import audit
+from . import files as deid_files
 from .pixels import clean_verified, pixel_review
 from .profile import HeaderResult, deidentify_dataset, finish_dataset, mark_method, settings_fingerprint
 from .pseudonyms import Pseudonymizer
