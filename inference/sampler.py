@@ -307,8 +307,18 @@ class CXRSampler:
                      uncond_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Noise prediction with CFG; both halves in one UNet call (`uncond=None`: conditional only).
 
-        `extra` holds channels concatenated after the latents (mask + masked-image latents of an
-        inpainting UNet); `cond_mask`/`uncond_mask` (B, L) the text keys each half may attend to."""
+        Args:
+            latent_input: (B, 4, h, w) scheduler-scaled latents at step `t` (h, w = image side / 8).
+            t: scalar (or (B,)) timestep tensor, on the sampler's device.
+            cond: (B, L, D) text embeddings of the prompts (L = 77 per CLIP window, D = 1024 for SD 2.1).
+            uncond: (B, L, D) embeddings of the negative prompts, the same L as `cond`; None = no CFG.
+            guidance: CFG scale, >= 1 (1 = the conditional prediction; ignored when `uncond` is None).
+            rescale: guidance rescale phi in [0, 1] (diffusers' rescale_noise_cfg; 0 = off).
+            extra: (B, C, h, w) channels concatenated after the latents (mask + masked-image latents of an
+                inpainting UNet), or None.
+            cond_mask, uncond_mask: (B, L) bool, the text keys each half may attend to (False on padded
+                windows), or None for all.
+        Returns: (B, 4, h, w) guided noise (or v) prediction, in the UNet's dtype."""
         x = latent_input if uncond is None else torch.cat([latent_input, latent_input])
         if extra is not None:
             x = torch.cat([x, extra if uncond is None else torch.cat([extra, extra])], dim=1)
