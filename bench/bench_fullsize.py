@@ -195,7 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     torch.backends.cudnn.allow_tf32 = True
     compile_mode = resolve_compile(args.compile, device)
     pipe = build_pipeline(DTYPES[args.dtype], device, runs[0][1], args.config_dir)
-    rows: dict[tuple[int, str], dict[int, dict[str, dict[str, float]]]] = {r: {b: {} for b in args.batches} for r in runs}
+    rows: dict[tuple[int, str], dict[int, dict[str, dict[str, float]]]] = {
+        r: {b: {} for b in args.batches} for r in runs}
     for steps, sched in runs if not args.skip_stock else []:
         pipe.scheduler = make_scheduler(sched, pipe.scheduler.config)
         for b in args.batches:

@@ -1,4 +1,5 @@
-"""Phantom generator speed and analytic-scorer accuracy (effusion, pneumothorax, CTR); prints a Markdown table for docs/BENCHMARKS.md.
+"""Phantom generator speed and analytic-scorer accuracy (effusion, pneumothorax, CTR); prints a Markdown table for \
+docs/BENCHMARKS.md.
 
     python bench/bench_phantoms.py [--n 300] [--vae models/embedded]
 

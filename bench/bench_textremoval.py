@@ -127,9 +127,11 @@ def main() -> None:
     rows.append((f"TextRemover, {cores} processes x 1 ORT thread, glyph detector, no recognition of line boxes",
                  pool(imgs, TextRemovalConfig(ocr_threads=1, recognize=False), cores)))
     print(f"command: python bench/bench_textremoval.py --n {args.n}")
-    print(f"machine: {platform.processor() or platform.machine()}, {cores} CPU cores, Python {platform.python_version()}, "
+    print(f"machine: {platform.processor() or platform.machine()}, {cores} CPU cores, "
+          f"Python {platform.python_version()}, "
           f"load average at start {load:.2f}, at end {os.getloadavg()[0]:.2f}\n")
-    print("| mode | images/s (wall) | CPU s/img | quiet bound img/s | detect ms/img | segment ms/img | inpaint ms/img |")
+    print("| mode | images/s (wall) | CPU s/img | quiet bound img/s "
+          "| detect ms/img | segment ms/img | inpaint ms/img |")
     print("|---|---|---|---|---|---|---|")
     n = len(imgs)
     for name, r in rows:

@@ -202,7 +202,8 @@ def read_manifest(path: str | Path, columns: Columns | None = None, *, on_error:
             img = Path(image) if Path(image).is_absolute() else root / image
             key = img.resolve()
             if key in seen:
-                row_problems.append(f"{where} duplicate image {image} (also on line {seen[key]}) — remove one of the rows")
+                row_problems.append(f"{where} duplicate image {image} (also on line {seen[key]}) "
+                                    "— remove one of the rows")
             elif check_images and isinstance(bad := _image_problem(img, root, min_side), str):
                 row_problems.append(f"{where} {bad}")
             else:
@@ -222,7 +223,8 @@ def read_manifest(path: str | Path, columns: Columns | None = None, *, on_error:
     for p in problems:
         log.warning("skipped %s", p)
     if not records:
-        raise ManifestError(path, problems + [f"{path}: no usable rows — fix the problems above or point at another manifest"])
+        raise ManifestError(path, problems + [f"{path}: no usable rows — fix the problems above "
+                                              "or point at another manifest"])
     if problems:
         log.info("%s: kept %d rows, skipped %d problem(s)", path, len(records), len(problems))
     return records

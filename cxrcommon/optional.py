@@ -32,4 +32,5 @@ def require(feature: str, *packages: str) -> None:
     """Raise MissingPackageError unless every module in `packages` imports."""
     missing = [p for p in packages if not available(p)]
     if missing:
-        raise MissingPackageError(f"{feature} needs {', '.join(missing)}, which this install left out; {FULL_ROUTE_FIX}")
+        raise MissingPackageError(
+            f"{feature} needs {', '.join(missing)}, which this install left out; {FULL_ROUTE_FIX}")

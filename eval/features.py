@@ -129,7 +129,8 @@ def _torchscript(path: Path, size: int, device: torch.device) -> Backbone:
 
 
 def _xrv(device: torch.device) -> Backbone:
-    require("--features xrv (torchxrayvision needs torchvision)", "torchvision")  # its pip install would pull CUDA torch
+    require("--features xrv (torchxrayvision needs torchvision)",
+            "torchvision")  # its pip install would pull CUDA torch
     try:
         import torchxrayvision as xrv
     except ImportError as exc:

@@ -45,7 +45,8 @@ class FidConfig:
     image_column: str = field("image", "manifest column holding image paths")
     batch_size: int = field(32, "images per feature-extraction batch")
     device: str = field("auto", "cpu, cuda, mps, xpu or auto")
-    cache_dir: str = field("", "feature cache folder (default: one per input under $SYNTHCXR_CACHE or ~/.cache/synthcxr/features)")
+    cache_dir: str = field("", "feature cache folder (default: one per input under $SYNTHCXR_CACHE "
+                               "or ~/.cache/synthcxr/features)")
     no_cache: bool = field(False, "do not read or write the feature cache")
     out: str = field("eval_out/fid", "folder for fid.json, fid.md and plots")
     verbose: bool = field(False, "debug logging")

@@ -39,7 +39,8 @@ class MemorizationConfig:
     image_column: str = field("image", "manifest column holding image paths")
     batch_size: int = field(32, "images per feature-extraction batch")
     device: str = field("auto", "cpu, cuda, mps, xpu or auto")
-    cache_dir: str = field("", "feature cache folder (default: one per input under $SYNTHCXR_CACHE or ~/.cache/synthcxr/features)")
+    cache_dir: str = field("", "feature cache folder (default: one per input under $SYNTHCXR_CACHE "
+                               "or ~/.cache/synthcxr/features)")
     out: str = field("eval_out/memorization", "folder for memorization.json, .md, histogram and sheet")
     verbose: bool = field(False, "debug logging")
 

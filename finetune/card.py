@@ -12,7 +12,8 @@ from cxrcommon.provenance import SOFTWARE, SYNTHETIC_WARNING
 
 HYPER = ("train", "resolution", "resize_mode", "train_batch_size", "gradient_accumulation_steps", "learning_rate",
          "lr_scheduler", "lr_warmup_steps", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
-         "snr_gamma", "noise_offset", "caption_dropout", "random_flip", "sections", "token_policy", "max_windows", "seed")
+         "snr_gamma", "noise_offset", "caption_dropout", "random_flip", "sections", "token_policy", "max_windows",
+         "seed")
 
 
 def write_model_card(output_dir: str | Path, cfg: Any, *, n_train: int, n_val: int, steps: int,

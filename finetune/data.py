@@ -146,7 +146,8 @@ def make_loader(dataset: TrainDataset, sampler: StepSampler, num_workers: int) -
     return iter(loader)
 
 
-def tokenize(tokenizer: Any, captions: Sequence[str], max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def tokenize(tokenizer: Any, captions: Sequence[str],
+             max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(N+1, W, 77) token ids in 75-token windows with the empty prompt as the last row (for EMPTY), and
     each row's window count (cxrcommon.prompt_windows)."""
     from cxrcommon.prompt_windows import tokenize_padded

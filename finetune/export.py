@@ -39,6 +39,7 @@ def save_outputs(cfg: Any, comp: Any, trained: dict[str, Any]) -> dict[str, Path
         for m in (comp.unet, comp.vae, comp.text_encoder):
             m.to(dtype=torch.float32)
         pipe = pipeline_from(comp, trained["unet"], trained.get("text_encoder", comp.text_encoder))
-        written["pipeline"] = atomic_dir(out / "pipeline", lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
+        written["pipeline"] = atomic_dir(out / "pipeline",
+                                         lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
         log.info("fine-tuned pipeline: %s", written["pipeline"])
     return written

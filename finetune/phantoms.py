@@ -478,7 +478,8 @@ def render(spec: PhantomSpec, size: int = 128, seed: int | None = None) -> tuple
         q = np.linspace(0, 1, 12)
         for k in range(10):
             y0 = top + 0.01 + k * step + rng.normal(0, 0.004)
-            ribs.append(np.stack([c + s * (0.035 + q * (hw + 0.03)), y0 - 0.05 * np.sin(np.pi * q * 0.8) + 0.13 * q ** 2.5], 1))
+            ribs.append(np.stack([c + s * (0.035 + q * (hw + 0.03)),
+                                  y0 - 0.05 * np.sin(np.pi * q * 0.8) + 0.13 * q ** 2.5], 1))
             if k < 7:
                 front.append(np.stack([c + s * (hw + 0.01 - q * (hw - 0.1)), y0 + 0.05 + 0.09 * q ** 1.5], 1))
         q = np.linspace(0, 1, 8)

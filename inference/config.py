@@ -43,7 +43,8 @@ class GenerateConfig:
     balance: str | None = field(None, "real dataset manifest (CSV/JSONL): generate what evens out its classes")
     label_column: str = field("label", "with --balance: the manifest column holding the class")
     image_column: str = field("image", "with --balance: the manifest column holding the image path")
-    text_column: str = field("text", "with --balance and no --prompts: the manifest column of report text used as prompts")
+    text_column: str = field("text", "with --balance and no --prompts: the manifest column of report text "
+                                     "used as prompts")
     clip_policy: str = field("sentence", "prompts longer than --max-windows CLIP windows: sentence (keep the "
                                          "IMPRESSION first, then FINDINGS, then the rest, dropping whole trailing "
                                          "sentences), hard (same order, cut tokens) or error (stop, naming each)")

@@ -190,7 +190,8 @@ def test_browser_generate_and_clean(server, tmp_path):
         page.goto(url)
         page.get_by_label("Report").fill("Large right pleural effusion.")
         page.get_by_role("button", name="Generate").click()
-        page.locator("[data-testid='detailed-image'], .gallery-item img, .thumbnail-item img").first.wait_for(timeout=120_000)
+        page.locator("[data-testid='detailed-image'], .gallery-item img, .thumbnail-item img").first.wait_for(
+            timeout=120_000)
         page.screenshot(path=str(shots / "app_generate.png"), full_page=True)
         page.get_by_role("tab", name="Clean").click()
         page.locator("input[type=file]").first.set_input_files(str(src))

@@ -350,7 +350,8 @@ def test_no_clean_pixel_claim_without_verification_and_any_box_is_residual(tmp_p
     rec = clean_file(tmp_path / "d.dcm", tmp_path / "out", remover=TextRemover(
         remover.detector, remover.segmenter, remover.inpainter, cfg))
     ds = pydicom.dcmread(rec["output"])
-    assert ds.BurnedInAnnotation == "YES" and "113101" not in [c.CodeValue for c in ds.DeidentificationMethodCodeSequence]
+    assert (ds.BurnedInAnnotation == "YES"
+            and "113101" not in [c.CodeValue for c in ds.DeidentificationMethodCodeSequence])
     assert rec["deidentify"]["status"] == "unverified"
     faint = TextRegion((10, 10, 60, 30), [], 0.9, text="D0E", text_score=0.1)
     probe = TextRemover(lambda g: [faint], remover.segmenter, remover.inpainter, remover.config)

@@ -75,7 +75,8 @@ def test_kid_near_zero_for_same_distribution_and_large_for_shifted():
 
 def test_report_states_n_backbone_resize_and_small_n_warning(real_dir, tmp_path):
     fake = write_set(tmp_path / "fake", blobs(5, 12))
-    r = evaluate(FidConfig(real=str(real_dir), fake=str(fake), features="tiny", cache_dir=str(tmp_path / "cache"), out=str(tmp_path / "out")))
+    r = evaluate(FidConfig(real=str(real_dir), fake=str(fake), features="tiny", cache_dir=str(tmp_path / "cache"),
+                           out=str(tmp_path / "out")))
     saved = json.loads((tmp_path / "out" / "fid.json").read_text())
     assert saved["n_real"] == 40 and saved["n_fake"] == 12
     assert saved["backbone"].startswith("tiny") and "32x32" in saved["resize"]
@@ -215,7 +216,8 @@ def test_xrv_absent_names_the_install(monkeypatch):
 def test_torchscript_backbone(real_dir, tmp_path):
     path = tmp_path / "net.pt"
     torch.jit.script(feats.TinyFeatures()).save(str(path))
-    r = evaluate(FidConfig(real=str(real_dir), fake=str(real_dir), features=str(path), input_size=40, no_cache=True, out=""))
+    r = evaluate(FidConfig(real=str(real_dir), fake=str(real_dir), features=str(path), input_size=40, no_cache=True,
+                           out=""))
     assert r["backbone"] == "torchscript net.pt" and "40x40" in r["resize"] and abs(r["fid"]) < 1e-4
     with pytest.raises(ValueError, match="inception, xrv, tiny"):
         feats.load_backbone(str(tmp_path / "missing.pt"))

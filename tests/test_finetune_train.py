@@ -59,8 +59,8 @@ def test_lora_learns_caption_specific_patterns_and_loads_in_plain_diffusers(toy_
     0.28; sep 1.40 / 2.03 / 2.00 (untrained 0.001); worst 0.63 / 0.52 / 0.50; d_own / d_other at most 0.18 /
     0.33 / 0.33. Every bound below is at least twice the worst case measured."""
     out = tmp_path / "run"
-    cfg = cfg_for(toy_model, out, train_batch_size=8, max_train_steps=STEPS, learning_rate=3e-3, lora_rank=16, lora_alpha=32,
-                  lora_target_modules=BROAD, validation_steps=STEPS, validation_prompts=[CAPTIONS[0]],
+    cfg = cfg_for(toy_model, out, train_batch_size=8, max_train_steps=STEPS, learning_rate=3e-3, lora_rank=16,
+                  lora_alpha=32, lora_target_modules=BROAD, validation_steps=STEPS, validation_prompts=[CAPTIONS[0]],
                   report_to="tensorboard")
     result = train(cfg, toy_data(8, R))
     first, last = np.mean(result.losses[:10]), np.mean(result.losses[-10:])
@@ -220,4 +220,5 @@ def test_text_encoder_lora_and_merged_pipeline_load_in_plain_diffusers(toy_model
     from_merged = _latents(merged, CAPTIONS[0])
     gap = (with_lora - base).abs().max().item()
     assert gap > 1e-2  # the LoRA changes the output ...
-    assert torch.allclose(from_merged, with_lora, atol=1e-4), (from_merged - with_lora).abs().max()  # ... merged = loaded
+    assert torch.allclose(from_merged, with_lora, atol=1e-4), \
+        (from_merged - with_lora).abs().max()  # ... merged = loaded

@@ -54,7 +54,8 @@ def scans(tmp_path) -> SimpleNamespace:
 CLI_CASES: list[tuple[str, Callable[[SimpleNamespace], list[str]], list[str]]] = [
     ("out-is-input", lambda d: [str(d.src), "--out", str(d.src)], ["--out", "overlaps the input folder", "outside it"]),
     ("out-inside-input", lambda d: [str(d.src), "--out", str(d.src / "cleaned")], ["overlaps", "choose an --out"]),
-    ("out-holds-input-file", lambda d: [str(d.src / "a.png"), "--out", str(d.src)], ["contains the input file", "a.png"]),
+    ("out-holds-input-file", lambda d: [str(d.src / "a.png"), "--out", str(d.src)],
+     ["contains the input file", "a.png"]),
     ("glob-into-own-folder", lambda d: [str(d.src / "*.png"), "--out", str(d.src)], ["--out", "input file"]),
     ("out-is-a-file", lambda d: [str(d.src), "--out", str(d.tmp / "file.txt")], ["--out", "is a file", "folder"]),
     ("missing-input", lambda d: [str(d.tmp / "nope"), "--out", str(d.tmp / "o")], ["nope", "does not exist", "check"]),
@@ -66,7 +67,8 @@ CLI_CASES: list[tuple[str, Callable[[SimpleNamespace], list[str]], list[str]]] =
      ["--erase-pattern", "regular expression", "escape"]),
     ("bad-marker-regex", lambda d: [str(d.src), "--out", str(d.tmp / "o"), "--marker-pattern", "[L"],
      ["--marker-pattern", "regular expression"]),
-    ("unknown-segmenter", lambda d: [str(d.src), "--out", str(d.tmp / "o"), "--segmenter", "x"], ["--segmenter", "glyph"]),
+    ("unknown-segmenter", lambda d: [str(d.src), "--out", str(d.tmp / "o"), "--segmenter", "x"],
+     ["--segmenter", "glyph"]),
     ("sam-without-checkpoint", lambda d: [str(d.src), "--out", str(d.tmp / "o"), "--segmenter", "sam"],
      ["--sam-checkpoint"]),
     ("missing-sam-checkpoint", lambda d: [str(d.src), "--out", str(d.tmp / "o"), "--sam-checkpoint", "no.pth"],
@@ -126,7 +128,8 @@ def _png_bomb(path: Path, side: int) -> Path:
         parts.append(comp.compress(row))
     parts.append(comp.flush())
     ihdr = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts)) + chunk(b"IEND", b""))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"".join(parts))
+                     + chunk(b"IEND", b""))
     return path
 
 
@@ -221,7 +224,8 @@ MiB = 1 << 20
 ZIP_CASES = [
     ("dot-dot", {"ok.png": PNG, "../evil.png": PNG}, MiB, 100, ["evil.png", "outside the archive", "relative"]),
     ("absolute", {"/etc/abs.png": PNG}, MiB, 100, ["abs.png", "outside the archive"]),
-    ("bomb", {"a.png": PNG, "big.png": bytes(64 * MiB)}, 16 * MiB, 100, ["bytes exceeds the limit", "SYNTHCXR_MAX_BYTES"]),
+    ("bomb", {"a.png": PNG, "big.png": bytes(64 * MiB)}, 16 * MiB, 100,
+     ["bytes exceeds the limit", "SYNTHCXR_MAX_BYTES"]),
     ("too-many", {f"{i}.png": PNG for i in range(30)}, MiB, 20, ["30 entries", "limit of 20", "split"]),
     ("not-a-zip", None, MiB, 100, ["cannot unpack", "plain, unencrypted zip"]),
 ]

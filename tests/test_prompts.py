@@ -29,7 +29,8 @@ def test_csv_columns_quotes_and_defaults(tmp_path):
                                  '"Effusion, left.",2,7,effusion,text\n'
                                  'Normal.,,,,\n')
     a, b = read_prompts(p, default_n=5)
-    assert (a.prompt, a.n, a.seed, a.label, a.negative_prompt, a.index) == ("Effusion, left.", 2, 7, "effusion", "text", 2)
+    assert (a.prompt, a.n, a.seed, a.label, a.negative_prompt, a.index) == (
+        "Effusion, left.", 2, 7, "effusion", "text", 2)
     assert (b.n, b.seed, b.label, b.negative_prompt, b.index) == (5, None, None, None, 3)
 
 
@@ -38,8 +39,9 @@ def test_csv_errors_name_every_bad_line(tmp_path):
     with pytest.raises(PromptFileError) as e:
         read_prompts(p)
     problems = "\n".join(e.value.problems)
-    for line, what in [(3, "'n' must be a whole number"), (4, "empty or missing 'prompt'"), (5, "has 3 fields but the header has 2"),
-                       (6, "'n' must be >= 1"), (9, "'n' must be a whole number")]:
+    for line, what in [(3, "'n' must be a whole number"), (4, "empty or missing 'prompt'"),
+                       (5, "has 3 fields but the header has 2"), (6, "'n' must be >= 1"),
+                       (9, "'n' must be a whole number")]:
         assert f"p.csv:{line}: {what}" in problems, problems
     assert "p.csv:2:" not in problems and "p.csv:7:" not in problems  # the quoted two-line prompt is fine
 

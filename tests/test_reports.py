@@ -154,7 +154,8 @@ def test_placeholders_and_whitespace(raw, clean):
 
 
 def test_normalize_keeps_real_x_and_underscores_in_words():
-    assert normalize_report("X-ray shows 2 x 3 cm nodule in snake_case.") == "X-ray shows 2 x 3 cm nodule in snake_case."
+    assert (normalize_report("X-ray shows 2 x 3 cm nodule in snake_case.")
+            == "X-ray shows 2 x 3 cm nodule in snake_case.")
 
 
 def test_short_report_untouched(tok):

@@ -21,7 +21,8 @@ DEPTH = sys.getrecursionlimit() + 150  # deeper than any recursive walk can go
 
 
 def _deep(root: Path, depth: int = DEPTH, name: str = "v") -> Path:
-    """root/v/v/... `depth` folders down (one-letter names: paths stay under PATH_MAX) (made without recursion); returns the innermost folder."""
+    """root/v/v/... `depth` folders down (one-letter names: paths stay under PATH_MAX) (made without recursion); \
+returns the innermost folder."""
     cur = str(root)
     os.makedirs(cur, exist_ok=True)
     for _ in range(depth):

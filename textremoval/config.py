@@ -53,14 +53,14 @@ class TextRemovalConfig:
                                             "(case-insensitive search); others are kept")
     # de-identify (textremoval/deid/)
     deidentify: bool = field(False, "DICOM only: also de-identify the header with the PS3.15 Basic Application Level "
-                                    "Confidentiality Profile (dicom-anonymizer), private tags removed and UIDs remapped "
-                                    "consistently within the run; the patient's name, ID and other header identifiers "
-                                    "are always erased from the pixels (even under --keep-markers); BurnedInAnnotation=NO "
-                                    "only when the verify pass read nothing left; outputs named by a keyed hash "
-                                    "(input names can hold PHI; input->output only in --mapping-out); files "
-                                    "that need a human look go to OUT/needs_review/ and the CLI exits 3; masks "
-                                    "are filled boxes; per-run audit in deid_audit.csv/.json beside the outputs "
-                                    "(tag names, never old values)")
+                                    "Confidentiality Profile (dicom-anonymizer), private tags removed and UIDs "
+                                    "remapped consistently within the run; the patient's name, ID and other header "
+                                    "identifiers are always erased from the pixels (even under --keep-markers); "
+                                    "BurnedInAnnotation=NO only when the verify pass read nothing left; outputs named "
+                                    "by a keyed hash (input names can hold PHI; input->output only in --mapping-out); "
+                                    "files that need a human look go to OUT/needs_review/ and the CLI exits 3; masks "
+                                    "are filled boxes; per-run audit in deid_audit.csv/.json beside the outputs (tag "
+                                    "names, never old values)")
     deid_retain_dates: bool = field(True, "de-identify: Retain Longitudinal Temporal Information, Modified Dates "
                                           "Option: dates move back by one per-patient number of days (1-3650), "
                                           "times are kept; false = dates removed as the Basic Profile says")
@@ -68,8 +68,9 @@ class TextRemovalConfig:
                                                             "(sex, age, size, weight, ... kept)")
     deid_clean_descriptors: bool = field(False, "de-identify: Clean Descriptors Option (opt-in, a risk): study/series "
                                                 "descriptions, comments and the SR/ContentSequence text are kept, with "
-                                                "header names, IDs, addresses and every date cut out (deid/scrubber.py). "
-                                                "A scrubber is never perfect; false = the Basic Profile removes them",
+                                                "header names, IDs, addresses and every date cut out "
+                                                "(deid/scrubber.py). A scrubber is never perfect; false = the Basic "
+                                                "Profile removes them",
                                          aliases=("--clean-descriptors",))
     deid_contrast: bool = field(True, "de-identify: detect, segment and re-read on a contrast-equalised (CLAHE) view, "
                                       "so faint text (25 grey levels over its background) is erased or flagged "

@@ -41,7 +41,8 @@ class EvalConfig:
     exclude_seed: int = field(-1, "sample only from images NOT in the `--n 100` sample of this seed, e.g. "
                                   "--exclude-seed 0 for a development split disjoint from the reported one "
                                   "(-1 = sample from all images)")
-    removal_config: str | None = field(None, "YAML of text-removal options (configs/textremoval.yaml); default options if unset")
+    removal_config: str | None = field(None, "YAML of text-removal options (configs/textremoval.yaml); "
+                                             "default options if unset")
     det_max_side: int = field(-1, "override det_max_side of the removal config (-1 = keep)")
     burnt: bool = field(True, "also measure the residual-text rate on has_burnt_text=yes images")
     report: str | None = field(None, "write the full metrics as JSON here")
@@ -182,8 +183,9 @@ def evaluate(cfg: EvalConfig) -> dict:
         removal.det_max_side = cfg.det_max_side
     remover = TextRemover.from_config(removal)
     order = eval_indices(len(rows), cfg.n, cfg.seed, cfg.exclude_seed)
-    report = {"config": {"n": cfg.n, "seed": cfg.seed, "exclude_seed": cfg.exclude_seed, "det_max_side": removal.det_max_side,
-                         "det_extra_sides": removal.det_extra_sides, "det_thresh": removal.det_thresh,
+    report = {"config": {"n": cfg.n, "seed": cfg.seed, "exclude_seed": cfg.exclude_seed,
+                         "det_max_side": removal.det_max_side, "det_extra_sides": removal.det_extra_sides,
+                         "det_thresh": removal.det_thresh,
                          "det_box_thresh": removal.det_box_thresh, "segmenter": removal.segmenter,
                          "inpainter": removal.inpainter, "glyph_detector": removal.glyph_detector},
               "rendered": eval_rendered(remover, [rows[i].image for i in order], cfg.seed)}
@@ -201,7 +203,8 @@ def markdown(report: dict) -> str:
     lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in r.items()]
     if "burnt" in report:
         b = report["burnt"]
-        lines += [f"| burnt-in set: images | {b['images']} |", f"| burnt-in set: erased regions | {b['erased_regions']} |",
+        lines += [f"| burnt-in set: images | {b['images']} |",
+                  f"| burnt-in set: erased regions | {b['erased_regions']} |",
                   f"| burnt-in set: residual_text_rate | {b['residual_text_rate']:.4g} |",
                   f"| burnt-in set: images_with_residual | {b['images_with_residual']} |"]
     return "\n".join(lines)

@@ -46,7 +46,8 @@ def random_text(rng: np.random.Generator) -> tuple[str, bool]:
     if kind == "line":
         return str(rng.choice(LINES)), False
     if kind == "date":
-        y, m, d, hh, mm = rng.integers(2015, 2024), rng.integers(1, 13), rng.integers(1, 29), rng.integers(0, 24), rng.integers(0, 60)
+        y, m, d, hh, mm = (rng.integers(2015, 2024), rng.integers(1, 13), rng.integers(1, 29),
+                           rng.integers(0, 24), rng.integers(0, 60))
         return str(rng.choice([f"{d:02d}/{m:02d}/{y}", f"{y}-{m:02d}-{d:02d} {hh:02d}:{mm:02d}",
                                f"{d:02d}.{m:02d}.{y % 100:02d}"])), False
     kv, mas = rng.integers(60, 126), rng.uniform(0.5, 12)
@@ -59,12 +60,15 @@ def _place(rng: np.random.Generator, w: int, h: int, tw: int, th: int,
     m = max(4, int(0.02 * min(w, h)))
     for _ in range(30):
         if rng.random() < 0.75:  # corners and edges
-            x = int(rng.choice([rng.integers(m, max(m + 1, w // 4)), rng.integers(max(m, 3 * w // 4 - tw), max(m + 1, w - tw - m))]))
-            y = int(rng.choice([rng.integers(m, max(m + 1, h // 5)), rng.integers(max(m, 4 * h // 5 - th), max(m + 1, h - th - m))]))
+            x = int(rng.choice([rng.integers(m, max(m + 1, w // 4)),
+                                rng.integers(max(m, 3 * w // 4 - tw), max(m + 1, w - tw - m))]))
+            y = int(rng.choice([rng.integers(m, max(m + 1, h // 5)),
+                                rng.integers(max(m, 4 * h // 5 - th), max(m + 1, h - th - m))]))
         else:
             x, y = int(rng.integers(m, max(m + 1, w - tw - m))), int(rng.integers(m, max(m + 1, h - th - m)))
         box = (x - m, y - m, x + tw + m, y + th + m)
-        if x + tw < w and y + th < h and all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in taken):
+        if x + tw < w and y + th < h and all(box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1]
+                                             for b in taken):
             return x, y
     return None
 
