@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian
 
 from cxrcommon.errors import ImageReadError
 from cxrcommon.imageio import PLUGIN_HINT, display_view, mark_derived
@@ -98,6 +98,10 @@ def decoded_pixels(ds: Dataset, label: str) -> np.ndarray:
         return ds.pixel_array
     except Exception:  # each decoder plugin raises its own kind
         ts = ds.file_meta.get("TransferSyntaxUID", "") if hasattr(ds, "file_meta") else ""
+        if ts and not UID(str(ts)).is_compressed:
+            raise ImageReadError(f"pixel data in {getattr(ts, 'name', ts)} is truncated or does not match its "
+                                 "description (rows, columns, bits), so it was not cleaned — re-export the file"
+                                 ) from None
         raise ImageReadError(f"pixel data in {getattr(ts, 'name', ts) or 'an unknown transfer syntax'} could not "
                              f"be decoded, so it was not cleaned — {PLUGIN_HINT}") from None
 
