@@ -229,7 +229,20 @@ def fit_windows(text: str, tokenizer: Any, *, max_windows: int = DEFAULT_MAX_WIN
     sentences, "hard": tokens, "error": raise ReportTooLongError naming `name`) after putting its
     impression first (`salient_order`, or `salient` = (ordered text, impression) from a caller that
     knows the sections); a shortened impression is logged (through `warn`, e.g. a
-    `cxrcommon.logs.RepeatedWarning` that summarises a batch; default: a warning each), never dropped silently."""
+    `cxrcommon.logs.RepeatedWarning` that summarises a batch; default: a warning each), never dropped silently.
+
+    Args:
+        text: the prompt (a normalized report); any length.
+        tokenizer: the model's CLIP tokenizer (counts the tokens and makes the hard cuts).
+        max_windows: int >= 1, the cap in windows of 75 CLIP tokens (DEFAULT_MAX_WINDOWS = 3: 225 tokens).
+        policy: "sentence", "hard" or "error", how a text over the cap is cut (see above).
+        name: what logs and ReportTooLongError call the report (e.g. its file or row); None = its first 60
+            characters.
+        salient: (text with its impression first, the impression's text), or None to derive both from `text`
+            with `salient_order`.
+        warn: called as warn(format, *args) when the impression was shortened; None = `log.warning`.
+    Returns: FittedText: the text to encode, its token and window counts (windows <= max_windows), and whether
+        it (`cut`) and its impression (`impression_cut`) were shortened."""
     if max_windows < 1:
         raise ValueError(f"max_windows must be at least 1, got {max_windows}")
     count = count_tokens(tokenizer, [text])[0]

@@ -77,7 +77,20 @@ def load_set(manifest: str | Path, size: int, image_column: str = "image",
 def train_classifier(x: torch.Tensor, y: torch.Tensor, n_classes: int, *, arch: str = "resnet18", epochs: int = 10,
                      batch_size: int = 32, lr: float = 1e-3, seed: int = 0, device: str = "auto",
                      desc: str = "train") -> torch.nn.Module:
-    """A randomly initialised torchvision classifier trained with AdamW + cross-entropy."""
+    """A randomly initialised torchvision classifier trained with AdamW + cross-entropy.
+
+    Args:
+        x: (N, 1, S, S) float gray images in [0, 1] (repeated to 3 channels for the network), on any device.
+        y: (N,) int64 class indices in [0, n_classes).
+        n_classes: number of classes, >= 2.
+        arch: a torchvision model name (`torchvision.models.get_model`), e.g. "resnet18".
+        epochs: passes over the shuffled data, >= 0.
+        batch_size: images per step, >= 2 (a final batch of one is skipped: BatchNorm needs two).
+        lr: AdamW learning rate, > 0.
+        seed: seeds the weight init and the shuffling.
+        device: "auto" or a torch device name to train on.
+        desc: label of the progress bar.
+    Returns: the trained model in eval mode, on `device`, giving (N, n_classes) logits."""
     require("eval.augment's classifier", "torchvision")
     import torchvision
     dev = pick_device(device)
@@ -140,7 +153,26 @@ def augment(real_train: str | Path, synthetic: str | Path, test: str | Path, *, 
             label_column: str = "label", arch: str = "resnet18", size: int = 128, epochs: int = 10,
             batch_size: int = 32, lr: float = 1e-3, seed: int = 0, n_boot: int = 1000, device: str = "auto",
             out: str | Path | None = None) -> dict[str, Any]:
-    """Train on real and on real+synthetic; AUC/accuracy on the real test set with paired bootstrap CIs."""
+    """Train on real and on real+synthetic; AUC/accuracy on the real test set with paired bootstrap CIs.
+
+    Args:
+        real_train: manifest of the real training images and labels.
+        synthetic: manifest of the synthetic images and labels (added to the real ones for the second model).
+        test: manifest of the real test set; its labels must all occur in training.
+        image_column: the manifests' image-path column.
+        label_column: the manifests' label column (rows without a label are skipped); >= 2 classes.
+        arch: a torchvision model name, trained from scratch (weights=None).
+        size: side in pixels the images are resized to, > 0.
+        epochs: training epochs of each model, >= 0.
+        batch_size: images per training step, >= 2.
+        lr: AdamW learning rate, > 0.
+        seed: seeds both models' training (the same for both) and the bootstrap.
+        n_boot: bootstrap resamples of the test set, >= 1 (resamples missing a class are dropped).
+        device: "auto" or a torch device name.
+        out: folder for predictions.csv and the report, or None to write nothing.
+    Returns: classes, set sizes, auc_real, auc_real_plus_synthetic, acc_real, acc_real_plus_synthetic (AUC
+        and accuracy in [0, 1]), auc_diff, n_boot_used, ci95 (95% intervals of each and of the differences),
+        and with `out` the report's paths."""
     xr, lr_, _ = load_set(real_train, size, image_column, label_column)
     xs, ls, _ = load_set(synthetic, size, image_column, label_column)
     xt, lt, pt = load_set(test, size, image_column, label_column)

@@ -71,7 +71,23 @@ def memorization(train: str | Path, fake: str | Path, features: str | Backbone =
                  inception_weights: str | Path | None = None, input_size: int = 224, top_k: int = 16,
                  ssim_size: int = 256, image_column: str = "image", batch_size: int = 32, device: str = "auto",
                  cache_dir: str | Path | None = None) -> dict[str, Any]:
-    """Per synthetic image: nearest training image, its cosine and SSIM; plus the train-to-train reference."""
+    """Per synthetic image: nearest training image, its cosine and SSIM; plus the train-to-train reference.
+
+    Args:
+        train: the training images: a folder (recursive) or a manifest; >= 2 readable images.
+        fake: the synthetic images: a folder or a manifest; >= 1 readable image.
+        features: the backbone: "inception", "xrv", "tiny", a TorchScript file's path, or a loaded Backbone.
+        inception_weights: the InceptionV3 FID weights file for "inception", or None to look in the default place.
+        input_size: input side in pixels of a TorchScript backbone (its (N, 3, S, S) input), > 0.
+        top_k: closest pairs to show; the result's top_k is min(top_k, number of pairs), all pairs are kept.
+        ssim_size: side in pixels both images are resized to for SSIM, > 0.
+        image_column: the manifests' image-path column.
+        batch_size: images per feature-extraction batch, >= 1.
+        device: "auto" or a torch device name for the backbone.
+        cache_dir: feature-cache folder shared by both sets, or None for one per source under the user cache.
+    Returns: sizes, backbone, cosine_max / cosine_median (cosine similarity in [-1, 1]), the train-train 99th
+        percentile and how many fakes exceed it, ssim_max, skipped files, `pairs` (fake, nearest train image,
+        cosine, ssim; most similar first) and every train image's nearest-other-train cosine."""
     from cxrcommon.imageio import read_image
     bb = load_backbone(features, inception_weights=inception_weights, input_size=input_size, device=device)
     et = embed_paths(list_images(train, image_column), bb, batch_size=batch_size, desc="train features",

@@ -66,7 +66,20 @@ def write_report(out_dir: str | Path, name: str, result: Mapping[str, Any], *, t
                  figures: Mapping[str, "plt.Figure"] | None = None) -> dict[str, str]:
     """Write `<name>.json` (the result), `<name>.md` (warnings, notes, scalar results, sections, plots), plots.
 
-    Returns the written paths, so callers (the app) can show them."""
+    Returns the written paths, so callers (the app) can show them.
+
+    Args:
+        out_dir: folder the files are written to (created; existing files of the same names are replaced).
+        name: file stem: <name>.json, <name>.md, <name>_<figure>.png.
+        result: the result mapping, written whole as strict JSON (NaN/inf become null; paths, numpy values
+            and arrays converted); its int/float/bool values and strings under 120 characters form the
+            markdown's Results table.
+        title: the markdown's heading.
+        notes: markdown lines shown under the heading.
+        warnings: texts shown as "> **Warning:**" lines before the notes.
+        sections: heading -> markdown body, each a section after the results, or None.
+        figures: figure name -> matplotlib Figure, each saved as PNG (and closed) and embedded, or None.
+    Returns: {"json": path, "markdown": path, <figure name>: png path, ...} as strings."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": str(out / f"{name}.json"), "markdown": str(out / f"{name}.md")}

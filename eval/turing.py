@@ -68,7 +68,17 @@ def _csv(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
 
 def build_study(real: str | Path, fake: str | Path, out: str | Path, n: int = 50, *, size: int = 512, seed: int = 0,
                 image_column: str = "image") -> dict[str, Any]:
-    """Sample n real + n synthetic images, shuffle, write neutral PNGs, the hidden key and a blank answer sheet."""
+    """Sample n real + n synthetic images, shuffle, write neutral PNGs, the hidden key and a blank answer sheet.
+
+    Args:
+        real: the real images: a folder (recursive) or a manifest.
+        fake: the synthetic images: a folder or a manifest.
+        out: the study folder; refused (FileExistsError) if it already holds a key.
+        n: images drawn from each set, >= 0 (0 or more than the set: all of it).
+        size: side in pixels each image is resized to (short side) and centre-cropped to, or 0 to keep its size.
+        seed: seeds the two draws and the shuffle.
+        image_column: the manifests' image-path column.
+    Returns: {"study": folder, "n_images", "n_real", "n_synthetic", "size", "skipped": unreadable sources}."""
     from cxrcommon.imageio import ImageReadError, read_image, to_square, write_png
     out = Path(out)
     if (out / KEY).exists():

@@ -60,7 +60,18 @@ class LatentCache:
 
 def build_latent_cache(path: Path, n: int, pixels: Callable[[int], torch.Tensor], vae: Any,
                        device: torch.device, dtype: torch.dtype, batch_size: int) -> LatentCache:
-    """Encode every image once (mean and std of the VAE posterior, fp32) unless `path` exists."""
+    """Encode every image once (mean and std of the VAE posterior, fp32) unless `path` exists.
+
+    Args:
+        path: the .safetensors cache file (tensors "mean" and "std", each (n, 4, h, w)); written atomically;
+            if it exists it is reused as is, so its name must key the data, VAE and settings.
+        n: number of images, >= 1 (indices 0 .. n-1).
+        pixels: image index -> (3, R, R) float tensor in [-1, 1] (e.g. `finetune.data.load_pixels`).
+        vae: the diffusers AutoencoderKL whose posterior is cached (not scaled by its scaling_factor).
+        device: where the VAE runs.
+        dtype: the dtype the pixels are cast to for the VAE (the moments are stored as float32).
+        batch_size: images per VAE call, >= 1.
+    Returns: a LatentCache over `path`: index -> ((4, h, w) mean, (4, h, w) std)."""
     if not path.is_file():
         means, stds = [], []
         for lo in tqdm(range(0, n, batch_size), desc="caching latents", unit="batch"):

@@ -18,7 +18,18 @@ HYPER = ("train", "resolution", "resize_mode", "train_batch_size", "gradient_acc
 
 def write_model_card(output_dir: str | Path, cfg: Any, *, n_train: int, n_val: int, steps: int,
                      final_loss: float | None, mixed_precision: str, prediction_type: str) -> Path:
-    """README.md: base model, data size, hyper-parameters, how to load, and the synthetic-data warning."""
+    """README.md: base model, data size, hyper-parameters, how to load, and the synthetic-data warning.
+
+    Args:
+        output_dir: the training output folder; README.md is written there (atomically, replacing one).
+        cfg: the run's TrainConfig (model, train, train_data, val_fraction and the HYPER options are shown).
+        n_train: training image-report pairs, >= 0.
+        n_val: held-out pairs, >= 0.
+        steps: optimizer steps taken, >= 0.
+        final_loss: the last training loss, or None ("n/a") when no step ran.
+        mixed_precision: accelerate's mixed-precision mode ("no", "fp16" or "bf16").
+        prediction_type: the noise scheduler's prediction type ("epsilon" or "v_prediction").
+    Returns: the path of the written README.md."""
     values = to_dict(cfg)
     front = {"base_model": str(cfg.model), "library_name": "diffusers",
              "tags": ["stable-diffusion", "text-to-image", "lora" if cfg.train.startswith("lora") else "fine-tune",

@@ -85,7 +85,18 @@ class EmbeddedConfig:
 def generate(pipe: Any, prompt: str, n: int, *, seed: int = 0, steps: int = STEPS, guidance: float = GUIDANCE,
              batch: int = 25) -> list[np.ndarray]:
     """n gray images (H x W float [0, 1]) for one prompt through the product's sampler; image i uses
-    seed + i whatever the batching."""
+    seed + i whatever the batching.
+
+    Args:
+        pipe: a loaded diffusers StableDiffusionPipeline (the embedded model); the sampler uses its device and
+            its UNet's dtype, at the model's native size.
+        prompt: the text prompt, e.g. a value of PROMPTS.
+        n: number of images, >= 0.
+        seed: seed of image 0; image i uses seed + i.
+        steps: denoising steps per image, >= 1 (STEPS = 20, the embedded model's recommendation).
+        guidance: CFG scale, >= 1 (GUIDANCE = 2.0; 1 = no guidance).
+        batch: images per sampler call, >= 1 (memory only; the pixels do not depend on it).
+    Returns: n float32 (H, W) gray images in [0, 1], H = W = the model's native size."""
     from inference.sampler import CXRSampler, Request
     sampler = CXRSampler(pipe, device=pipe.device, dtype=pipe.unet.dtype)
     size = sampler.native_size
@@ -100,7 +111,20 @@ def adherence(pipe: Any, per_class: int, *, seed: int = 0, steps: int = STEPS, g
     """Generate `per_class` images per prompt and score each with the analytic scorer of `finding`
     (effusion: eval.phantom_score.classify_effusion; pneumothorax: classify_pneumothorax).
 
-    Returns accuracy overall and per class, and counts of what the scorer saw for each prompt."""
+    Returns accuracy overall and per class, and counts of what the scorer saw for each prompt.
+
+    Args:
+        pipe: a loaded diffusers StableDiffusionPipeline (the embedded model).
+        per_class: images generated per prompt, >= 1.
+        seed: seed of each prompt's first image (image i uses seed + i; the same seeds for every prompt).
+        steps: denoising steps per image, >= 1.
+        guidance: CFG scale, >= 1.
+        prompts: expected label -> prompt, the labels being what the scorer returns ("left", "right", "none");
+            None = PROMPTS (effusion; pass PNEUMOTHORAX_PROMPTS with finding "pneumothorax").
+        finding: the scorer, a key of eval.phantom_score.JUDGES ("effusion" or "pneumothorax"; "cardiomegaly"
+            scores True/False, so its prompts' keys must be booleans).
+    Returns: {"accuracy": mean of the per-class accuracies in [0, 1], "per_class": label -> fraction scored as
+        expected, "seen": label -> {scored label: count}, "per_class_n": per_class, "prompts": the prompts}."""
     from eval import phantom_score
     judge = phantom_score.JUDGES[finding]
     prompts = prompts or PROMPTS
@@ -169,7 +193,20 @@ def init_pipeline(config_dir: str | Path, vae_dir: str | Path, out: str | Path, 
 
 def train_stage(cfg: EmbeddedConfig, model: Path, data: Path, name: str, steps: int,
                 learning_rate: float | None = None, snr_gamma: float | None = None) -> Path:
-    """Full UNet + text encoder training with finetune.train; returns <work>/<name>/pipeline."""
+    """Full UNet + text encoder training with finetune.train; returns <work>/<name>/pipeline.
+
+    A stage whose pipeline already exists is reused, after checking it was trained with these settings.
+
+    Args:
+        cfg: the EmbeddedConfig (work_dir, seed, resolution, batch size, schedule, evaluation sampling).
+        model: folder of the diffusers pipeline to start from (the initial model or the previous stage's).
+        data: the manifest to train on (JSONL or an imagefolder metadata.jsonl, with text and patient_id
+            columns); 2 % of it is held out by patient.
+        name: the stage's name ("base", "main", "lateral"): its folder under cfg.work_dir.
+        steps: optimizer steps, >= 1.
+        learning_rate: > 0, or None for cfg.learning_rate.
+        snr_gamma: min-SNR-gamma weighting (> 0), or None for plain MSE.
+    Returns: the path of the stage's trained pipeline folder."""
     from .config import TrainConfig
     from .train import train
     out = Path(cfg.work_dir) / name

@@ -12,7 +12,19 @@ def diffusion_loss(unet: torch.nn.Module, scheduler: object, latents: torch.Tens
 
     `encoder_mask` (B, L) bool marks the caption tokens each row may attend to (captions of different
     window counts padded into one batch; None: all).
-    Random draws use the global RNG, which the trainer reseeds every step (exact resume)."""
+    Random draws use the global RNG, which the trainer reseeds every step (exact resume).
+
+    Args:
+        unet: the diffusers UNet2DConditionModel being trained.
+        scheduler: the training noise scheduler (DDPM-style: add_noise, get_velocity, config.num_train_timesteps
+            and config.prediction_type "epsilon" or "v_prediction"; others raise ValueError).
+        latents: (B, 4, h, w) clean VAE latents, already multiplied by the VAE's scaling_factor.
+        hidden: (B, L, D) text-encoder hidden states of the captions (L = 77 per window, D = the UNet's
+            cross-attention dim).
+        encoder_mask: (B, L) bool, True on the keys each row may attend to, or None for all.
+        snr_gamma: min-SNR-gamma weighting, > 0 (5 in the paper), or None for the plain mean MSE.
+        noise_offset: scale of the per-(sample, channel) offset noise added to the noise, >= 0 (0 = off).
+    Returns: scalar float32 loss tensor (with grad)."""
     from diffusers.training_utils import compute_snr
 
     # randn(shape), not randn_like: the draws must not depend on the latents' memory layout (the VAE

@@ -538,7 +538,18 @@ def make_dataset(out_dir: str | Path, n: int, size: int = 128, seed: int = 0, ex
     """Write n phantom PNGs (+ text masks) and an imagefolder `metadata.jsonl`; returns its path.
 
     Existing images are kept, so an interrupted run resumes; `dataset.json` records the settings and a
-    rerun with other settings into the same folder is refused. metadata.jsonl is written last, atomically."""
+    rerun with other settings into the same folder is refused. metadata.jsonl is written last, atomically.
+
+    Args:
+        out_dir: the data set folder (created; images/ and masks/ go under it).
+        n: number of phantoms, >= 0; raising it on a rerun keeps the first ones (image i depends only on
+            (seed, i)).
+        size: image side in pixels, >= 16.
+        seed: data set seed.
+        exclude: findings that never occur, names from FINDINGS (others raise ValueError).
+        finding_probs: finding -> probability in [0, 1] that overrides DEFAULT_PROBS, or None for the defaults.
+        progress: show a tqdm progress bar.
+    Returns: the path of metadata.jsonl (file_name, text, patient_id, text_mask and the label columns)."""
     out = Path(out_dir)
     exclude = tuple(sorted(exclude))
     settings = {"n": n, "size": size, "seed": seed, "exclude": list(exclude), "finding_probs": finding_probs or {}}

@@ -75,7 +75,19 @@ def train_vae(images: torch.Tensor, config_dir: str | Path, out: str | Path, *, 
               learning_rate: float, kl_weight: float = 1e-6, seed: int = 0) -> tuple[Path, list[float]]:
     """Train an AutoencoderKL from `config_dir` on `images` (N x 3 x R x R, [-1, 1]); returns (folder, L1 per step).
 
-    The folder is written whole (temp folder, then rename) so an interrupted run leaves nothing half-saved."""
+    The folder is written whole (temp folder, then rename) so an interrupted run leaves nothing half-saved.
+
+    Args:
+        images: (N, 3, R, R) float training images in [-1, 1] (gray repeated to RGB); batches are drawn from
+            them with replacement, and the first 256 set the latent scaling_factor.
+        config_dir: folder holding the AutoencoderKL `config.json` (the architecture; weights start random).
+        out: folder the trained VAE is saved to (safetensors, its config with the fitted scaling_factor).
+        steps: optimizer steps, >= 1 (AdamW, 50-step linear warm-up, then cosine decay to 0.1 x the rate).
+        batch_size: images per step, >= 1.
+        learning_rate: AdamW peak learning rate, > 0 (gradients clipped to norm 1).
+        kl_weight: weight of the per-pixel KL term added to L1 + MSE, >= 0.
+        seed: seeds the weight init and the batch draws.
+    Returns: (the saved folder `out`, reconstruction L1 per step, pixels in [-1, 1], `steps` floats)."""
     from diffusers import AutoencoderKL
 
     from cxrcommon.atomic import atomic_dir

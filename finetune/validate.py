@@ -27,7 +27,17 @@ def validation_grid(pipe: Any, prompts: Sequence[str], seeds: Sequence[int], *, 
                     guidance: float, max_windows: int = DEFAULT_MAX_WINDOWS) -> np.ndarray:
     """Rows = prompts, columns = seeds; grayscale float [0, 1]. CPU generators make the grid the same
     on any device for the same weights. Prompts are encoded whole, in up to `max_windows` windows, as in
-    training and sampling (the stock pipeline would cut them at 77 tokens)."""
+    training and sampling (the stock pipeline would cut them at 77 tokens).
+
+    Args:
+        pipe: a diffusers StableDiffusionPipeline on the validation weights (its own scheduler samples).
+        prompts: the P prompts (report texts), one grid row each.
+        seeds: the S seeds, one grid column each (torch CPU generator seeds, >= 0).
+        resolution: output side in pixels, a multiple of 8 (the model's training resolution).
+        steps: denoising steps per image, >= 1.
+        guidance: CFG scale (> 1 enables classifier-free guidance with the empty negative prompt).
+        max_windows: int >= 1, the cap on 75-token windows each prompt is encoded in.
+    Returns: (P * resolution, S * resolution) float32 grid in [0, 1], the RGB outputs averaged to gray."""
     rows = []
     for prompt in prompts:
         row = []

@@ -284,7 +284,18 @@ class CXRSampler:
 
     def grouped_noise(self, groups: list[TextGroup], x: torch.Tensor, t: torch.Tensor, use_cfg: bool,
                       guidance: float, rescale: float, extra: torch.Tensor | None) -> torch.Tensor:
-        """`guided_noise` over the batch, one UNet call per embedding-length group."""
+        """`guided_noise` over the batch, one UNet call per embedding-length group.
+
+        Args:
+            groups: the batch's TextGroups from `embedding_groups` (together covering every row once).
+            x: (B, 4, h, w) scheduler-scaled latents at step `t` (h, w = image side / the VAE's downscale, 8
+                for SD 2.1).
+            t: scalar timestep tensor, on the sampler's device.
+            use_cfg: run both guidance halves (needs groups made with cfg=True); False = conditional only.
+            guidance: CFG scale, >= 1 (ignored when `use_cfg` is False).
+            rescale: guidance rescale phi in [0, 1] (0 = off).
+            extra: (B, C, h, w) inpainting-UNet channels concatenated after the latents, or None.
+        Returns: (B, 4, h, w) guided noise (or v) prediction, in the UNet's dtype."""
         def noise(g: TextGroup, x: torch.Tensor, extra: torch.Tensor | None) -> torch.Tensor:
             return self.guided_noise(x, t, g.cond, g.uncond if use_cfg else None, guidance, rescale, extra,
                                      cond_mask=g.cond_mask, uncond_mask=g.uncond_mask)
@@ -349,7 +360,22 @@ class CXRSampler:
                        guidance: float, guidance_rescale: float = 0.0,
                        guidance_interval: Sequence[float] = (0.0, 1.0),
                        translation: Translation | None = None) -> torch.Tensor:
-        """Denoise one batch of requests to latents with the scheduler's own step rule."""
+        """Denoise one batch of requests to latents with the scheduler's own step rule.
+
+        Args:
+            requests: the B images to make (prompt, seed, negative prompt); each seed draws its image's noise.
+            height, width: output size in pixels, multiples of 8 (else ValueError).
+            steps: scheduler steps of the full schedule, >= 1 (a translation runs only its last
+                int(steps * strength)).
+            guidance: CFG scale, >= 1 (> 1 enables classifier-free guidance with the negative prompts).
+            guidance_rescale: guidance rescale phi in [0, 1] (0 = off).
+            guidance_interval: (lo, hi), fractions in [0, 1] of the steps run: CFG is applied at step i of n
+                while lo <= i / n < hi (hi >= 1: to the end); outside it the conditional prediction alone.
+            translation: start from a real image (img2img strength, optional inpainting mask), or None for
+                pure text-to-image.
+        Returns: (B, 4, height / s, width / s) latents in the UNet's space (still multiplied by the VAE's
+            scaling_factor; s = the VAE's downscale, 8 for SD 2.1), in the sampler's dtype; the init image's
+            latents when the translation leaves no step to run (int(steps * strength) = 0)."""
         if height % 8 or width % 8:
             raise ValueError(f"height and width must be multiples of 8, got {height}x{width}")
         lo, hi = guidance_interval
@@ -413,7 +439,19 @@ class CXRSampler:
                  guidance_interval: Sequence[float] = (0.0, 1.0),
                  translation: Translation | None = None) -> np.ndarray:
         """Requests -> gray images (N, H, W) float32 in [0, 1]. Strength 0 returns the init image;
-        with a mask, pixels outside it are the init image's."""
+        with a mask, pixels outside it are the init image's.
+
+        Args:
+            requests: the N images to make (prompt, seed, negative prompt); image pixels depend only on their
+                own request, not on the batch.
+            height, width: output size in pixels, multiples of 8 (512 = SD 2.1-base's native size).
+            steps: scheduler steps, >= 1.
+            guidance: CFG scale, >= 1 (1 = no guidance; 4.0 by default).
+            guidance_rescale: guidance rescale phi in [0, 1] (0 = off).
+            guidance_interval: (lo, hi) fractions of the steps in [0, 1] during which CFG is applied.
+            translation: img2img / inpainting start, its image and mask (height, width) in [0, 1]; None =
+                text-to-image.
+        Returns: (N, height, width) float32 gray images in [0, 1]."""
         if translation is not None and translation.image.shape != (height, width):
             raise ValueError(f"init image is {translation.image.shape}, expected {(height, width)}")
         if translation is not None and translation.strength == 0:
