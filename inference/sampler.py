@@ -319,7 +319,8 @@ class CXRSampler:
         """Noise prediction with CFG; both halves in one UNet call (`uncond=None`: conditional only).
 
         Args:
-            latent_input: (B, 4, h, w) scheduler-scaled latents at step `t` (h, w = image side / 8).
+            latent_input: (B, 4, h, w) scheduler-scaled latents at step `t` (h, w = image side / the VAE's
+                downscale, 8 for SD 2.1).
             t: scalar (or (B,)) timestep tensor, on the sampler's device.
             cond: (B, L, D) text embeddings of the prompts (L = 77 per CLIP window, D = 1024 for SD 2.1).
             uncond: (B, L, D) embeddings of the negative prompts, the same L as `cond`; None = no CFG.
