@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up from nothing and run the whole test suite (offline; 7.5 min on 2 CPU cores from a fresh clone, CPU torch route; 9.5 min full route).
+# Set up from nothing and run the whole test suite (offline; on 2 CPU cores from a fresh clone: 7.7 min on the full route, about 8.5 min on the CPU route).
 # VENV (default .venv) and TORCH_ROUTE are passed to scripts/setup.sh; extra arguments go to pytest (e.g. -m numerics).
 set -euo pipefail
 cd "$(dirname "$0")/.."
