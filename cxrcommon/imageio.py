@@ -378,6 +378,7 @@ def write_dicom_stored(path: str | os.PathLike, template: Dataset, stored: np.nd
     if ds.original_encoding[1] is False:  # pydicom writes big-endian sources back little-endian
         ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.set_original_encoding(False, True)
+    stored = stored.astype(stored.dtype.newbyteorder("<"), copy=False)  # set_pixel_data writes the array's bytes
     ds.set_pixel_data(stored, ds.PhotometricInterpretation, int(ds.BitsStored))  # uncompressed TS if it was compressed
     ds.BurnedInAnnotation = "NO"
     mark_derived(ds, note)

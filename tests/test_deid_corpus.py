@@ -57,3 +57,62 @@ def test_every_object_of_pydicoms_corpus_is_written_deidentified_or_refused_with
     # objects the pixel pass cannot clean keep their pixels, go to review, and are never marked clean
     kinds = {r["output"].split("/")[-1]: r for r in rows if r["status"] != "failed"}
     assert any("needs_review" in r["output"] for r in kinds.values())
+
+
+def test_big_endian_pixels_come_out_with_the_same_values(tmp_path):
+    """pydicom decodes a big-endian file to >i2; written as it was under a little-endian syntax, every value
+    came out byte-swapped while the file was marked clean."""
+    from pydicom.data import get_testdata_file
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(get_testdata_file("MR_small_bigendian.dcm"), src / "be.dcm")
+    clean([str(src)], tmp_path / "out", TextRemovalConfig(deidentify=True, deid_secret="k"))
+    (out,) = list((tmp_path / "out").rglob("*.dcm"))
+    before, after = pydicom.dcmread(src / "be.dcm").pixel_array, pydicom.dcmread(out).pixel_array
+    assert after.dtype.byteorder in "=<|" and (after.astype(int) == before.astype(int)).all()
+
+
+def test_a_truncated_big_endian_file_goes_to_review_with_its_header_deidentified(tmp_path):
+    import numpy as np
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRBigEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.PatientName, ds.PatientID = "TREVELYAN^OSKAR", "66120345"
+    ds.Rows = ds.Columns = 8
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.PixelData = np.arange(32, dtype=">u2").tobytes()          # half the 8x8 frame
+    ds.set_original_encoding(False, False)
+    ds.save_as(tmp_path / "t.dcm", enforce_file_format=True)
+    summary = clean([str(tmp_path / "t.dcm")], tmp_path / "out", TextRemovalConfig(deidentify=True, deid_secret="k"))
+    assert summary["failed"] == [] and len(summary["review"]) == 1
+    (out,) = list((tmp_path / "out" / "needs_review").glob("*.dcm"))
+    header = pydicom.dcmread(out, stop_before_pixels=True)
+    assert header.PatientIdentityRemoved == "YES" and "TREVELYAN" not in str(header) and "66120345" not in str(header)
+
+
+def test_invalid_values_are_never_quoted_into_the_log(tmp_path, capsys, caplog):
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
+    ds.PatientName, ds.PatientID = "QUILLFEATHER^MAB", "55001234"
+    ds.add_new(0x00100030, "DA", "15/01/1961 QUILLFEATHER")        # an invalid DA quoting the name
+    ds.add_new(0x00100040, "CS", "Male patient Quillfeather")       # an invalid CS
+    ds.add_new(0x00101010, "AS", "97 years QUILLFEATHER")           # an invalid age: the profile sets it again
+    ds.save_as(tmp_path / "s.dcm", enforce_file_format=True)
+    capsys.readouterr()
+    caplog.clear()                                                   # what writing the fixture said is not ours
+    clean([str(tmp_path / "s.dcm")], tmp_path / "out", TextRemovalConfig(deidentify=True, deid_secret="k"))
+    said = capsys.readouterr()
+    assert "QUILLFEATHER" not in (said.out + said.err + caplog.text).upper()

@@ -34,7 +34,8 @@ def read_for_cleaning(path: Path) -> tuple[np.ndarray, np.ndarray | None, Any]:
             what = f"{frames} frames" if frames > 1 else f"colour ({samples} samples per pixel)"
             raise ImageReadError(f"{path}: {what} DICOM is not supported; split it into single-frame grayscale "
                                  "files first (e.g. with highdicom or dcmtk) and clean those")
-        return ds.pixel_array, to_uint8_view(arr), ds  # cleaned in stored values, seen through the display
+        stored = ds.pixel_array  # cleaned in stored values, seen through the display; native byte order
+        return stored.astype(stored.dtype.newbyteorder("="), copy=False), to_uint8_view(arr), ds
     if suffix not in RASTER:
         raise ImageReadError(f"{path}: unsupported file type {suffix!r}; give PNG, JPEG or DICOM (.dcm) files")
     arr = cv2.imread(str(check_image_file(path)), cv2.IMREAD_UNCHANGED)

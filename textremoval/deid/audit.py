@@ -42,8 +42,11 @@ def collect(out_dir: Path) -> list[dict[str, Any]]:
     """Every de-identified image's audit entry under `out_dir` (this run's and earlier, resumed ones)."""
     rows = []
     for p in sorted(f for f in walk_files(out_dir) if f.name.endswith(".regions.json")):
-        rec = json.loads(p.read_text(encoding="utf-8"))
-        if "deidentify" in rec:
+        try:
+            rec = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # not ours, or damaged: check_resume has let it be, so must the audit
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("deidentify"), dict):
             rows.append({"input": rec["input"], "output": rec["output"], **rec["deidentify"]})
     return rows
 

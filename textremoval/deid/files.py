@@ -77,7 +77,7 @@ def check_resume(out_dir: Path, fingerprint: dict[str, Any]) -> None:
             rec = json.loads(p.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if rec.get("settings", {"deidentify": "deidentify" in rec}) != fingerprint:
+        if isinstance(rec, dict) and rec.get("settings", {"deidentify": "deidentify" in rec}) != fingerprint:
             other += 1
     if other:
         raise UserError(f"--out {out_dir} holds {other} output(s) made with other de-identification settings or "

@@ -7,10 +7,12 @@ or luminance; an object whose pixels cannot be cleaned (none decodable, bitmaps,
 with its pixels as they were and sent to needs_review/, never marked BurnedInAnnotation=NO."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 from pydicom.dataset import Dataset
@@ -41,14 +43,32 @@ def write_deidentified(path: Path, out_dir: Path, rel: Path, remover: TextRemove
     name = pseudo.file_name(rel)
     if path.suffix.lower() not in DICOM:
         return _write_raster(path, out_dir, name, remover, pseudo)
-    ds = read_header(path)
-    why = uncleanable(ds)
-    if why is None:
-        try:
-            return _write_image(ds, out_dir, name, remover, pseudo)
-        except ImageReadError as exc:  # no installed decoder could read these pixels
-            why = str(exc)
-    return _write_header_only(ds, why, out_dir, name, remover.config, pseudo)
+    with values_unquoted():
+        ds = read_header(path)
+        why = uncleanable(ds)
+        if why is None:
+            try:
+                return _write_image(ds, out_dir, name, remover, pseudo)
+            except ImageReadError as exc:  # no installed decoder could read these pixels
+                why = str(exc)
+        return _write_header_only(ds, why, out_dir, name, remover.config, pseudo)
+
+
+@contextlib.contextmanager
+def values_unquoted() -> Iterator[None]:
+    """pydicom's value validation off while a file is de-identified: its warnings quote the invalid value
+    ('Invalid value for VR DA: 15/01/1961 SMITH'), which is PHI, into the log and onto stderr."""
+    from pydicom import config
+
+    settings = config.settings
+    old = settings.reading_validation_mode, settings.writing_validation_mode
+    settings.reading_validation_mode = settings.writing_validation_mode = config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            yield
+    finally:
+        settings.reading_validation_mode, settings.writing_validation_mode = old
 
 
 def read_header(path: Path) -> Dataset:
@@ -95,7 +115,7 @@ def decoded_pixels(ds: Dataset, label: str) -> np.ndarray:
     check_pixels(Path(label), int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * int(ds.get("NumberOfFrames", 1)
                                                                                       or 1), None)
     try:
-        return ds.pixel_array
+        arr = ds.pixel_array
     except Exception:  # each decoder plugin raises its own kind
         ts = ds.file_meta.get("TransferSyntaxUID", "") if hasattr(ds, "file_meta") else ""
         if ts and not UID(str(ts)).is_compressed:
@@ -104,6 +124,7 @@ def decoded_pixels(ds: Dataset, label: str) -> np.ndarray:
                                  ) from None
         raise ImageReadError(f"pixel data in {getattr(ts, 'name', ts) or 'an unknown transfer syntax'} could not "
                              f"be decoded, so it was not cleaned — {PLUGIN_HINT}") from None
+    return arr.astype(arr.dtype.newbyteorder("="), copy=False)  # a big-endian source decodes to >u2 / >i2
 
 
 def _write_image(ds: Dataset, out_dir: Path, name: Path, remover: TextRemover,
@@ -168,8 +189,7 @@ def _write_header_only(ds: Dataset, why: str, out_dir: Path, name: Path, cfg: An
     if _big_endian(ds):  # written little-endian, pixels swapped too
         out.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         out.set_original_encoding(False, True)
-        if "PixelData" in out:
-            store_pixels(out, ds.pixel_array, str(ds.PhotometricInterpretation), int(ds.BitsStored))
+        _swap_words(out)
     entry_extra = {"pixels": why or "none"}
     return _write_outputs(out_dir, name, cfg, pseudo, _dicom_bytes(out), header, [], None, review,
                           False, {}, entry_extra, no_pixels=not why)
@@ -207,6 +227,7 @@ def _write_outputs(out_dir: Path, name: Path, cfg: Any, pseudo: Pseudonymizer, i
 def store_pixels(ds: Dataset, arr: np.ndarray, photometric: str, bits_stored: int) -> None:
     """`arr` (frames, rows, columns[, 3]) as uncompressed little-endian pixel data (pydicom's set_pixel_data
     for 8/16-bit; 32-bit by hand, which it does not take)."""
+    arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)  # set_pixel_data writes the array's own bytes
     if arr.dtype.itemsize <= 2:
         ds.set_pixel_data(arr, photometric, bits_stored, generate_instance_uid=False)
         return
@@ -216,6 +237,21 @@ def store_pixels(ds: Dataset, arr: np.ndarray, photometric: str, bits_stored: in
     if "PlanarConfiguration" in ds:
         ds.PlanarConfiguration = 0
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+
+def _swap_words(ds: Dataset) -> None:
+    """Raw big-endian 16/32-bit pixel words turned little-endian, without decoding (these pixels could not be
+    decoded, or are kept as they were); bytes (8-bit, 1-bit) need no swap; a truncated tail is kept as is."""
+    try:
+        size = int(ds.get("BitsAllocated", 8) or 8) // 8
+    except (TypeError, ValueError):
+        return
+    if "PixelData" not in ds or size not in (2, 4):
+        return
+    raw = bytes(ds.PixelData)
+    whole = len(raw) - len(raw) % size
+    ds.PixelData = np.frombuffer(raw[:whole], f">u{size}").astype(f"<u{size}").tobytes() + raw[whole:]
+    ds["PixelData"].VR = "OW"
 
 
 def _big_endian(ds: Dataset) -> bool:
