@@ -91,3 +91,12 @@ def test_ages_over_89_are_grouped():
     assert run(ds).PatientAge == "090Y"
     ds.PatientAge = "063Y"
     assert run(ds).PatientAge == "063Y"
+
+
+def test_without_retained_dates_an_unlisted_date_goes_too():
+    ds = base()
+    ds.add_new(0x0008041F, "DT", "20190304101500")        # StudyUpdateDateTime, not in the table
+    ds.StudyDate = "20190304"
+    out = run(ds, deid_retain_dates=False)
+    assert "20190304" not in everything(out)
+    assert "20190304" not in everything(run(ds))          # shifted when dates are retained

@@ -239,7 +239,8 @@ def _apply(ds: Dataset, profile: Profile) -> None:
         elif rule is not None:
             rule(ds, key)
         elif (elem.VR in UNLISTED_REMOVED_VRS and not BINARY_KEPT.search(kw)) or UNLISTED_PERSONAL.search(kw) \
-                or (elem.VR in UNLISTED_TEXT_VRS and not profile.clean_descriptors) or _dictionary_pn(elem):
+                or (elem.VR in UNLISTED_TEXT_VRS and not profile.clean_descriptors) or _dictionary_pn(elem) \
+                or elem.VR in ("DA", "DT"):  # dates are not shifted (retain-dates off): an unlisted one goes too
             del ds[elem.tag]
     ds.remove_private_tags()
 
