@@ -73,17 +73,25 @@ def test_big_endian_pixels_come_out_with_the_same_values(tmp_path):
     assert after.dtype.byteorder in "=<|" and (after.astype(int) == before.astype(int)).all()
 
 
-def test_a_truncated_big_endian_file_goes_to_review_with_its_header_deidentified(tmp_path):
-    import numpy as np
+def _dicom(syntax: str, sop_class: str, name: str, pid: str):
+    """A minimal header-only dataset with file meta, for the fixtures below."""
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRBigEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = sop_class
     ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
-    ds.PatientName, ds.PatientID = "TREVELYAN^OSKAR", "66120345"
+    ds.PatientName, ds.PatientID = name, pid
+    return ds
+
+
+def test_a_truncated_big_endian_file_goes_to_review_with_its_header_deidentified(tmp_path):
+    import numpy as np
+    from pydicom.uid import ExplicitVRBigEndian
+
+    ds = _dicom(ExplicitVRBigEndian, "1.2.840.10008.5.1.4.1.1.7", "TREVELYAN^OSKAR", "66120345")
     ds.Rows = ds.Columns = 8
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
@@ -98,15 +106,9 @@ def test_a_truncated_big_endian_file_goes_to_review_with_its_header_deidentified
 
 
 def test_invalid_values_are_never_quoted_into_the_log(tmp_path, capsys, caplog):
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import ExplicitVRLittleEndian
 
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.88.11"
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID = generate_uid()
-    ds.PatientName, ds.PatientID = "QUILLFEATHER^MAB", "55001234"
+    ds = _dicom(ExplicitVRLittleEndian, "1.2.840.10008.5.1.4.1.1.88.11", "QUILLFEATHER^MAB", "55001234")
     ds.add_new(0x00100030, "DA", "15/01/1961 QUILLFEATHER")        # an invalid DA quoting the name
     ds.add_new(0x00100040, "CS", "Male patient Quillfeather")       # an invalid CS
     ds.add_new(0x00101010, "AS", "97 years QUILLFEATHER")           # an invalid age: the profile sets it again

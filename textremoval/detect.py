@@ -49,6 +49,12 @@ def contrast_view(gray: np.ndarray, clip: float = 3.0, tiles: int = 8) -> np.nda
     return cv2.createCLAHE(clipLimit=clip, tileGridSize=(tiles, tiles)).apply(gray)
 
 
+def equalised_view(gray: np.ndarray, cfg: TextRemovalConfig) -> np.ndarray:
+    """`gray` as de-identification detects, segments and re-reads it (contrast-equalised with deid_contrast),
+    else as it is: one decision for the detector and the segmenter."""
+    return contrast_view(gray) if cfg.deidentify and cfg.deid_contrast else gray
+
+
 def decide_action(text: str, cfg: TextRemovalConfig) -> str:
     """'kept' for markers under --keep-markers and for non-matching text under --erase-pattern."""
     stripped = re.sub(r"[^0-9A-Za-z]", "", text)
@@ -100,7 +106,7 @@ class RapidOCRDetector:
         glyph contrast threshold is for plain films: equalised anatomy is full of glyph-like blobs, each a
         recogniser call, and a lone side marker is no faint PHI)."""
         plain = to_uint8_view(image)
-        gray = contrast_view(plain) if self.cfg.deidentify and self.cfg.deid_contrast else plain
+        gray = equalised_view(plain, self.cfg)
         h, w = gray.shape
         found = np.zeros((h, w), bool)  # pixels inside boxes of earlier passes
         regions: list[TextRegion] = []

@@ -15,7 +15,7 @@ from cxrcommon.config import to_dict
 
 from .config import TextRemovalConfig, check_config
 from .deid.scrubber import normalize, reads_as_identifier
-from .detect import TextRegion, build_detector, contrast_view, to_uint8_view
+from .detect import TextRegion, build_detector, equalised_view, to_uint8_view
 from .inpaint import build_inpainter, paste
 from .segment import build_segmenter, polygon_mask
 
@@ -73,8 +73,7 @@ class TextRemover:
     def detection_view(self, image: np.ndarray) -> np.ndarray:
         """The 8-bit view segmentation sees: contrast-equalised under de-identification, so faint glyphs are
         masked as bold ones are (the detector equalises its own view the same way)."""
-        gray = to_uint8_view(image)
-        return contrast_view(gray) if self.config.deidentify and self.config.deid_contrast else gray
+        return equalised_view(to_uint8_view(image), self.config)
 
     def residual_text(self, cleaned: np.ndarray, kept: Sequence[TextRegion], found: list[TextRegion] | None = None,
                       view: np.ndarray | None = None) -> list[TextRegion]:
