@@ -190,15 +190,14 @@ def _write_header_only(ds: Dataset, why: str, out_dir: Path, name: Path, cfg: An
         out.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
         out.set_original_encoding(False, True)
         _swap_words(out)
-    entry_extra = {"pixels": why or "none"}
     return _write_outputs(out_dir, name, cfg, pseudo, _dicom_bytes(out), header, [], None, review,
-                          False, {}, entry_extra, no_pixels=not why)
+                          False, {}, {"pixels": why or "none"})
 
 
 def _write_outputs(out_dir: Path, name: Path, cfg: Any, pseudo: Pseudonymizer, image: bytes,
                    header: HeaderResult | None, regions: list[TextRegion], mask: np.ndarray | None,
                    review: list[str], pixels_clean: bool, extra: dict[str, Any],
-                   entry_extra: dict[str, Any] | None = None, no_pixels: bool = False) -> dict[str, Any]:
+                   entry_extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The image, its box mask (if it has pixels) and its regions JSON, written together in OUT or
     OUT/needs_review/; an earlier run's verdict for the same file in the other folder is removed."""
     folder = out_dir / deid_files.REVIEW_DIR if review else out_dir
@@ -206,7 +205,7 @@ def _write_outputs(out_dir: Path, name: Path, cfg: Any, pseudo: Pseudonymizer, i
     regions_json = [r.to_json() for r in regions]
     deid_files.blank_texts(regions_json, cfg.marker_pattern)
     entry = {**audit.file_entry(header, regions, review, pixels_clean), **(entry_extra or {})}
-    if no_pixels and not review:
+    if mask is None and not review:  # a header-only object with nothing to check has no pixel verdict to wait for
         entry["status"] = "ok"
     record = {"input": name.name, "output": str(paths["image"]),
               "mask": None if mask is None else str(paths["mask"]),
