@@ -208,7 +208,7 @@ def augment(real_train: str | Path, synthetic: str | Path, test: str | Path, *, 
 def _report(out: str | Path, r: dict[str, Any]) -> dict[str, str]:
     import matplotlib.pyplot as plt
 
-    from .report import write_report
+    from .outputs import write_report
     ci = r["ci95"]
     fig, ax = plt.subplots(figsize=(5, 3))
     for x, (name, m, c) in enumerate([("real", r["auc_real"], ci["auc_a"]),

@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise UserError("give the folder of generated images: python -m eval.diversity DIR")
     import matplotlib.pyplot as plt
 
-    from .report import markdown_table, write_report
+    from .outputs import markdown_table, write_report
     with user_errors():
         result = diversity(cfg.dir, cfg.group_by, size=cfg.size, max_pairs=cfg.max_pairs, seed=cfg.seed)
     fig, ax = plt.subplots(figsize=(6, 3.5))

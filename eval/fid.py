@@ -142,7 +142,7 @@ def _report(out: str | Path, result: dict[str, Any], real: torch.Tensor, fake: t
     """fid.json, fid.md and a figure (features on their first two principal components; PRDC bars)."""
     import matplotlib.pyplot as plt
 
-    from .report import write_report
+    from .outputs import write_report
     both = torch.cat([real, fake]).double()
     centred = both - both.mean(0)
     _, _, v = torch.linalg.svd(centred, full_matrices=False)

@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     setup_logging(cfg.verbose)
     if not cfg.train or not cfg.fake:
         raise UserError("give both --train and --fake (folders or manifests)")
-    from .report import markdown_table, write_report
+    from .outputs import markdown_table, write_report
     with user_errors():
         result = memorization(cfg.train, cfg.fake, cfg.features, inception_weights=cfg.inception_weights or None,
                               input_size=cfg.input_size, top_k=cfg.top_k, ssim_size=cfg.ssim_size,

@@ -202,7 +202,7 @@ def score_study(study: str | Path, answer_files: Sequence[str | Path]) -> dict[s
 def _report(result: dict[str, Any], out: Path) -> dict[str, str]:
     import matplotlib.pyplot as plt
 
-    from .report import markdown_table, write_report
+    from .outputs import markdown_table, write_report
     rows = []
     for name, s in [*result["readers"].items(), ("pooled", result["pooled"])]:
         rows.append({"reader": name, "n": s["n_answered"],
