@@ -1,0 +1,200 @@
+"""What a dataset module yields, and the normalisation every dataset shares: labels onto one vocabulary,
+sex/age/race, views, captions for label-only datasets, and the seeded patient split.
+
+One place decides these, so a MIMIC row and a VinDr row mean the same thing column by column."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gzip
+import hashlib
+import io
+import math
+import re
+from pathlib import Path
+from typing import Iterator, Mapping
+
+from cxrcommon.errors import UserError
+
+# CheXpert's 14 observations (Irvin et al. 2019), in its own order: the shared label vocabulary.
+CHEXPERT_14 = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+               "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+               "Fracture", "Support Devices")
+POSITIVE, NEGATIVE, UNCERTAIN = 1.0, 0.0, -1.0
+SPLITS = ("train", "validate", "test")
+MANIFEST_COLUMNS = ("image", "report", "labels", "patient", "study", "view", "sex", "age", "race", "split", "source",
+                    "uncertain", "source_image")
+MAX_AGE = 120
+
+
+@dataclasses.dataclass
+class SourceRow:
+    """One image of a dataset, as its files describe it (paths under the dataset root)."""
+    image: Path                                 # the source image file
+    patient: str
+    study: str = ""
+    view: str = ""                              # as the source writes it; normalised by `view_code`
+    report: str = ""                            # findings + impression, where the dataset has reports
+    labels: dict[str, float] = dataclasses.field(default_factory=dict)  # source name -> 1 / 0 / -1 (uncertain)
+    sex: str = ""                               # as the source writes it; normalised by `sex_code`
+    age: int | None = None                      # whole years at the study
+    race: str = ""
+    split: str = ""                             # the official split, or "" for the seeded patient split
+    where: str = ""                             # file:line it came from, for messages
+
+
+@dataclasses.dataclass
+class Excluded:
+    """A row the dataset module could not use; `reason` is counted in the summary, `where` names it."""
+    reason: str
+    where: str
+    detail: str = ""
+
+
+def sex_code(value: str) -> str:
+    """M / F from the many spellings (M, Male, F, female, 0/1 is not guessed); anything else is unknown ("")."""
+    v = str(value).strip().upper()
+    return {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "W": "F"}.get(v, "")
+
+
+_AGE_RE = re.compile(r"^\s*(\d{1,3}(?:\.\d+)?)\s*([YMWD])?\s*$", re.IGNORECASE)
+
+
+def age_years(value: object) -> int | None:
+    """Whole years from 54, "54", "54.0", DICOM age strings ("054Y", "006M", "010W", "003D"); None if unknown
+    or outside 0-120 (a typo, not a patient)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    m = _AGE_RE.match(str(value))
+    if not m:
+        return None
+    n = float(m.group(1))
+    years = {"M": n / 12, "W": n / 52, "D": n / 365}.get((m.group(2) or "Y").upper(), n)
+    return int(years) if 0 <= years <= MAX_AGE else None
+
+
+_RACE_GROUPS = (("HISPANIC", "HISPANIC/LATINO"), ("LATINO", "HISPANIC/LATINO"), ("WHITE", "WHITE"),
+                ("BLACK", "BLACK"), ("ASIAN", "ASIAN"), ("NATIVE", "OTHER"), ("PACIFIC", "OTHER"),
+                ("MULTIPLE", "OTHER"), ("OTHER", "OTHER"), ("PORTUGUESE", "WHITE"), ("SOUTH AMERICAN", "HISPANIC/LATINO"))
+_RACE_UNKNOWN = ("UNKNOWN", "UNABLE", "DECLINED", "PATIENT DECLINED")
+
+
+def race_group(value: str) -> str:
+    """MIMIC-IV's 33 race strings -> WHITE, BLACK, ASIAN, HISPANIC/LATINO, OTHER, or "" (unknown/declined):
+    the groups RoentGen-v2 and the fairness studies report on."""
+    v = str(value).strip().upper()
+    if not v or any(v.startswith(u) for u in _RACE_UNKNOWN):
+        return ""
+    return next((group for key, group in _RACE_GROUPS if key in v), "OTHER")
+
+
+_VIEWS = {"PA": "PA", "POSTEROANTERIOR": "PA", "AP": "AP", "ANTEROPOSTERIOR": "AP", "AP_HORIZONTAL": "AP",
+          "AP_SUPINE": "AP", "AP AXIAL": "AP", "LATERAL": "LATERAL", "LL": "LATERAL", "RL": "LATERAL",
+          "LAT": "LATERAL", "L": "LATERAL", "FRONTAL": "FRONTAL", "PA LLD": "PA", "AP LLD": "AP", "AP RLD": "AP",
+          "PA RLD": "PA"}
+
+
+def view_code(value: str) -> str:
+    """PA, AP, LATERAL or FRONTAL (frontal, PA/AP not recorded); another view keeps its own upper-case name
+    (e.g. LAO, SWIMMERS) so the summary shows it; "" when the source gives none."""
+    v = str(value).strip().upper().replace("-", "_")
+    return _VIEWS.get(v, _VIEWS.get(v.replace("_", " "), v))
+
+
+def view_kept(view: str, wanted: set[str]) -> bool:
+    return view in wanted or (view == "FRONTAL" and bool(wanted & {"PA", "AP"}))
+
+
+def label_name(source_name: str, label_map: Mapping[str, str | None]) -> str:
+    """The vocabulary name of a source finding: its CheXpert class, or its own name tidied (underscores out)."""
+    mapped = label_map.get(source_name)
+    return mapped if mapped else source_name.replace("_", " ").strip()
+
+
+def apply_labels(labels: Mapping[str, float], label_map: Mapping[str, str | None],
+                 uncertain: str) -> tuple[list[str], list[str], list[str]]:
+    """(positive vocabulary names, uncertain names left out, positive SOURCE names for the caption).
+
+    `uncertain` is the --uncertain policy: ignore / zeros / ones. Names come out in vocabulary order
+    (CheXpert's 14 first, then the rest alphabetically), each once."""
+    if uncertain not in ("ignore", "zeros", "ones"):
+        raise UserError(f"--uncertain {uncertain!r} — choose ignore, zeros or ones")
+    positive, unsure, source_names = [], [], []
+    for name, value in labels.items():
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            continue
+        if value == POSITIVE or (value == UNCERTAIN and uncertain == "ones"):
+            positive.append(label_name(name, label_map))
+            source_names.append(name.replace("_", " ").strip())
+        elif value == UNCERTAIN and uncertain == "ignore":
+            unsure.append(label_name(name, label_map))
+    return _ordered(positive), _ordered(set(unsure) - set(positive)), list(dict.fromkeys(source_names))
+
+
+def _ordered(names) -> list[str]:
+    rank = {n: i for i, n in enumerate(CHEXPERT_14)}
+    return sorted(set(names), key=lambda n: (rank.get(n, len(rank)), n))
+
+
+def caption(template: str, view: str, findings: list[str], no_finding: str, source: str) -> str:
+    """The caption of a label-only image: the template filled with the view and the source's own finding
+    names ("mass", not only the class it maps onto), lower case, or `no_finding` when none is marked."""
+    names = [f for f in findings if f.lower() != "no finding"]
+    text = ", ".join(n.lower() for n in names) if names else no_finding
+    if names:
+        text = text[0].upper() + text[1:]
+    view_text = {"FRONTAL": "Frontal", "LATERAL": "Lateral", "": "Frontal"}.get(view, view)
+    try:
+        return template.format(view=view_text, findings=text, source=source).strip()
+    except (KeyError, IndexError, ValueError) as exc:
+        raise UserError(f"--caption-template {template!r}: {exc} — use only {{view}}, {{findings}} and "
+                        f"{{source}}") from None
+
+
+def seeded_split(patient: str, seed: int, val_fraction: float, test_fraction: float) -> str:
+    """train / validate / test for a patient, from a hash of (seed, patient): the same patient always lands
+    on one side, whatever the row order, without holding the patient list in memory."""
+    if not (0 <= val_fraction and 0 <= test_fraction and val_fraction + test_fraction < 1):
+        raise UserError(f"--val-fraction {val_fraction} and --test-fraction {test_fraction} must be >= 0 and sum "
+                        f"to less than 1")
+    digest = hashlib.sha256(f"{seed}:{patient}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    return "test" if u < test_fraction else "validate" if u < test_fraction + val_fraction else "train"
+
+
+def split_code(value: str) -> str:
+    """The official split names of the datasets onto train / validate / test."""
+    v = str(value).strip().lower()
+    return {"train": "train", "training": "train", "validate": "validate", "valid": "validate",
+            "validation": "validate", "val": "validate", "test": "test", "testing": "test"}.get(v, "")
+
+
+def open_text(path: Path) -> io.TextIOBase:
+    """A CSV/TXT file for streaming, gzip or not, UTF-8 with a BOM tolerated."""
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8-sig", newline="")
+    return open(path, encoding="utf-8-sig", newline="")
+
+
+def read_csv(path: Path, required: tuple[str, ...] = (), dialect: str = "excel") -> Iterator[tuple[int, dict[str, str]]]:
+    """(line number, row) of a CSV, streamed. A header without a `required` column is one UserError naming the
+    file and the columns it has (so a wrong file fails before anything is written); short rows come back
+    with the missing cells as None, for the caller to exclude."""
+    with open_text(path) as f:
+        reader = csv.DictReader(f, dialect=dialect)
+        header = reader.fieldnames or []
+        missing = [c for c in required if c not in header]
+        if missing:
+            raise UserError(f"{path}: no column(s) {', '.join(missing)} (it has {', '.join(header[:12]) or 'no header'})"
+                            f" — is this the dataset's own file?")
+        for row in reader:
+            yield reader.line_num, row
+
+
+def require_file(root: Path, relative: str, dataset: str, hint: str = "") -> Path:
+    """root/relative, or a UserError saying which file of which dataset was expected there."""
+    path = root / relative
+    if not path.is_file():
+        raise UserError(f"{root} does not look like {dataset}: {relative} not found"
+                        + (f" — {hint}" if hint else " — pass the folder the download unpacked to as --root"))
+    return path
