@@ -1,11 +1,13 @@
 """The edge of every command: a UserError becomes one `error: ...` line on stderr and exit code 2
-(its traceback only with --verbose); anything else is a bug and keeps its traceback."""
+(its traceback only with --verbose); anything else is a bug and keeps its traceback. `parse` adds positional
+arguments on top of `cxrcommon.config.parse_config`, for commands like `eval.diversity DIR`."""
 from __future__ import annotations
 
 import functools
 import sys
 from typing import Callable, Sequence, TypeVar
 
+from .config import parse_config
 from .errors import UserError
 
 T = TypeVar("T")
@@ -55,3 +57,21 @@ def cli_entry(main: Callable[[list[str]], T]) -> Callable[[Sequence[str] | None]
             print("interrupted; rerun the same command to resume where it stopped", file=sys.stderr, flush=True)
             raise SystemExit(130) from None
     return run
+
+
+def parse(cls: type[T], argv: Sequence[str] | None, description: str, positional: Sequence[str] = ()) -> T:
+    """Map leading bare tokens onto `positional` field names (the last one takes the rest), then parse flags.
+
+    `eval.turing score STUDY a.csv b.csv` becomes `--study STUDY --answers a.csv b.csv`, so the dataclass
+    stays the single place options are declared and `--help` still lists them all."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    bare: list[str] = []
+    while args and not args[0].startswith("-"):
+        bare.append(args.pop(0))
+    if bare and not positional:
+        raise UserError(f"unexpected argument(s) {' '.join(bare)} — see --help")
+    flags: list[str] = []
+    for i, name in enumerate(positional[:len(bare)]):
+        values = bare[i:] if i == len(positional) - 1 else [bare[i]]
+        flags += ["--" + name.replace("_", "-"), *values]
+    return parse_config(cls, flags + args, description)

@@ -286,8 +286,9 @@ def to_uint(arr: np.ndarray, bits: int = 8) -> np.ndarray:
 # ---------------------------------------------------------------- writing
 
 def write_png(path: str | os.PathLike, arr: np.ndarray, *, bits: int = 8,
-              text: dict[str, str] | None = None) -> Path:
-    """Atomic 8- or 16-bit PNG with one text chunk per `text` item (tEXt, or iTXt if not latin-1)."""
+              text: dict[str, str] | None = None, compress_level: int = 6) -> Path:
+    """Atomic 8- or 16-bit PNG with one text chunk per `text` item (tEXt, or iTXt if not latin-1);
+    `compress_level` is zlib's 0-9 (lower: faster, larger)."""
     path = Path(path)
     arr = _check_write(arr, path, allow_rgb=bits == 8)
     info = PngImagePlugin.PngInfo()
@@ -295,7 +296,7 @@ def write_png(path: str | os.PathLike, arr: np.ndarray, *, bits: int = 8,
         info.add_text(str(k), str(v))
     img = Image.fromarray(to_uint(arr, bits))
     with atomic_path(path) as tmp:
-        img.save(tmp, format="PNG", pnginfo=info)
+        img.save(tmp, format="PNG", pnginfo=info, compress_level=compress_level)
     return path
 
 

@@ -75,7 +75,8 @@ def age_years(value: object) -> int | None:
 
 _RACE_GROUPS = (("HISPANIC", "HISPANIC/LATINO"), ("LATINO", "HISPANIC/LATINO"), ("WHITE", "WHITE"),
                 ("BLACK", "BLACK"), ("ASIAN", "ASIAN"), ("NATIVE", "OTHER"), ("PACIFIC", "OTHER"),
-                ("MULTIPLE", "OTHER"), ("OTHER", "OTHER"), ("PORTUGUESE", "WHITE"), ("SOUTH AMERICAN", "HISPANIC/LATINO"))
+                ("MULTIPLE", "OTHER"), ("OTHER", "OTHER"), ("PORTUGUESE", "WHITE"),
+                ("SOUTH AMERICAN", "HISPANIC/LATINO"))
 _RACE_UNKNOWN = ("UNKNOWN", "UNABLE", "DECLINED", "PATIENT DECLINED")
 
 
@@ -176,7 +177,8 @@ def open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8-sig", newline="")
 
 
-def read_csv(path: Path, required: tuple[str, ...] = (), dialect: str = "excel") -> Iterator[tuple[int, dict[str, str]]]:
+def read_csv(path: Path, required: tuple[str, ...] = (),
+             dialect: str = "excel") -> Iterator[tuple[int, dict[str, str]]]:
     """(line number, row) of a CSV, streamed. A header without a `required` column is one UserError naming the
     file and the columns it has (so a wrong file fails before anything is written); short rows come back
     with the missing cells as None, for the caller to exclude."""
@@ -185,8 +187,9 @@ def read_csv(path: Path, required: tuple[str, ...] = (), dialect: str = "excel")
         header = reader.fieldnames or []
         missing = [c for c in required if c not in header]
         if missing:
-            raise UserError(f"{path}: no column(s) {', '.join(missing)} (it has {', '.join(header[:12]) or 'no header'})"
-                            f" — is this the dataset's own file?")
+            has = ", ".join(header[:12]) or "no header"
+            raise UserError(f"{path}: no column(s) {', '.join(missing)} (it has {has}) — is this the dataset's "
+                            "own file?")
         for row in reader:
             yield reader.line_num, row
 
