@@ -33,7 +33,9 @@ _HEADER_NAMES = {
     "wet read": "wet read", "final report": "final report", "addendum": "addendum",
     "recommendation": "recommendation", "recommendations": "recommendation",
     "recommendation(s)": "recommendation",
-    "notification": "notification", "conclusion": "conclusion", "conclusions": "conclusion",
+    "notification": "notification",
+    # MIMIC-CXR's section_parser.py (MIT-LCP/mimic-cxr) reads these as the impression (1,802 reports)
+    "conclusion": "impression", "conclusions": "impression",
 }
 _HEADER_RE = re.compile(
     r"\b(?P<name>" + "|".join(sorted((re.escape(h) for h in _HEADER_NAMES), key=len, reverse=True))
@@ -95,13 +97,14 @@ def _is_header(text: str, m: re.Match[str]) -> bool:
 
 
 def extract_sections(text: str | Mapping[str, Any],
-                     sections: Sequence[str] = ("findings", "impression")) -> str:
+                     sections: Sequence[str] = ("findings", "impression"), untitled_lead: bool = True) -> str:
     """The wanted sections, in the order asked, joined by a space.
 
     `text` is a free-text report (MIMIC "FINDINGS: ... IMPRESSION: ...", IU-Xray "Findings: ...")
     or a mapping of fields as parsed from OpenI XML ({"findings": ..., "impression": ...}).
-    A report with no header at all is returned whole; one with other headers only gives the text
-    before its first header (often "", which the caller counts as empty)."""
+    A report with no header at all is returned whole (less a leading "FINAL REPORT" title); one with
+    other headers only gives the text before its first header (often "", which the caller counts as
+    empty), or "" with `untitled_lead=False` (MIMIC-CXR, where that text is the exam's title)."""
     wanted = [s.lower() for s in sections]
     if isinstance(text, Mapping):
         fields = {_HEADER_NAMES.get(str(k).lower().strip(), str(k).lower().strip()): v
@@ -109,13 +112,13 @@ def extract_sections(text: str | Mapping[str, Any],
         return " ".join(str(fields[s]).strip() for s in wanted if fields.get(s) and str(fields[s]).strip())
     headers = [m for m in _HEADER_RE.finditer(text) if _is_header(text, m)]
     if not headers:
-        return text.strip()
+        return _FINAL_REPORT_RE.sub("", text).strip()
     found: dict[str, list[str]] = {}
     for m, nxt in zip(headers, headers[1:] + [None]):
         body = text[m.end():nxt.start() if nxt else len(text)].strip()
         found.setdefault(_HEADER_NAMES[m.group("name").lower()], []).append(body)
     picked = " ".join(b for s in wanted for b in found.get(s, []) if b)
-    if picked or any(s in found for s in wanted):
+    if picked or any(s in found for s in wanted) or not untitled_lead:
         return picked
     # Only other sections (e.g. a case note "Day 1: ... History: ..."): the untitled lead text.
     return _FINAL_REPORT_RE.sub("", text[:headers[0].start()]).strip()

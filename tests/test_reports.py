@@ -137,6 +137,18 @@ def test_no_header_returns_whole_text_and_other_headers_give_lead_text():
     assert extract_sections("Findings: my impression: unclear effusion.") == "my impression: unclear effusion."
 
 
+def test_mimic_quirks_conclusion_title_and_untitled_lead():
+    """MIMIC-CXR: CONCLUSION is the impression (section_parser.py), the FINAL REPORT title is no text, and
+    with untitled_lead=False a report with only other headers gives "" (its lead is the exam title)."""
+    report = " FINAL REPORT\n INDICATION:  Fever.\n\n FINDINGS:\n Clear.\n\n CONCLUSION:\n No pneumonia.\n"
+    assert normalize_report(extract_sections(report)) == "Clear. No pneumonia."
+    assert impression_of(report) == "No pneumonia."
+    assert extract_sections("   FINAL REPORT\n Lungs are clear.\n") == "Lungs are clear."
+    titled = " FINAL REPORT\n CHEST RADIOGRAPH\n\n COMPARISON:  ___.\n\n Lungs are clear.\n"
+    assert extract_sections(titled) == "CHEST RADIOGRAPH"
+    assert extract_sections(titled, untitled_lead=False) == ""
+
+
 @pytest.mark.parametrize("raw, clean", [
     ("Comparison to ___ study.  No change.", "Comparison to study. No change."),
     ("Dr. ___ was notified by Dr. ___ at ___ on ___ , ___ .", "Dr. was notified by Dr. at on."),
