@@ -158,12 +158,13 @@ def prepare(cfg: PrepareConfig) -> dict:
                 rows = itertools.islice(rows, cfg.limit)
             bar = tqdm(desc=f"{module.NAME} images", unit=" img", disable=None)
             while block := list(itertools.islice(rows, BLOCK)):
-                jobs = [(item.image, out / "images" / _relative(item.image, root)) for item, _ in block]
+                jobs = [(item.image, out / "images" / _relative(item.image, root).with_suffix(".png"))
+                        for item, _ in block]
                 results = pool.map(work, jobs, chunksize=8) if pool else map(work, jobs)
                 for (item, row), (src, dst), (bits, error) in zip(block, jobs, results):
                     if bits < 0:
                         summary.exclude("unreadable image")
-                        excluded.writerow(["unreadable image", safe_cell(item.where), safe_cell(error)])
+                        excluded.writerow(["unreadable image", safe_cell(item.where), safe_cell(f"{src}: {error}")])
                         log.warning("skipped %s: %s", src, error)
                         continue
                     summary.made += bits > 0
@@ -184,9 +185,8 @@ def prepare(cfg: PrepareConfig) -> dict:
 
 
 def _relative(image: Path, root: Path) -> Path:
-    """The image's path under the root, with .png: the output mirrors the dataset's tree (unique, resumable)."""
+    """The image's path under the root: the output mirrors the dataset's tree (unique, so resumable)."""
     try:
-        rel = image.relative_to(root)
-    except ValueError:  # e.g. reports or images found beside the root
-        rel = Path(image.parent.name) / image.name
-    return rel.with_suffix(".png")
+        return image.relative_to(root)
+    except ValueError:  # an image found beside the root, not under it
+        return Path(image.parent.name) / image.name
