@@ -104,6 +104,21 @@ def table_rows(text: str, kind: str) -> Iterator[tuple[int, dict[str, Any] | str
             yield n, row
 
 
+def manifest_columns(path: str | Path) -> set[str]:
+    """The column names of a CSV manifest's header, or the keys of a JSONL manifest's first row (an
+    imagefolder: its metadata.jsonl); empty when unreadable (read_manifest then says why)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / IMAGEFOLDER_NAME
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            first = next(csv.reader(f), []) if path.suffix.lower() == ".csv" else [
+                *json.loads(next((line for line in f if line.strip()), "{}"))]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, TypeError):
+        return set()
+    return {c.strip() for c in first}
+
+
 def _image_problem(p: Path, root: Path, min_side: int = MIN_IMAGE_SIDE) -> str | tuple[int, int] | None:
     """Cheap readability check: the path is a regular file, non-empty, its header opens (no pixel
     decode) and its shorter side is at least `min_side` pixels. Returns the problem, or else the

@@ -25,8 +25,14 @@ class TrainConfig:
     # --- data
     train_data: str = field("", "manifest: a CSV, a JSONL, or an imagefolder with metadata.jsonl")
     image_column: str = field("image", "manifest column holding the image path (imagefolder: file_name)")
-    caption_column: str = field("text", "manifest column holding the report text")
-    patient_column: str | None = field(None, "manifest column with the patient id, for the patient-level split")
+    caption_column: str = field("text", "manifest column holding the report text (a manifest without 'text' "
+                                        "but with 'report', as finetune.prepare writes, uses 'report')")
+    patient_column: str | None = field(None, "manifest column with the patient id, for the patient-level split "
+                                             "(default: 'patient' when the manifest has it)")
+    split_column: str | None = field("split", "manifest column with train / validate / test (finetune.prepare "
+                                              "writes it): when the manifest has it, its 'train' rows train, its "
+                                              "'validate' rows validate and 'test' rows are left out, instead of "
+                                              "--val-fraction's patient split")
     on_error: str = field("fail", "bad manifest rows/images: fail (stop, listing every bad line) or skip (log them)")
     sections: list[str] = field(["findings", "impression"], "report sections kept as the caption (whole text "
                                 "when a report has no headers)")

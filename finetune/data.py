@@ -40,16 +40,16 @@ class TrainData:
 
 def load_train_data(cfg: Any, tokenizer: Any) -> TrainData:
     """Read the manifest, split by patient, and turn reports into captions of at most `max_windows` CLIP windows."""
-    from cxrcommon.manifest import Columns, patient_split, read_manifest
+    from cxrcommon.manifest import read_manifest
     from cxrcommon.reports import prepare_reports
 
     if not cfg.train_data:
         raise UserError("no training data: pass --train-data <manifest.csv|.jsonl|imagefolder>")
-    columns = Columns(image=cfg.image_column, text=cfg.caption_column, patient=cfg.patient_column)
+    columns, split_column = _columns(cfg)
     records = read_manifest(cfg.train_data, columns, on_error=cfg.on_error)
     if not records:
         raise UserError(f"{cfg.train_data}: no usable rows — fix the manifest or point --train-data at another")
-    train, val = patient_split(records, cfg.val_fraction, seed=cfg.seed) if cfg.val_fraction > 0 else (records, [])
+    train, val = _split(records, split_column, cfg)
     if cfg.max_train_samples:
         train = train[:cfg.max_train_samples]
     small = [r for r in train + val if r.size and min(r.size) * MAX_UPSCALE < cfg.resolution]
@@ -63,9 +63,38 @@ def load_train_data(cfg: Any, tokenizer: Any) -> TrainData:
                                policy=cfg.token_policy, max_windows=cfg.max_windows,
                                names=[f"{cfg.train_data}:{r.line}" for r in rows])[0]
     texts, val_texts = captions(train), captions(val) if val else []
-    log.info("data: %d training / %d validation images from %s (patient-level split)",
-             len(train), len(val), cfg.train_data)
+    log.info("data: %d training / %d validation images from %s (%s)", len(train), len(val), cfg.train_data,
+             f"its {split_column!r} column" if split_column else "patient-level split")
     return TrainData([r.image for r in train], texts, [r.image for r in val], val_texts)
+
+
+def _columns(cfg: Any) -> tuple[Any, str | None]:
+    """The manifest columns to read, and the split column if the manifest has one: a finetune.prepare
+    manifest (report, patient, split) trains as it is, without renaming flags."""
+    from cxrcommon.manifest import Columns, manifest_columns
+    header = manifest_columns(cfg.train_data)
+    text = cfg.caption_column
+    if text == "text" and "text" not in header and "report" in header:
+        text = "report"
+    patient = cfg.patient_column or ("patient" if "patient" in header else None)
+    split = cfg.split_column if cfg.split_column and cfg.split_column in header else None
+    return Columns(image=cfg.image_column, text=text, patient=patient), split
+
+
+def _split(records: list, split_column: str | None, cfg: Any) -> tuple[list, list]:
+    """(train, validation) rows: the manifest's own split when it has one, else the seeded patient split."""
+    from cxrcommon.manifest import patient_split
+    if split_column is None:
+        return patient_split(records, cfg.val_fraction, seed=cfg.seed) if cfg.val_fraction > 0 else (records, [])
+    values = [str(r.extra.get(split_column, "")).strip().lower() for r in records]
+    bad = [(r.line, v) for r, v in zip(records, values) if v not in ("train", "validate", "test")]
+    if bad:
+        raise UserError(f"{cfg.train_data}:{bad[0][0]}: {split_column!r} is {bad[0][1]!r} ({len(bad)} such row(s)) — "
+                        f"use train, validate or test, or pass --split-column none to split by patient")
+    train = [r for r, v in zip(records, values) if v == "train"]
+    if not train:
+        raise UserError(f"{cfg.train_data}: no row has {split_column} = train — nothing to train on")
+    return train, [r for r, v in zip(records, values) if v == "validate"]
 
 
 def load_pixels(image: Any, resolution: int, resize_mode: str, clip_percentile: float | None) -> torch.Tensor:

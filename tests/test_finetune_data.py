@@ -15,6 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from cxrcommon.errors import UserError
 from cxrcommon.imageio import write_png
 from cxrcommon.manifest import ManifestError
 from cxrcommon.tokenizer import clip_tokenizer
@@ -55,6 +56,26 @@ def test_bad_rows_fail_with_line_numbers_or_are_skipped(tmp_path):
     patient = {p.name: int(p.stem[3:]) // 2 for p in data.images + data.val_images}
     train_p = {patient[p.name] for p in data.images}
     assert train_p.isdisjoint({patient[p.name] for p in data.val_images})
+
+
+def test_a_prepared_manifest_trains_as_it_is(tmp_path):
+    """finetune.prepare's columns (report, patient, split) are used without renaming flags: 'train' rows train,
+    'validate' rows validate, 'test' rows never reach training; a bad split value names its line."""
+    lines = ["image,report,labels,patient,split"]
+    for i, split in enumerate(["train", "train", "validate", "test", "train", "test"]):
+        write_png(tmp_path / f"img{i}.png", pattern(CAPTIONS[i % 2], 16))
+        lines.append(f"img{i}.png,FINDINGS: {CAPTIONS[i % 2]}.,,p{i},{split}")
+    path = tmp_path / "manifest.csv"
+    path.write_text("\n".join(lines) + "\n")
+    data = load_train_data(TrainConfig(train_data=str(path)), clip_tokenizer())
+    assert [p.name for p in data.images] == ["img0.png", "img1.png", "img4.png"]
+    assert [p.name for p in data.val_images] == ["img2.png"]
+    assert data.captions[0] == CAPTIONS[0] + "."
+    path.write_text(path.read_text().replace("p4,train", "p4,holdout"))
+    with pytest.raises(UserError, match=r"manifest.csv:6: 'split' is 'holdout'"):
+        load_train_data(TrainConfig(train_data=str(path)), clip_tokenizer())
+    data = load_train_data(TrainConfig(train_data=str(path), split_column="none", val_fraction=0.0), clip_tokenizer())
+    assert len(data.images) == 6  # no split column: every row, as before
 
 
 def test_cache_key_changes_with_resolution_model_and_data(tmp_path):
