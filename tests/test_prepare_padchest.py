@@ -15,6 +15,7 @@ from finetune.prepare import datasets
 from finetune.prepare.config import PrepareConfig
 from finetune.prepare.datasets import padchest
 from finetune.prepare.rows import Excluded, SourceRow, apply_labels, view_code
+from finetune.prepare.runner import prepare
 
 CSV_NAME = "PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv"
 HEADER = ["", "ImageID", "ImageDir", "StudyDate_DICOM", "StudyID", "PatientID", "PatientBirth", "PatientSex_DICOM",
@@ -36,22 +37,26 @@ def _row(n: int, image_dir: str, projection: str, labels: str, report: str = " c
 
 
 def _tree(root: Path, gz: bool = False) -> Path:
-    """Nine rows: nested and flat images, a lateral, an AP_horizontal, one missing PNG, a malformed label
-    list, empty labels, an 'exclude' label, and a short row."""
+    """Ten rows: nested and flat images, a lateral, an AP_horizontal, one missing PNG, one truncated PNG, a
+    malformed label list, empty labels, an 'exclude' label, only 'unchanged', and a short row."""
     rows = [_row(1, "0", "PA", "['pleural effusion', 'cardiomegaly']", " derram pleural . cardiomegali . "),
             _row(2, "1", "L", "['normal']", patient="p2", sex="M", birth="1980.0", date="20100101"),
-            _row(3, "1", "AP_horizontal", "[' nodule', 'NSG tube', 'unchanged']", patient="p3", sex="O", birth=""),
+            _row(3, "1", "AP_horizontal", "[' nodule', 'NSG tube', 'unchanged']", " . . . .", patient="p3", sex="O",
+                 birth=""),
             _row(4, "2", "PA", "['rib fracture']", patient="p4"),              # its PNG is missing
             _row(5, "0", "PA", "['normal'", patient="p5"),                     # malformed list literal
             _row(6, "0", "PA", "", patient="p6"),                              # no labels
             _row(7, "0", "PA", "['exclude']", patient="p7"),
-            _row(8, "0", "PA", "['unchanged']", patient="p8")]
+            _row(8, "0", "PA", "['unchanged']", patient="p8"),
+            _row(10, "3", "PA", "['cardiomegaly']", patient="p10")]              # its PNG is truncated
     short = ["9", "img9.png", "0", "20150312"]                                  # wrong number of cells
     _png16(root / "0" / "img1.png")
     _png16(root / "img2.png")                                                  # flat copy, ImageDir 1 not unpacked
     _png16(root / "images" / "img3.png")                                       # flat under images/
     for n in (5, 6, 7, 8, 9):
         _png16(root / "0" / f"img{n}.png")
+    _png16(root / "3" / "img10.png")
+    (root / "3" / "img10.png").write_bytes((root / "3" / "img10.png").read_bytes()[:60])
     path = root / (CSV_NAME + (".gz" if gz else ""))
     with (gzip.open(path, "wt", newline="") if gz else open(path, "w", newline="")) as f:
         w = csv.writer(f)
@@ -69,15 +74,16 @@ def _rows(root: Path, **kw) -> list[SourceRow | Excluded]:
 
 def test_rows_values_views_ages_and_both_image_layouts(tmp_path):
     root = _tree(tmp_path / "pc")
+    _png16(root / "img1.png")                                  # a stray flat copy: the ImageDir one comes first
     got = {r.image.name: r for r in _rows(root) if isinstance(r, SourceRow)}
-    assert sorted(got) == ["img1.png", "img2.png", "img3.png", "img4.png"]
+    assert sorted(got) == ["img1.png", "img10.png", "img2.png", "img3.png", "img4.png"]
     one, two, three, four = (got[f"img{n}.png"] for n in (1, 2, 3, 4))
     assert one.image == root / "0" / "img1.png" and one.image.is_file()
     assert (one.patient, one.study, one.view, one.sex, one.age, one.split) == ("p1", "s1", "PA", "F", 77, "")
     assert one.labels == {"pleural effusion": 1.0, "cardiomegaly": 1.0}
     assert one.report == "" and one.where == f"{CSV_NAME}:2"
     assert two.image == root / "img2.png" and view_code(two.view) == "LATERAL" and two.age == 30
-    assert three.image == root / "images" / "img3.png" and view_code(three.view) == "AP"
+    assert three.image == root / "images" / "img3.png" and view_code(three.view) == "AP" and three.sex == ""
     assert three.labels == {"nodule": 1.0, "NSG tube": 1.0} and three.age is None  # 'unchanged' dropped, no birth
     assert four.image == root / "2" / "img4.png" and not four.image.exists()      # the runner counts it missing
 
@@ -88,6 +94,8 @@ def test_bad_rows_are_excluded_with_their_line_and_reason(tmp_path):
         ("malformed row", f"{CSV_NAME}:6"), ("malformed labels", f"{CSV_NAME}:7"), ("no labels", f"{CSV_NAME}:8"),
         ("labelled 'exclude'", f"{CSV_NAME}:9"), ("no labels", f"{CSV_NAME}:10")]
     assert "['normal'" in excluded[1].detail
+    assert padchest._image_path(tmp_path, [], "x1", "a.png") is None                 # ImageDir not a number
+    assert padchest._image_path(tmp_path, [], "7.0", "a.png") == tmp_path / "7" / "a.png"
 
 
 def test_labels_map_onto_chexpert_and_keep_other_names():
@@ -104,7 +112,7 @@ def test_spanish_report_option(tmp_path):
     assert padchest.has_reports(PrepareConfig(padchest_report=True)) is True
     got = {r.image.name: r for r in _rows(root, padchest_report=True) if isinstance(r, SourceRow)}
     assert got["img1.png"].report == "derram pleural . cardiomegali ."
-    assert got["img2.png"].report == "cardiomegali ."
+    assert got["img2.png"].report == "cardiomegali ." and got["img3.png"].report == ""
     assert padchest._report(" . . . . ") == "" and padchest._report(" nan") == ""
 
 
@@ -113,7 +121,7 @@ def test_find_root_accepts_gz_and_a_parent_folder(tmp_path):
     cfg = PrepareConfig()
     assert padchest.find_root(root, cfg) == root
     assert padchest.find_root(tmp_path / "download", cfg) == root
-    assert len([r for r in padchest.rows(root, cfg) if isinstance(r, SourceRow)]) == 4
+    assert len([r for r in padchest.rows(root, cfg) if isinstance(r, SourceRow)]) == 5
     assert datasets.get("padchest") is padchest
 
 
@@ -149,3 +157,43 @@ def test_two_trees_same_rows(tmp_path):
         if isinstance(x, SourceRow):
             assert (x.image.name, x.labels, x.patient, x.age) == (y.image.name, y.labels, y.patient, y.age)
             assert y.image.parent == flat or not x.image.exists()
+
+
+def _manifest(out: Path) -> dict[str, dict[str, str]]:
+    with open(out / "manifest.csv", newline="") as f:
+        return {r["source_image"]: r for r in csv.DictReader(f)}
+
+
+def test_end_to_end_through_the_runner(tmp_path):
+    """prepare(): label captions, CheXpert labels, 16-bit PNGs, every left-out row counted under its reason."""
+    root = _tree(tmp_path / "pc")
+    out = tmp_path / "out"
+    summary = prepare(PrepareConfig(dataset="padchest", root=str(root), out=str(out), size=32, workers=1))
+    assert summary["rows_read"] == 10 and summary["kept"] == 2
+    assert summary["excluded"] == {"malformed row": 1, "malformed labels": 1, "no labels": 2,
+                                   "labelled 'exclude'": 1, "view LATERAL (not in --views)": 1,
+                                   "image file missing": 1, "unreadable image": 1}
+    rows = _manifest(out)
+    assert sorted(rows) == ["0/img1.png", "images/img3.png"]
+    one, three = rows["0/img1.png"], rows["images/img3.png"]
+    assert one["report"] == "PA chest x-ray. Pleural effusion, cardiomegaly."
+    assert one["labels"] == "Cardiomegaly|Pleural Effusion" and three["labels"] == "Lung Lesion|Support Devices"
+    assert (one["view"], one["sex"], one["age"], one["source"]) == ("PA", "F", "77", "padchest")
+    assert (three["view"], three["sex"], three["age"]) == ("AP", "", "")
+    assert one["split"] in ("train", "validate", "test")
+    with Image.open(out / one["image"]) as img:
+        assert img.size == (32, 32) and img.mode.startswith("I;16")
+        pixels = np.asarray(img)
+    assert pixels.max() > 255                                     # 16-bit kept, not squashed to 8
+    assert "unreadable image" in (out / "excluded.csv").read_text()
+
+
+def test_end_to_end_spanish_report(tmp_path):
+    """--padchest-report: the stemmed report is the report; a row whose report holds no word is dropped."""
+    root = _tree(tmp_path / "pc")
+    out = tmp_path / "out"
+    summary = prepare(PrepareConfig(dataset="padchest", root=str(root), out=str(out), size=32, workers=1,
+                                    padchest_report=True))
+    assert summary["kept"] == 1 and summary["excluded"]["no findings/impression text"] == 1
+    assert _manifest(out)["0/img1.png"]["report"] == "derram pleural . cardiomegali ."
+

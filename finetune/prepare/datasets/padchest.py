@@ -6,7 +6,7 @@ images are also on Academic Torrents (dec12db21d57e158f78621f06dcbe78248d14850).
 Citation: Bustos A, Pertusa A, Salinas J-M, de la Iglesia-Vayá M. PadChest: A large chest x-ray image dataset with
 multi-label annotated reports. Medical Image Analysis 66:101797, 2020. https://arxiv.org/abs/1901.07441
 
-Layout read (`--root`, or a folder with it as its only child holding the CSV):
+Layout read (`--root`, or the one folder inside it that holds the CSV):
 
     PADCHEST_chest_x_ray_images_labels_160K_01.02.19.csv[.gz]   one row per image (the .gz as torchxrayvision ships it)
     0/ 1/ ... 54/<ImageID>.png      the official download: <ImageDir>/<ImageID>, 16-bit grayscale PNG
@@ -26,8 +26,8 @@ Labels: the 174 radiographic findings plus 19 differential diagnoses, positive o
 or uncertain finding); `LABELS` maps those with a clear CheXpert class (normal -> No Finding, nodule / mass ->
 Lung Lesion, the atelectasis kinds, the fractures, tubes / catheters / pacemakers -> Support Devices, ...,
 after torchxrayvision's PC_Dataset); every other finding keeps its own name. 'unchanged' (compared with an
-earlier film, not a finding on this one) is dropped; a row labelled 'exclude' (the annotators' mark for a
-report they could not label) or with no label at all is left out, since its caption would say nothing.
+earlier film, not a finding on this one) is dropped; a row labelled 'exclude' (PadChest's own mark for a
+report to leave out) or with no label at all is left out, since its caption would say nothing.
 
 Reports: none by default (HAS_REPORTS is False: the runner captions each image from its finding names). With
 `--padchest-report` the stemmed Spanish report becomes the report instead; `has_reports(cfg)` tells the runner
@@ -35,13 +35,14 @@ which of the two a run uses. No official split: patients are split by the seeded
 from __future__ import annotations
 
 import ast
+import os
 from pathlib import Path
 from typing import Iterator
 
 from cxrcommon.errors import UserError
 
 from ..config import PrepareConfig
-from ..rows import POSITIVE, Excluded, SourceRow, age_years, read_csv
+from ..rows import POSITIVE, Excluded, SourceRow, age_years, read_csv, sex_code
 
 NAME = "padchest"
 HAS_REPORTS = False  # the default; with --padchest-report the Spanish report is used: see has_reports(cfg)
@@ -80,7 +81,7 @@ _CLASSES: dict[str, tuple[str, ...]] = {
 }
 LABELS: dict[str, str | None] = {name: cls for cls, names in _CLASSES.items() for name in names}
 NOT_FINDINGS = ("unchanged",)   # dropped from an image's labels
-EXCLUDE_LABEL = "exclude"       # the annotators' mark for a report they left unlabelled: the row is left out
+EXCLUDE_LABEL = "exclude"       # PadChest's mark for a report to leave out: the row is left out
 
 
 def has_reports(cfg: PrepareConfig) -> bool:
@@ -93,8 +94,9 @@ def find_root(root: Path, cfg: PrepareConfig) -> Path:
     root = Path(root)
     if _csv_path(root):
         return root
-    if root.is_dir():
-        inside = [d for d in sorted(root.iterdir()) if d.is_dir() and _csv_path(d)]
+    if root.is_dir():  # scandir: a flat folder of 160k PNGs is listed without a stat per file
+        with os.scandir(root) as entries:
+            inside = [Path(e.path) for e in entries if e.is_dir() and _csv_path(Path(e.path))]
         if len(inside) == 1:
             return inside[0]
     raise UserError(f"{root} does not look like PadChest: {CSV_NAMES[0]} (or .csv.gz) not found — pass the folder "
@@ -133,7 +135,7 @@ def _row(root: Path, flat: list[Path], row: dict[str, str | None], where: str,
     return SourceRow(image=image, patient=patient, study=row["StudyID"].strip(),
                      view=row["Projection"].strip() or (row.get("ViewPosition_DICOM") or "").strip(),
                      report=_report(row["Report"]) if with_report else "", labels=labels,
-                     sex=row["PatientSex_DICOM"].strip(), age=_age(row["StudyDate_DICOM"], row["PatientBirth"]),
+                     sex=sex_code(row["PatientSex_DICOM"]), age=_age(row["StudyDate_DICOM"], row["PatientBirth"]),
                      split="", where=where)
 
 
