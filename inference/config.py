@@ -53,6 +53,9 @@ class GenerateConfig:
                                 "77-token limit. Each extra window costs a text-encoder pass per unique prompt and "
                                 "lengthens cross-attention (docs/BENCHMARKS.md)")
     skip_bad_lines: bool = field(False, "skip malformed prompt-file lines (logged) instead of stopping")
+    chexgenbench: bool = field(False, "the prompt file must be CheXGenBench's prompt CSV (header prompt,img_savename): "
+                                      "each image is written under its img_savename; a CSV with that column is "
+                                      "read this way without the flag")
     force: bool = field(False, "allow settings that differ from the ones this --out was started with "
                                "(discards its manifest and regenerates everything)")
     device: str = field("auto", "auto, cpu, cuda, cuda:1, xpu, mps")

@@ -32,7 +32,7 @@ from cxrcommon.prompt_windows import count_tokens
 from cxrcommon.provenance import SOFTWARE, file_sha256, model_identity, provenance
 
 from .config import FORMATS, GenerateConfig, check_generate_config
-from .prompts import FittedRow, PromptFits, PromptRow, read_prompts, write_prompts_jsonl
+from .prompts import FittedRow, PromptFits, PromptRow, check_savenames, read_prompts, write_prompts_jsonl
 from .sampler import CXRSampler, Request, Translation, derive_seed
 
 log = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class Job:
     prompt: str
     negative_prompt: str
     label: str | None
+    named: bool = False     # the prompt file named the image (CheXGenBench's img_savename), not its hash
 
 
 @dataclass
@@ -85,7 +86,8 @@ def plan_jobs(rows: Sequence[PromptRow], *, base_seed: int, negative_prompt: str
               label_folders: bool) -> Iterator[Job]:
     """Expand prompt rows into images. A row's own seed s gives images s, s+1, ...; otherwise image k
     of the row on line i gets `derive_seed(base_seed, i, k)`. The file name carries a hash of prompt,
-    negative prompt and seed, so an edited prompt file never reuses a finished image for new text.
+    negative prompt and seed, so an edited prompt file never reuses a finished image for new text; a row
+    with its own name (CheXGenBench's img_savename) is written under that name instead (see `_done`).
 
     Arguments:
       rows (sequence(PromptRow)): the prompts in file order; row i yields its `n` images.
@@ -116,10 +118,22 @@ def row_job(row: PromptRow, k: int, *, base_seed: int, negative_prompt: str, fmt
     """
     neg = row.negative_prompt if row.negative_prompt is not None else negative_prompt
     seed = row.seed + k if row.seed is not None else derive_seed(base_seed, row.index, k)
+    if row.savename:
+        return Job(row.savename, row.index, k, seed, row.prompt, neg, row.label, named=True)
     tag = hashlib.sha256(json.dumps([row.prompt, neg, seed]).encode()).hexdigest()[:8]
     name = f"{row.index:05d}_{k:04d}_{tag}{FORMATS[fmt]}"
     folder = _safe_label(row.label or "unlabelled") + "/" if label_folders else ""
     return Job(folder + name, row.index, k, seed, row.prompt, neg, row.label)
+
+
+def _done(job: Job, rec: dict | None) -> bool:
+    """Whether manifest row `rec` is this job's finished image. A hashed name already implies prompt and seed;
+    a given name does not, so there the row's prompt, negative prompt and seed must match too (an edited
+    prompt file remakes that image)."""
+    if rec is None or rec.get("key") != job.key:
+        return False
+    return not job.named or (rec.get("prompt"), rec.get("negative_prompt"), rec.get("seed")) == (
+        job.prompt, job.negative_prompt, job.seed)
 
 
 def plan_size(rows: Sequence[PromptRow], finished: Iterable[dict], index: int, count: int,
@@ -147,7 +161,7 @@ def plan_size(rows: Sequence[PromptRow], finished: Iterable[dict], index: int, c
         start, row = first.get(rec.get("prompt_index"), (0, None))
         k = rec.get("k")
         if (row is not None and isinstance(k, int) and 0 <= k < row.n and (start + k) % count == index
-                and row_job(row, k, **plan).key == rec["key"]):  # type: ignore[arg-type]
+                and _done(row_job(row, k, **plan), rec)):  # type: ignore[arg-type]
             done += 1
     return len(range(index, total, count)), done
 
@@ -406,6 +420,7 @@ def _check_inputs(cfg: GenerateConfig) -> _Inputs:
     lora = lora_weights(cfg.lora) if cfg.lora else None
     init_image, mask = _read_translation(cfg)
     rows, source = _load_rows(cfg, out)
+    check_savenames(rows, FORMATS[cfg.format], source)
     return _Inputs(out=out, model_source=model_source, lora=lora, init_image=init_image, mask=mask, rows=rows,
                    source=source)
 
@@ -423,7 +438,8 @@ def _read_translation(cfg: GenerateConfig) -> tuple[np.ndarray | None, np.ndarra
 
 def _load_rows(cfg: GenerateConfig, out: Path) -> tuple[list[PromptRow], str]:
     """The prompt rows and the name they are cited by (the balancing plan, written later, for --balance)."""
-    rows = read_prompts(cfg.prompts, default_n=cfg.n_per_prompt, skip_bad=cfg.skip_bad_lines) if cfg.prompts else None
+    rows = read_prompts(cfg.prompts, default_n=cfg.n_per_prompt, skip_bad=cfg.skip_bad_lines,
+                        savenames=cfg.chexgenbench) if cfg.prompts else None
     if not cfg.balance:
         return rows, str(cfg.prompts)
     from .balance import balance_prompts
@@ -523,13 +539,14 @@ def _plan(cfg: GenerateConfig, out: Path, prompts: _Prompts, layout: _Layout) ->
                 label_folders=cfg.label_folders)
     finished = finished_rows(out)
     prompts.fits.reuse(finished)  # a resumed job does not re-fit the prompts of the images it skips
-    done = {r["key"] for r in finished}
+    done = {r["key"]: r for r in finished}
     planned, skipped = plan_size(prompts.rows, finished, layout.index, layout.count, **plan)
     log.info("%d image(s) for this process: %d already done, %d to make (batch %d, %d steps, %s)",
              planned, skipped, planned - skipped, cfg.batch_size, cfg.steps, cfg.scheduler)
     jobs = shard_jobs(plan_jobs(prompts.rows, **plan), layout.index, layout.count)
     manifest = out / (MANIFEST if layout.count == 1 else _part_name(layout.index, layout.count))
-    return _Plan(jobs=(j for j in jobs if j.key not in done), planned=planned, skipped=skipped, manifest=manifest)
+    return _Plan(jobs=(j for j in jobs if not _done(j, done.get(j.key))), planned=planned, skipped=skipped,
+                 manifest=manifest)
 
 
 def _remove_text(cleaner: Callable[[np.ndarray], Any], job: Job, image: np.ndarray) -> np.ndarray | None:

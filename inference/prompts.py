@@ -1,12 +1,17 @@
-"""Prompt files (.txt, .csv, .jsonl) -> validated rows, with every bad line named before any GPU time is spent."""
+"""Prompt files (.txt, .csv, .jsonl) -> validated rows, with every bad line named before any GPU time is spent.
+
+A CSV whose header has `img_savename` is CheXGenBench's prompt form (`prompt,img_savename`, README "Generating
+Synthetic Data"): each row names its one image, a path inside the output folder, which their metric scripts then
+read back from the same CSV."""
 from __future__ import annotations
 
 import csv
 import io
 import json
 import logging
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
 from cxrcommon.errors import MissingFileError, UserError
@@ -17,7 +22,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("prompt", "n", "seed", "label", "negative_prompt")
+COLUMNS = ("prompt", "n", "seed", "label", "negative_prompt", "img_savename")
+SAVENAME = "img_savename"  # CheXGenBench's column: the image's path inside the output folder
 
 
 @dataclass
@@ -30,6 +36,7 @@ class PromptRow:
     seed: int | None = None
     label: str | None = None
     negative_prompt: str | None = None
+    savename: str | None = None     # CheXGenBench's img_savename: this row's one image, relative to the output
 
 
 class PromptFileError(UserError):
@@ -72,11 +79,61 @@ def make_row(record: dict[str, Any], index: int, default_n: int) -> PromptRow:
         raise ValueError("empty or missing 'prompt'")
     n = record.get("n")
     seed = record.get("seed")
-    return PromptRow(prompt=prompt.strip(), index=index,
-                     n=default_n if n in (None, "") else _int(n, "n", 1),
-                     seed=None if seed in (None, "") else _int(seed, "seed", 0),
-                     label=_optional_text(record.get("label"), "label"),
-                     negative_prompt=_optional_text(record.get("negative_prompt"), "negative_prompt"))
+    row = PromptRow(prompt=prompt.strip(), index=index,
+                    n=default_n if n in (None, "") else _int(n, "n", 1),
+                    seed=None if seed in (None, "") else _int(seed, "seed", 0),
+                    label=_optional_text(record.get("label"), "label"),
+                    negative_prompt=_optional_text(record.get("negative_prompt"), "negative_prompt"),
+                    savename=savename(record[SAVENAME]) if record.get(SAVENAME) not in (None, "") else None)
+    if row.savename and row.n != 1:
+        raise ValueError(f"'{SAVENAME}' names one image, but n is {row.n} — set n to 1 (and --n-per-prompt 1)")
+    return row
+
+
+def savename(value: Any) -> str:
+    """A CheXGenBench img_savename as a clean relative POSIX path inside the output folder; ValueError for an
+    absolute path, '..', a hidden part or a backslash (the images must land inside the folder, where eval finds
+    them)."""
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"empty or missing '{SAVENAME}'")
+    text = value.strip()
+    if "\\" in text:
+        raise ValueError(f"'{SAVENAME}' {text!r} has a backslash — separate folders with /")
+    path = PurePosixPath(text)
+    if path.is_absolute() or re.match(r"^[A-Za-z]:", text):
+        raise ValueError(f"'{SAVENAME}' {text!r} is an absolute path — give a path inside the output folder")
+    parts = [part for part in path.parts if part != "."]
+    if ".." in parts:
+        raise ValueError(f"'{SAVENAME}' {text!r} contains '..' — give a path inside the output folder")
+    if not parts or any(part.startswith(".") for part in parts):
+        raise ValueError(f"'{SAVENAME}' {text!r} names a hidden file or folder — use a name without a leading dot")
+    return "/".join(parts)
+
+
+def check_savenames(rows: Sequence[PromptRow], suffix: str, path: str | Path) -> None:
+    """Refuse, naming each row, image names that end in another suffix than the output format writes."""
+    problems = [f"{path}:{row.index}: '{SAVENAME}' {row.savename!r} does not end in {suffix}, the suffix --format "
+                f"writes — rename it or choose the matching --format" for row in rows
+                if row.savename and PurePosixPath(row.savename).suffix.lower() != suffix]
+    if problems:
+        raise PromptFileError(Path(path), problems)
+
+
+def _savename_problems(rows: Sequence[PromptRow], path: Path, required: bool) -> list[str]:
+    """Rows without a name (where CheXGenBench's form is used) and names used twice (compared case-blind: one file
+    on macOS and Windows)."""
+    problems, first = [], {}
+    for row in rows:
+        if row.savename is None:
+            if required:
+                problems.append(f"{path}:{row.index}: empty '{SAVENAME}' — CheXGenBench's prompt CSV names every "
+                                f"image; fill it in or delete that line")
+            continue
+        seen = first.setdefault(row.savename.casefold(), row.index)
+        if seen != row.index:
+            problems.append(f"{path}:{row.index}: '{SAVENAME}' {row.savename!r} is already used on line {seen} — "
+                            f"give each row its own name")
+    return problems
 
 
 def _decode_lines(raw: bytes, path: Path) -> tuple[str, list[str]]:
@@ -98,8 +155,8 @@ def _txt(text: str) -> Iterator[tuple[int, dict[str, Any]]]:
             yield number, {"prompt": line}
 
 
-def _csv_header_problem(text: str, path: Path) -> None:
-    """A prompt CSV needs a 'prompt' column; other unknown columns are only worth a warning."""
+def _csv_header_problem(text: str, path: Path) -> list[str]:
+    """A prompt CSV needs a 'prompt' column; other unknown columns are only worth a warning. Returns the header."""
     first = next(csv.reader(io.StringIO(text, newline="")), None)
     header = [h.strip() for h in first or []]
     if "prompt" not in header:
@@ -108,11 +165,16 @@ def _csv_header_problem(text: str, path: Path) -> None:
     unknown = sorted(set(header) - set(COLUMNS))
     if unknown:
         log.warning("%s: ignoring column(s) %s (known: %s)", path, ", ".join(unknown), ", ".join(COLUMNS))
+    return header
 
 
-def read_prompts(path: str | Path, *, default_n: int = 1, skip_bad: bool = False) -> list[PromptRow]:
+def read_prompts(path: str | Path, *, default_n: int = 1, skip_bad: bool = False,
+                 savenames: bool = False) -> list[PromptRow]:
     """Parse a prompt file. All problems are collected and raised together (or logged and
-    skipped with `skip_bad`), each naming its line and the fix."""
+    skipped with `skip_bad`), each naming its line and the fix.
+
+    A CSV with an `img_savename` column is CheXGenBench's form: every row must name its one image, each name
+    once. `savenames=True` demands that form (a CSV without the column is refused)."""
     from cxrcommon.paths import file_kind
     path = Path(path)
     kind = file_kind(path)
@@ -124,10 +186,18 @@ def read_prompts(path: str | Path, *, default_n: int = 1, skip_bad: bool = False
     if suffix not in (".txt", ".csv", ".jsonl"):
         raise PromptFileError(path, [f"{path}: unknown prompt-file type {suffix!r} — use .txt, .csv or .jsonl"])
     text, problems = _decode_lines(path.read_bytes(), path)
+    named = savenames
     if suffix == ".csv":
         if problems and problems[0].startswith(f"{path}:1:"):
             raise PromptFileError(path, problems[:1])  # an unreadable header: no column names to go on
-        _csv_header_problem(text, path)
+        header = _csv_header_problem(text, path)
+        named = named or SAVENAME in header
+        if savenames and SAVENAME not in header:
+            raise PromptFileError(path, [f"{path}:1: CheXGenBench's prompt CSV needs the header prompt,{SAVENAME} "
+                                         f"(got {','.join(header)}) — add an {SAVENAME} column naming each image"])
+    elif savenames:
+        raise PromptFileError(path, [f"{path}: CheXGenBench's prompt form is a CSV with the header "
+                                     f"prompt,{SAVENAME} — not a {suffix} file"])
     records = _txt(text) if suffix == ".txt" else table_rows(text, suffix[1:])
     rows: list[PromptRow] = []
     for number, record in records:
@@ -138,6 +208,9 @@ def read_prompts(path: str | Path, *, default_n: int = 1, skip_bad: bool = False
             rows.append(make_row(record, number, default_n))
         except ValueError as exc:
             problems.append(f"{path}:{number}: {exc} — fix or delete that line")
+    bad_names = _savename_problems(rows, path, named)
+    problems += bad_names
+    rows = [r for r in rows if not any(p.startswith(f"{path}:{r.index}: ") for p in bad_names)]
     if problems and not skip_bad:
         raise PromptFileError(path, problems, hint="(or pass --skip-bad-lines to skip bad lines)")
     for problem in problems:
@@ -151,7 +224,8 @@ def write_prompts_jsonl(path: str | Path, rows: list[PromptRow]) -> None:
     """Write rows as a .jsonl prompt file (atomically) that `read_prompts` reads back."""
     from cxrcommon.atomic import atomic_write_text
     lines = [json.dumps({k: v for k, v in (("prompt", r.prompt), ("n", r.n), ("seed", r.seed), ("label", r.label),
-                                            ("negative_prompt", r.negative_prompt)) if v is not None})
+                                            ("negative_prompt", r.negative_prompt), (SAVENAME, r.savename))
+                         if v is not None})
              for r in rows]
     atomic_write_text(path, "\n".join(lines) + "\n")
 
@@ -245,10 +319,11 @@ class PromptFits(Mapping[int, "tuple[str, FittedText]"]):
 
 class FittedRow:
     """A PromptRow whose `prompt` is the text as encoded (`PromptFits`), fitted when first read."""
-    __slots__ = ("n", "index", "seed", "label", "negative_prompt", "_fits")
+    __slots__ = ("n", "index", "seed", "label", "negative_prompt", "savename", "_fits")
 
     def __init__(self, row: PromptRow, fits: PromptFits):
         self.n, self.index, self.seed, self.label = row.n, row.index, row.seed, row.label
+        self.savename = row.savename
         self.negative_prompt, self._fits = row.negative_prompt, fits
 
     @property
