@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from cxrcommon.errors import UserError
-from cxrcommon.manifest import Columns, read_manifest
+from cxrcommon.manifest import Columns, manifest_columns, read_manifest
 from cxrcommon.reports import extract_sections
 
 from .prompts import PromptRow
@@ -14,12 +14,28 @@ from .prompts import PromptRow
 log = logging.getLogger(__name__)
 
 
+LABEL_SEPARATOR = "|"  # finetune.prepare's multi-label column: "Cardiomegaly|Pleural Effusion"
+
+
+def _labels(value: str | None) -> list[str]:
+    """The classes of one row: a plain label, or each of a '|'-separated multi-label cell."""
+    return [v.strip() for v in (value or "").split(LABEL_SEPARATOR) if v.strip()]
+
+
+def manifest_column(manifest: str | Path, asked: str, default: str, fallback: str) -> str:
+    """`asked`, except that the default name falls back to finetune.prepare's name for the same column
+    (label -> labels, text -> report) when the manifest has only that one."""
+    header = manifest_columns(manifest)
+    return fallback if asked == default and default not in header and fallback in header else asked
+
+
 def class_counts(manifest: str | Path, label_column: str, image_column: str = "image") -> dict[str, int]:
-    """Images per class in a CSV/JSONL manifest (rows without a label are not counted)."""
+    """Images per class in a CSV/JSONL manifest (rows without a label are not counted; a multi-label row
+    counts once for each of its classes)."""
     records = read_manifest(manifest, Columns(image=image_column, text=None, label=label_column),
                             on_error="skip", check_images=False)
-    counts = collections.Counter(r.label for r in records if r.label is not None)
-    unlabelled = sum(r.label is None for r in records)
+    counts = collections.Counter(label for r in records for label in _labels(r.label))
+    unlabelled = sum(not _labels(r.label) for r in records)
     if unlabelled:
         log.warning("%s: %d row(s) have no %r and are not counted", manifest, unlabelled, label_column)
     if not counts:
@@ -36,9 +52,9 @@ def manifest_reports(manifest: str | Path, label_column: str, text_column: str,
                             on_error="skip", check_images=False)
     by_label: dict[str, list[PromptRow]] = collections.defaultdict(list)
     for r in records:
-        if r.label is not None:
+        for label in _labels(r.label):
             text = extract_sections(r.text) or r.text
-            by_label[r.label].append(PromptRow(prompt=text, n=1, index=r.line, label=r.label))
+            by_label[label].append(PromptRow(prompt=text, n=1, index=r.line, label=label))
     return dict(by_label)
 
 
@@ -78,7 +94,10 @@ def plan_balance(counts: dict[str, int], templates: dict[str, list[PromptRow]],
 def balance_prompts(manifest: str | Path, label_column: str, *, prompts: list[PromptRow] | None = None,
                     text_column: str = "text", image_column: str = "image",
                     target: int | None = None) -> list[PromptRow]:
-    """Plan for `--balance`: prompt-file rows grouped by their `label`, else the manifest's own reports."""
+    """Plan for `--balance`: prompt-file rows grouped by their `label`, else the manifest's own reports. A
+    finetune.prepare manifest is read as it is ('labels' and 'report' stand in for the default columns)."""
+    label_column = manifest_column(manifest, label_column, "label", "labels")
+    text_column = manifest_column(manifest, text_column, "text", "report")
     counts = class_counts(manifest, label_column, image_column)
     if prompts:
         unlabelled = [r.index for r in prompts if r.label is None]

@@ -143,3 +143,20 @@ def test_balance_from_manifest_reports_and_prompt_file(tmp_path):
     with pytest.raises(Exception, match="finding2"):
         balance_prompts(manifest, "finding2")
     assert json.dumps([r.n for r in rows])  # plain ints, serialisable into the plan file
+
+
+def test_balance_reads_a_prepared_manifest_as_it_is(tmp_path):
+    """finetune.prepare writes 'labels' ('|'-separated) and 'report': --balance needs no column flags, and a
+    multi-label image counts for each of its classes (and its report serves each as a prompt)."""
+    lines = ["image,report,labels,patient,split"]
+    lines += [f"n{i}.png,FINDINGS: Clear {i}.,No Finding,p{i},train" for i in range(5)]
+    lines += ["a.png,FINDINGS: Big heart and effusion.,Cardiomegaly|Pleural Effusion,q1,train",
+              "b.png,IMPRESSION: Effusion.,Pleural Effusion,q2,train", "c.png,Unknown.,,q3,train"]
+    manifest = write(tmp_path, "manifest.csv", "\n".join(lines) + "\n")
+    rows = balance_prompts(manifest, "label")
+    planned = {}
+    for r in rows:
+        planned[r.label] = planned.get(r.label, 0) + r.n
+    assert planned == {"Cardiomegaly": 4, "Pleural Effusion": 3}
+    assert {r.prompt for r in rows if r.label == "Cardiomegaly"} == {"Big heart and effusion."}
+    assert {r.prompt for r in rows if r.label == "Pleural Effusion"} == {"Big heart and effusion.", "Effusion."}
