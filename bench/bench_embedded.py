@@ -4,11 +4,11 @@
 
 Prints Markdown tables for docs/BENCHMARKS.md ("embedded model") and writes the raw numbers as JSON.
 - adherence: `--per-class` generations for each of "Large left/right pleural effusion." and "Normal chest
-  radiograph.", judged by eval.phantom_score.classify_effusion, for the shipped model and an untrained
+  radiograph.", judged by phantoms.score.classify_effusion, for the shipped model and an untrained
   model of the same architecture (random UNet + text encoder, the trained VAE). Several --guidance values
   give one row each (the untrained model only at the first).
 - pneumothorax: the same for "Large left/right pneumothorax." vs "Normal chest radiograph.", judged by
-  eval.phantom_score.classify_pneumothorax (not a goal of the model: pneumothorax is a rare finding in its data).
+  phantoms.score.classify_pneumothorax (not a goal of the model: pneumothorax is a rare finding in its data).
 - Fréchet distance (eval.fid.distances) between real phantoms and images generated from the captions of
   other real phantoms, on two weight-free feature sets: 8x8 block means + mean/std of the image (66-D,
   eval.features.TinyFeatures(8)) and the scorer's measurements (effusion score left/right, CTR, midline; 4-D).
@@ -32,17 +32,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eval.features import TinyFeatures
 from eval.fid import FidConfig, distances
-from eval.phantom_score import measure
-from finetune.embedded import (
-    GUIDANCE,
-    PNEUMOTHORAX_PROMPTS,
-    STEPS,
-    adherence,
-    generate,
-    load,
-)
-from finetune.lora_proof import LoraProofConfig, lora_proof, resolution_of
-from finetune.phantoms import item, render
+from finetune.embedded import adherence, generate, load
+from finetune.lora_proof import lora_proof, resolution_of
+from phantoms.dataset import item
+from phantoms.generator import render
+from phantoms.recipe import GUIDANCE, PNEUMOTHORAX_PROMPTS, STEPS, LoraProofConfig
+from phantoms.score import measure
 
 
 def untrained(model: str) -> object:
@@ -140,7 +135,7 @@ def main() -> None:
         if part not in res:
             continue
         print(f"\nPrompt adherence, {'pleural effusion' if part == 'adherence' else part} ({args.per_class} "
-              f"generations per prompt, {args.steps} DDIM steps; scorer eval.phantom_score.{judge}; chance = 0.33)\n")
+              f"generations per prompt, {args.steps} DDIM steps; scorer phantoms.score.{judge}; chance = 0.33)\n")
         print("| model | left | right | normal | overall | what the scorer saw (left / right prompt) |\n"
               "|---|---|---|---|---|---|")
         for name, a in res[part].items():

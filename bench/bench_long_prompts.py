@@ -3,7 +3,7 @@
     python bench/bench_long_prompts.py [--per-class 100] [--train-steps 400] [--parts shipped trained]
 
 Prompts are phantom reports whose effusion sentence follows ~80-100 tokens of filler (history, technique,
-normal anatomy: finetune.phantoms.long_report), judged by eval.phantom_score.classify_effusion.
+normal anatomy: phantoms.captions.long_report), judged by phantoms.score.classify_effusion.
 - shipped: the embedded default (models/embedded) read whole (3 windows, the product default) and cut to
   77 tokens as the stock pipeline does (--max-windows 1: here the cut drops the finding).
 - trained: the shipped model fine-tuned further (UNet + text encoder, finetune.train) on phantoms whose
@@ -28,8 +28,11 @@ from cxrcommon.prompt_windows import count_tokens
 from cxrcommon.reports import fit_windows
 from cxrcommon.tokenizer import clip_tokenizer
 from finetune.data import TrainData
-from finetune.embedded import PROMPTS, adherence, load
-from finetune.phantoms import item, long_report, render
+from finetune.embedded import adherence, load
+from phantoms.captions import long_report
+from phantoms.dataset import item
+from phantoms.generator import render
+from phantoms.recipe import PROMPTS
 
 
 def long_prompts(tok, seed: int = 123) -> dict[str, str]:

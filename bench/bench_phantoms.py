@@ -20,8 +20,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from eval import phantom_score as ps
-from finetune import phantoms as ph
+from phantoms import calibrate as cal
+from phantoms import dataset
+from phantoms import generator as ph
+from phantoms import score as ps
 
 
 def speed(n: int, size: int) -> float:
@@ -35,7 +37,7 @@ def speed(n: int, size: int) -> float:
 def writer_speed(n: int, size: int) -> float:
     with tempfile.TemporaryDirectory() as d:
         t = time.perf_counter()
-        ph.make_dataset(d, n, size, seed=0, progress=False)
+        dataset.make_dataset(d, n, size, seed=0, progress=False)
         return n / (time.perf_counter() - t)
 
 
@@ -55,7 +57,7 @@ def vae_roundtrip(model: str) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def accuracy(n: int, size: int, sizes: tuple[str, ...], through: Callable | None = None) -> dict[str, float]:
-    return _hits(ps.effusion_set(n, size, seed=0, sizes=sizes), ps.classify_effusion, through)
+    return _hits(cal.effusion_set(n, size, seed=0, sizes=sizes), ps.classify_effusion, through)
 
 
 def _hits(images, judge: Callable, through: Callable | None = None) -> dict[str, float]:
@@ -100,10 +102,10 @@ def main() -> None:
         print(f"| effusion accuracy {size}², moderate/large, {how}n={n}/class | "
               + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + " |")
     for size, through, how in runs:
-        acc = _hits(ps.pneumothorax_set(n, size, seed=0), ps.classify_pneumothorax, through)
+        acc = _hits(cal.pneumothorax_set(n, size, seed=0), ps.classify_pneumothorax, through)
         print(f"| pneumothorax accuracy {size}², {how}n={n}/class | "
               + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + " |")
-    eff = [ps.classify_pneumothorax(img) for img, side in ps.effusion_set(n, 128, seed=0) if side != "none"]
+    eff = [ps.classify_pneumothorax(img) for img, side in cal.effusion_set(n, 128, seed=0) if side != "none"]
     print(f"| pneumothorax false alarms on effusion phantoms 128², n={len(eff)} | "
           f"{1 - eff.count('none') / len(eff):.3f} |")
     acc = accuracy(n, 128, ("small",))

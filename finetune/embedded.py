@@ -3,7 +3,7 @@
 Why: SD 2.1 weights cannot be downloaded on an offline machine, yet the first command must show the
 product working and prove that our trainer learns. The recipe, each stage skipped when its output exists
 (so an interrupted run resumes):
-  1. phantoms: procedural chest phantoms with report captions (finetune.phantoms), effusion made common;
+  1. phantoms: procedural chest phantoms with report captions (phantoms.recipe.make_data), effusion made common;
   2. VAE: a small AutoencoderKL trained on the phantoms WITHOUT effusion (finetune.vae);
   3. init: random UNet + CLIP text encoder from configs/embedded + that VAE + the offline tokenizer;
   4. base: UNet + text encoder trained in full with finetune.train on the phantoms WITHOUT effusion;
@@ -14,14 +14,15 @@ Stages 4 to 6 are `finetune.train.train` runs (--train unet+text_encoder); `fine
 configs/embedded.yaml` dispatches here through the YAML's `recipe: embedded` key (its keys are the recipe's,
 not TrainConfig's).
 The base never saw a pleural effusion in any of its parts; it is the starting point of the LoRA proof
-(finetune.lora_proof): effusion must be absent before a LoRA and present after it."""
+(finetune.lora_proof): effusion must be absent before a LoRA and present after it.
+The recipe's facts (EmbeddedConfig, prompts, data set, adherence scoring) are phantoms.recipe; this module is
+the driver that trains (finetune.train), samples (inference.sampler) and exports."""
 from __future__ import annotations
 
 import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,55 +30,11 @@ import numpy as np
 import torch
 
 from cxrcommon.atomic import atomic_write_text
-from cxrcommon.config import field, parse_config
+from cxrcommon.config import parse_config
 from cxrcommon.logs import setup_logging
-from cxrcommon.models import EMBEDDED_GUIDANCE, EMBEDDED_STEPS
+from phantoms.recipe import GUIDANCE, PROMPTS, STEPS, EmbeddedConfig, make_data, score_adherence
 
 log = logging.getLogger(__name__)
-
-# prompt for each scorer class (eval.phantom_score.classify_effusion): the wording of the training captions
-PROMPTS = {"left": "Large left pleural effusion.", "right": "Large right pleural effusion.",
-           "none": "Normal chest radiograph."}
-STEPS, GUIDANCE = EMBEDDED_STEPS, EMBEDDED_GUIDANCE  # its recommended sampling
-PNEUMOTHORAX_PROMPTS = {"left": "Large left pneumothorax.", "right": "Large right pneumothorax.",
-                        "none": "Normal chest radiograph."}
-
-
-@dataclass
-class EmbeddedConfig:
-    recipe: str = field("embedded", "lets `python -m finetune.train --config configs/embedded.yaml` run this recipe")
-    work_dir: str = field("runs/embedded", "folder for the data set, VAE, training runs and checkpoints")
-    out: str = field("models/embedded", "where the final pipeline (the shipped embedded model) is exported")
-    base_out: str = field("models/embedded-no-effusion", "where the base that never saw an effusion is exported "
-                                                         "(start of the LoRA proof)")
-    config_dir: str = field("configs/embedded", "architecture configs: unet/, vae/, text_encoder/, scheduler/")
-    n_images: int = field(6000, "phantoms in the data set")
-    effusion_prob: float = field(0.5, "probability that a phantom has a pleural effusion (generator default 0.3)")
-    data_seed: int = field(0, "phantom data set seed")
-    resolution: int = field(64, "image size (the latent is resolution / 4)")
-    vae_steps: int = field(250, "VAE optimizer steps")
-    vae_batch_size: int = field(16, "VAE images per step")
-    vae_learning_rate: float = field(2e-3, "VAE learning rate")
-    base_steps: int = field(600, "UNet + text encoder steps on the phantoms without effusion")
-    main_steps: int = field(1200, "further steps on all phantoms")
-    lateral_steps: int = field(4200, "then steps on one-sided effusions and effusion-free phantoms only, with min-SNR "
-                                    "weighting, to teach left vs right (0 skips; the shipped model is the last stage)")
-    lateral_learning_rate: float = field(3e-4, "learning rate of that stage")
-    lateral_snr_gamma: float = field(5.0, "min-SNR gamma of that stage (weights the noisy steps that fix layout)")
-    train_batch_size: int = field(16, "images per UNet step")
-    learning_rate: float = field(6e-4, "UNet + text encoder learning rate (both stages)")
-    lr_warmup_steps: int = field(100, "linear warm-up steps of each stage")
-    caption_dropout: float = field(0.1, "empty-caption probability, so classifier-free guidance works")
-    checkpointing_steps: int = field(100, "resumable checkpoint every N steps")
-    threads: int = field(2, "torch CPU threads (on a quiet 2-core machine a UNet step of batch 16 took ~0.38 s "
-                                    "on 2 threads, 0.60 s on 1)")
-    seed: int = field(0, "training seed")
-    eval_per_class: int = field(100, "generations per prompt for the adherence figure in the model cards")
-    eval_steps: int = field(STEPS, "DDIM steps for those generations")
-    guidance_scale: float = field(GUIDANCE, "classifier-free guidance for those generations; the model card recommends "
-                                       "it (guidance 2 and 4 both scored 1.00; 2 has the lower Frechet distance)")
-    notes: str = field("", "free text for the model cards, e.g. how a run was interrupted or extended")
-    verbose: bool = field(False, "debug logging")
 
 
 # ----------------------------------------------------------------------------- generation and scoring
@@ -109,7 +66,7 @@ def generate(pipe: Any, prompt: str, n: int, *, seed: int = 0, steps: int = STEP
 def adherence(pipe: Any, per_class: int, *, seed: int = 0, steps: int = STEPS, guidance: float = GUIDANCE,
               prompts: dict[str, str] | None = None, finding: str = "effusion") -> dict[str, Any]:
     """Generate `per_class` images per prompt and score each with the analytic scorer of `finding`
-    (effusion: eval.phantom_score.classify_effusion; pneumothorax: classify_pneumothorax).
+    (effusion: phantoms.score.classify_effusion; pneumothorax: classify_pneumothorax).
 
     Returns accuracy overall and per class, and counts of what the scorer saw for each prompt.
 
@@ -121,20 +78,14 @@ def adherence(pipe: Any, per_class: int, *, seed: int = 0, steps: int = STEPS, g
         guidance: CFG scale, >= 1.
         prompts: expected label -> prompt, the labels being what the scorer returns ("left", "right", "none");
             None = PROMPTS (effusion; pass PNEUMOTHORAX_PROMPTS with finding "pneumothorax").
-        finding: the scorer, a key of eval.phantom_score.JUDGES ("effusion" or "pneumothorax"; "cardiomegaly"
+        finding: the scorer, a key of phantoms.score.JUDGES ("effusion" or "pneumothorax"; "cardiomegaly"
             scores True/False, so its prompts' keys must be booleans).
-    Returns: {"accuracy": mean of the per-class accuracies in [0, 1], "per_class": label -> fraction scored as
-        expected, "seen": label -> {scored label: count}, "per_class_n": per_class, "prompts": the prompts}."""
-    from eval import phantom_score
-    judge = phantom_score.JUDGES[finding]
+    Returns: phantoms.recipe.score_adherence's {"accuracy", "per_class", "seen"} plus "per_class_n": per_class and
+        "prompts": the prompts."""
     prompts = prompts or PROMPTS
-    per, seen = {}, {}
-    for expected, prompt in prompts.items():
-        labels = [judge(im) for im in generate(pipe, prompt, per_class, seed=seed, steps=steps, guidance=guidance)]
-        per[expected] = float(np.mean([lab == expected for lab in labels]))
-        seen[expected] = {lab: labels.count(lab) for lab in sorted(set(labels))}
-    return {"accuracy": float(np.mean(list(per.values()))), "per_class": per, "seen": seen,
-            "per_class_n": per_class, "prompts": dict(prompts)}
+    images = {expected: generate(pipe, prompt, per_class, seed=seed, steps=steps, guidance=guidance)
+              for expected, prompt in prompts.items()}
+    return {**score_adherence(images, finding), "per_class_n": per_class, "prompts": dict(prompts)}
 
 
 def load(model: str | Path, dtype: torch.dtype = torch.float32) -> Any:
@@ -148,25 +99,6 @@ def load(model: str | Path, dtype: torch.dtype = torch.float32) -> Any:
 
 
 # ----------------------------------------------------------------------------- recipe stages
-
-def make_data(cfg: EmbeddedConfig) -> tuple[Path, Path, Path]:
-    """(all phantoms' metadata.jsonl, JSONL manifests of those without effusion and of those without a
-    bilateral one)."""
-    from .phantoms import make_dataset
-    data = Path(cfg.work_dir) / "data"
-    meta = make_dataset(data, cfg.n_images, cfg.resolution, cfg.data_seed,
-                        finding_probs={"effusion": cfg.effusion_prob})
-    rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
-    def subset(name: str, effusion: tuple[str, ...]) -> tuple[Path, int]:
-        keep = [{"image": r["file_name"], "text": r["text"], "patient_id": r["patient_id"]}
-                for r in rows if r["effusion"] in effusion]
-        atomic_write_text(data / name, "".join(json.dumps(r) + "\n" for r in keep))
-        return data / name, len(keep)
-    no_eff, n_none = subset("no_effusion.jsonl", ("none",))
-    lateral, n_lat = subset("one_sided.jsonl", ("none", "left", "right"))
-    log.info("data: %d phantoms, %d without effusion, %d without a bilateral one", len(rows), n_none, n_lat)
-    return meta, no_eff, lateral
-
 
 def init_pipeline(config_dir: str | Path, vae_dir: str | Path, out: str | Path, seed: int = 0) -> Path:
     """Random UNet + text encoder from the configs, the trained VAE, CLIP tokenizer, DDIM scheduler."""
@@ -263,7 +195,7 @@ def model_card(cfg: EmbeddedConfig, *, kind: str, stages: dict[str, Any], scores
     score = ("not measured" if scores is None else
              f"{scores['accuracy']:.2f} overall ({', '.join(f'{k} {v:.2f}' for k, v in scores['per_class'].items())}; "
              f"{scores['per_class_n']} generations per prompt, {cfg.eval_steps} DDIM steps, guidance "
-             f"{cfg.guidance_scale}; scorer eval.phantom_score.classify_effusion; what it saw per prompt: "
+             f"{cfg.guidance_scale}; scorer phantoms.score.classify_effusion; what it saw per prompt: "
              f"{json.dumps(scores['seen'])})")
     what = ("the BASE of the embedded demonstrator: trained on phantoms WITHOUT pleural effusion (VAE, UNet "
             "and text encoder never saw one). It exists for the LoRA proof (finetune.lora_proof): an effusion "
@@ -278,7 +210,7 @@ tags: [stable-diffusion, text-to-image, chest-x-ray-phantom, synthetic-data, dem
 # synthcxr embedded {'base (no effusion)' if base else 'model'}: a chest-PHANTOM demonstrator
 
 **This is NOT a medical model.** It was trained only on procedural chest-radiograph *phantoms*
-(finetune/phantoms.py: drawn lungs, heart, ribs, diaphragm and findings with known parameters) and
+(phantoms/generator.py: drawn lungs, heart, ribs, diaphragm and findings with known parameters) and
 their generated report captions. It has never seen a real X-ray. Its images are synthetic phantoms
 for demonstrating and testing the software; never use them for diagnosis, training clinical models
 or any claim about real patients.

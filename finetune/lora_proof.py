@@ -3,63 +3,30 @@
 Why: a test that the LoRA path of finetune.train really teaches a model something new. The base is
 models/embedded-no-effusion (VAE, UNet and text encoder trained without any pleural effusion; see
 finetune.embedded); the LoRA (UNet and text encoder) is trained with `finetune.train` on fresh in-memory
-phantoms, most with a moderate or large left/right effusion; the analytic scorer (eval.phantom_score)
+phantoms, most with a moderate or large left/right effusion; the analytic scorer (phantoms.score)
 judges generations for "Large left/right pleural effusion." before and after. Pneumothorax would be the textbook choice
 but the scorer cannot read it; effusion can be scored.
-`python -m finetune.lora_proof --steps 300`"""
+`python -m finetune.lora_proof --steps 300`
+Its config, training phantoms and presence measure are phantoms.recipe; this module trains and samples."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from cxrcommon.config import field, parse_config
+from cxrcommon.config import parse_config
 from cxrcommon.logs import setup_logging
+from phantoms.recipe import PROMPTS, LoraProofConfig, effusion_pairs, presence
 
 from .data import TrainData
-from .embedded import PROMPTS, adherence, load
+from .embedded import adherence, load
 
 log = logging.getLogger(__name__)
-
-BASE = "models/embedded-no-effusion"
-
-
-@dataclass
-class LoraProofConfig:
-    base: str = field(BASE, "model that never saw the finding")
-    work_dir: str = field("runs/lora_proof", "folder for the LoRA data set and the LoRA")
-    n_train: int = field(400, "LoRA training phantoms (made in memory)")
-    effusion_prob: float = field(0.8, "share of those with a moderate/large left or right effusion (the rest none)")
-    data_seed: int = field(123, "phantom seed (disjoint from the base model's data seed 0)")
-    steps: int = field(300, "LoRA optimizer steps")
-    batch_size: int = field(16, "images per step")
-    rank: int = field(16, "LoRA rank")
-    targets: list[str] = field(["to_k", "to_q", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                                 "conv1", "conv2"], "UNet modules that get LoRA (attention, transformer "
-                                "projections and feed-forward, resnet convolutions)")
-    learning_rate: float = field(5e-3, "LoRA learning rate")
-    train_text_encoder: bool = field(True, "also put LoRA on the text encoder (--train lora+text_encoder)")
-    per_class: int = field(50, "generations per prompt, before and after")
-    eval_steps: int = field(20, "DDIM steps per generation")
-    guidance_scale: float = field(4.0, "classifier-free guidance")
-    seed: int = field(0, "training and generation seed")
-    threads: int = field(1, "torch CPU threads (1 is fastest on a busy 2-core machine)")
-    verbose: bool = field(False, "debug logging")
-
-
-def presence(scores: dict[str, Any]) -> float:
-    """Share of effusion-prompt images in which the scorer sees any effusion."""
-    seen = [scores["seen"][side] for side in ("left", "right")]
-    n = sum(sum(s.values()) for s in seen)
-    return sum(c for s in seen for lab, c in s.items() if lab != "none") / n
 
 
 def resolution_of(model: str | Path) -> int:
@@ -67,22 +34,6 @@ def resolution_of(model: str | Path) -> int:
     unet = json.loads((Path(model) / "unet" / "config.json").read_text())
     vae = json.loads((Path(model) / "vae" / "config.json").read_text())
     return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-
-
-def effusion_data(n: int, size: int, seed: int, effusion_prob: float) -> TrainData:
-    """n in-memory phantoms; a share `effusion_prob` get a moderate or large left or right effusion
-    (captioned to match), the rest none. Other findings as the generator draws them."""
-    from .phantoms import caption, render, sample_spec
-    images, captions = [], []
-    for i in range(n):
-        rng = np.random.default_rng([seed, i])
-        spec = sample_spec(rng, exclude=("effusion",))
-        if rng.random() < effusion_prob:
-            spec = dataclasses.replace(spec, effusion=str(rng.choice(["left", "right"])),
-                                       effusion_size=str(rng.choice(["moderate", "large"])))
-        images.append(render(spec, size)[0])
-        captions.append(caption(spec, rng))
-    return TrainData(images, captions, [], [])
 
 
 def lora_proof(cfg: LoraProofConfig) -> dict[str, Any]:
@@ -94,7 +45,7 @@ def lora_proof(cfg: LoraProofConfig) -> dict[str, Any]:
     res = resolution_of(cfg.base)
     kw = {"steps": cfg.eval_steps, "guidance": cfg.guidance_scale, "seed": cfg.seed}
     before = adherence(load(cfg.base), cfg.per_class, **kw)
-    data = effusion_data(cfg.n_train, res, cfg.data_seed, cfg.effusion_prob)
+    data = TrainData(*effusion_pairs(cfg.n_train, res, cfg.data_seed, cfg.effusion_prob), [], [])
     tc = TrainConfig(model=cfg.base, output_dir=str(work / "lora"), seed=cfg.seed,
                      train="lora+text_encoder" if cfg.train_text_encoder else "lora", resolution=res,
                      cache_latents=True, cache_dir=str(work / "cache"), caption_dropout=0.1, lora_rank=cfg.rank,

@@ -1,8 +1,9 @@
-"""Procedural chest-radiograph phantoms with report captions and known labels.
+"""Procedural chest-radiograph phantoms: random specs with known findings, their labels, and the drawing.
 
 Why: the embedded demonstrator model must be trained and checked offline. Phantoms give unlimited
-image/report pairs whose findings are known exactly, so an analytic scorer (eval.phantom_score) can
-tell whether a model draws what the prompt asks for.
+images whose findings are known exactly, so an analytic scorer (phantoms.score) can tell whether a
+model draws what the prompt asks for. Their report captions are phantoms.captions; a data set on disk
+is phantoms.dataset.
 
 Conventions: PA view, so the patient's LEFT is on the IMAGE RIGHT. Geometry is in unit coordinates
 (u = x / size, v = y / size); each structure adds "density" D, and the image is 1 - exp(-gain * D),
@@ -11,23 +12,11 @@ so bones and metal saturate the way they do on film.
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
 import cv2
 import numpy as np
-from tqdm import tqdm
-
-from cxrcommon.atomic import atomic_write_text
-from cxrcommon.config import field, parse_config
-from cxrcommon.imageio import write_png
-from cxrcommon.logs import setup_logging
-from cxrcommon.provenance import provenance
-
-log = logging.getLogger(__name__)
 
 SIDES = ("left", "right")
 EFFUSION_SIZES = ("small", "moderate", "large")
@@ -136,11 +125,7 @@ def _sample_text(rng: np.random.Generator) -> tuple[tuple[str, float, float, flo
     return tuple(items)
 
 
-# ----------------------------------------------------------------------------- labels and captions
-
-def _pneumothorax_grade(f: float) -> str:
-    return "small" if f < 0.22 else "moderate" if f < 0.32 else "large"
-
+# ----------------------------------------------------------------------------- labels
 
 def labels(spec: PhantomSpec) -> dict:
     """Flat structured labels (strings, floats, bools) for metadata columns and scoring."""
@@ -152,125 +137,6 @@ def labels(spec: PhantomSpec) -> dict:
     out["normal"] = (spec.effusion == "none" and not spec.cardiomegaly and spec.consolidation == "none"
                      and spec.pneumothorax == "none" and spec.nodule == "none")
     return out
-
-
-def _lobe(side: str, zone: str, rng: np.random.Generator) -> str:
-    """A zone in varied words: 'right lower lobe', 'left lung base', 'lingula' ..."""
-    if side == "right":
-        lobe = {"upper": "upper", "mid": "middle", "lower": "lower"}[zone]
-    else:
-        lobe = {"upper": "upper", "mid": "upper", "lower": "lower"}[zone]
-    options = [f"{side} {lobe} lobe", f"{side} {zone} lung zone"]
-    if zone == "lower":
-        options.append(f"{side} lung base")
-    if zone == "upper":
-        options.append(f"{side} apex")
-    if side == "left" and zone == "mid":
-        options.append("lingula")
-    return str(rng.choice(options))
-
-
-def caption(spec: PhantomSpec, rng: np.random.Generator) -> str:
-    """A short radiology-style report in varied wording, fitting CLIP's 77 tokens."""
-    c = lambda opts: str(rng.choice(opts))  # noqa: E731
-    findings: list[str] = []
-    if spec.effusion != "none":
-        size = spec.effusion_size
-        if spec.effusion == "bilateral":
-            findings.append(c([f"{size.capitalize()} bilateral pleural effusions.",
-                               f"Bilateral {size} pleural effusions.",
-                               f"There are {size} bilateral pleural effusions."]))
-        else:
-            side = spec.effusion
-            opts = [f"{size.capitalize()} {side} pleural effusion.",
-                    f"{size.capitalize()} {side}-sided pleural effusion.",
-                    f"There is a {size} {side} pleural effusion.",
-                    f"{side.capitalize()} pleural effusion, {size} in size."]
-            if size == "small":
-                opts.append(f"Blunting of the {side} costophrenic angle from a small effusion.")
-            findings.append(c(opts))
-    if spec.cardiomegaly:
-        grade = "mild" if spec.ctr < 0.60 else "moderate" if spec.ctr < 0.65 else "severe"
-        findings.append(c(["Heart size is enlarged.", "Cardiomegaly.", "The cardiac silhouette is enlarged.",
-                           f"{grade.capitalize()} cardiomegaly.", "Enlarged heart."]))
-    if spec.consolidation != "none":
-        side, zone = spec.consolidation.split("_")
-        where = _lobe(side, zone, rng)
-        findings.append(c([f"Consolidation in the {where}.", f"Airspace opacity in the {where}.",
-                           f"{where[0].upper() + where[1:]} opacity, concerning for pneumonia.",
-                           f"Focal consolidation of the {where}."]))
-    if spec.pneumothorax != "none":
-        side, grade = spec.pneumothorax, _pneumothorax_grade(spec.pneumothorax_size)
-        findings.append(c([f"{grade.capitalize()} {side} pneumothorax.", f"There is a {side} pneumothorax.",
-                           f"{side.capitalize()}-sided pneumothorax with a visible pleural line.",
-                           f"{grade.capitalize()} {side} apical pneumothorax."]))
-    if spec.nodule != "none":
-        side, zone = spec.nodule.split("_")
-        mm = int(round(spec.nodule_radius * 2 * 350))  # a 350 mm wide film
-        where = _lobe(side, zone, rng)
-        findings.append(c([f"{mm} mm nodule in the {where}.", f"A pulmonary nodule in the {where}.",
-                           f"Nodular opacity in the {where}."]))
-    devices = []
-    if "et_tube" in spec.devices:
-        devices.append(c(["Endotracheal tube in place.", "ET tube terminates above the carina.",
-                          "The endotracheal tube is in standard position."]))
-    if "central_line" in spec.devices:
-        devices.append(c(["Right central venous catheter with tip in the SVC.", "Right central line in place.",
-                          "Right-sided central line terminates in the superior vena cava."]))
-    if "pacemaker" in spec.devices:
-        devices.append(c(["Left-sided pacemaker with leads in the right heart.", "Cardiac pacemaker in place.",
-                          "Left chest wall pacemaker device."]))
-    rng.shuffle(findings)
-    sentences = devices + findings if rng.random() < 0.6 else findings + devices
-    if not findings:
-        sentences.append(c(["No acute cardiopulmonary process.", "No acute cardiopulmonary abnormality.",
-                            "Lungs are clear. Heart size is normal.", "Normal chest radiograph.",
-                            "Clear lungs. No pleural effusion or pneumothorax.",
-                            "The lungs are clear. No effusion, consolidation or pneumothorax."]))
-    else:
-        optional = []
-        if not spec.cardiomegaly:
-            optional.append(c(["Heart size is normal.", "Normal cardiac silhouette."]))
-        if spec.pneumothorax == "none":
-            optional.append("No pneumothorax.")
-        if spec.effusion == "none":
-            optional.append("No pleural effusion.")
-        sentences += [s for s in optional if rng.random() < 0.3][:2]
-    return " ".join(sentences)
-
-
-# Report text that says nothing a phantom could contradict: history, technique and normal anatomy in
-# MIMIC's words. Put before a caption it pushes the finding past CLIP's 77th token (long_report).
-FILLER = (
-    ("History of shortness of breath and cough for three days, evaluate for pneumonia.",
-     "Chest pain and dyspnea in a patient with known coronary artery disease.",
-     "Fever and productive cough, rule out infiltrate."),
-    ("Single frontal view of the chest was obtained with the patient in the upright position.",
-     "PA and lateral views of the chest were obtained and compared with the prior examination.",
-     "A portable AP radiograph of the chest was acquired at the bedside."),
-    ("The trachea is midline and the mediastinal contours are within normal limits.",
-     "Hilar contours are unremarkable without evidence of lymphadenopathy.",
-     "The aorta is mildly tortuous with atherosclerotic calcification of the aortic knob."),
-    ("The visualized osseous structures are intact without acute fracture or dislocation.",
-     "Degenerative changes are noted in the thoracic spine with mild multilevel osteophytes.",
-     "There are no displaced rib fractures and the soft tissues are unremarkable."),
-    ("The upper abdomen is unremarkable and there is no free air under the diaphragm.",
-     "The pulmonary vasculature is within normal limits without evidence of vascular congestion.",
-     "No interstitial edema is seen and the bronchovascular markings are normal."),
-)
-
-
-def long_report(short: str, rng: np.random.Generator, tokenizer: object, min_tokens: int = 80) -> str:
-    """`short` (a caption) behind filler sentences of at least `min_tokens` CLIP tokens, so a pipeline
-    that reads only 77 tokens never sees the finding: the shape of a MIMIC findings section."""
-    pool = [sentence for group in FILLER for sentence in group]
-    order = rng.permutation(len(pool))
-    filler: list[str] = []
-    for i in order:
-        filler.append(pool[i])
-        if len(tokenizer(" ".join(filler), add_special_tokens=False)["input_ids"]) >= min_tokens:
-            break
-    return " ".join(filler + [short])
 
 
 # ----------------------------------------------------------------------------- drawing helpers
@@ -521,81 +387,3 @@ def render(spec: PhantomSpec, size: int = 128, seed: int | None = None) -> tuple
         img = np.maximum(img, layer * 0.97)
         mask = cv2.dilate((layer > 0).astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool)
     return np.clip(img, 0, 1).astype(np.float32), mask
-
-
-# ----------------------------------------------------------------------------- data set writer
-
-def item(i: int, seed: int, exclude: Iterable[str] = (),
-         finding_probs: Mapping[str, float] | None = None) -> tuple[PhantomSpec, str]:
-    """Spec and caption of image `i` of a data set: independent of every other index, so runs resume."""
-    rng = np.random.default_rng([seed, i])
-    spec = sample_spec(rng, exclude=exclude, finding_probs=finding_probs)
-    return spec, caption(spec, rng)
-
-
-def make_dataset(out_dir: str | Path, n: int, size: int = 128, seed: int = 0, exclude: Iterable[str] = (),
-                 finding_probs: Mapping[str, float] | None = None, progress: bool = True) -> Path:
-    """Write n phantom PNGs (+ text masks) and an imagefolder `metadata.jsonl`; returns its path.
-
-    Existing images are kept, so an interrupted run resumes; `dataset.json` records the settings and a
-    rerun with other settings into the same folder is refused. metadata.jsonl is written last, atomically.
-
-    Args:
-        out_dir: the data set folder (created; images/ and masks/ go under it).
-        n: number of phantoms, >= 0; raising it on a rerun keeps the first ones (image i depends only on
-            (seed, i)).
-        size: image side in pixels, >= 16.
-        seed: data set seed.
-        exclude: findings that never occur, names from FINDINGS (others raise ValueError).
-        finding_probs: finding -> probability in [0, 1] that overrides DEFAULT_PROBS, or None for the defaults.
-        progress: show a tqdm progress bar.
-    Returns: the path of metadata.jsonl (file_name, text, patient_id, text_mask and the label columns)."""
-    out = Path(out_dir)
-    exclude = tuple(sorted(exclude))
-    settings = {"n": n, "size": size, "seed": seed, "exclude": list(exclude), "finding_probs": finding_probs or {}}
-    meta_path = out / "dataset.json"
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text(encoding="utf-8"))
-        if {k: v for k, v in old.items() if k != "n"} != {k: v for k, v in settings.items() if k != "n"}:
-            raise ValueError(f"{meta_path} was written with {old}, not {settings}; use another --out folder "
-                             "or delete that one")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(meta_path, json.dumps(settings, indent=1))
-    rows, made = [], 0
-    for i in tqdm(range(n), desc="phantoms", unit="img", disable=not progress):
-        spec, text = item(i, seed, exclude, finding_probs)
-        name, mask_name = f"images/{i:06d}.png", f"masks/{i:06d}.png"
-        if not (out / name).exists() or (spec.text and not (out / mask_name).exists()):
-            img, mask = render(spec, size)
-            if mask is not None:
-                write_png(out / mask_name, mask.astype(np.float32))
-            write_png(out / name, img, text=provenance(kind="procedural phantom", caption=text,
-                                                        spec=json.dumps(spec.to_json())))
-            made += 1
-        rows.append({"file_name": name, "text": text, "patient_id": f"phantom-{seed}-{i:06d}",
-                     "text_mask": mask_name if spec.text else "", **labels(spec)})
-    path = out / "metadata.jsonl"
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-    log.info("%d phantoms in %s (%d drawn now, %d kept)", n, out, made, n - made)
-    return path
-
-
-@dataclass
-class PhantomConfig:
-    out: str = field("data/phantoms", "output folder (images/, masks/, metadata.jsonl, dataset.json)")
-    n: int = field(5000, "number of images")
-    size: int = field(128, "image side in pixels")
-    seed: int = field(0, "data set seed; image i depends only on (seed, i)")
-    exclude: list[str] = field([], f"findings never drawn, e.g. pneumothorax; any of {', '.join(FINDINGS)}")
-    verbose: bool = field(False, "debug logging")
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    cfg = parse_config(PhantomConfig, argv, "Write a procedural chest-phantom data set with report captions "
-                                            "(imagefolder layout for finetune.train).")
-    setup_logging(cfg.verbose)
-    make_dataset(cfg.out, cfg.n, cfg.size, cfg.seed, exclude=cfg.exclude)
-
-
-if __name__ == "__main__":
-    main()

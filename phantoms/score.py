@@ -1,27 +1,38 @@
 """Analytic attribute scorer for chest phantoms: does a generated image show what its prompt asked?
 
 Why: proving that the embedded model learns needs a judge that is independent of the model. The
-phantom generator (finetune.phantoms) draws findings in known places, so simple region statistics
+phantom generator (phantoms.generator) draws findings in known places, so simple region statistics
 read them back: brightness of each costophrenic region over the upper lung, which lies above even a
 large effusion so a bilateral one reads as bilateral (pleural effusion), and heart width over chest
 width (cardiomegaly), and for pneumothorax the upper lateral lung of each side: collapsed lung leaves a
 darker rim crossed by a sharp pleural line. Works on any size; image RIGHT is the patient's
-LEFT. Thresholds are calibrated on phantoms from one seed range (`calibrate`) and tested on
-another; rerun `python -m eval.phantom_score --calibrate` after changing the generator.
+LEFT. Thresholds are calibrated on phantoms from one seed range (phantoms.calibrate) and tested on
+another; rerun `python -m phantoms.calibrate` after changing the generator.
+
+`python -m phantoms.score DIR --out reads.csv` writes what the scorer reads in every image of DIR.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
+import csv
+import logging
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
+from tqdm import tqdm
 
-from cxrcommon.imageio import read_image
+from cxrcommon.atomic import atomic_path
+from cxrcommon.cli import cli_entry
+from cxrcommon.config import field, parse_config
+from cxrcommon.csv_cells import safe_row
+from cxrcommon.errors import UserError
+from cxrcommon.imageio import DICOM_SUFFIXES, PIL_SUFFIXES, read_image
+from cxrcommon.logs import setup_logging
+from cxrcommon.paths import walk_files
+
+log = logging.getLogger(__name__)
 
 WORK = 128                 # every image is scored at this size
 CALIBRATION_SEED = 1_000_000  # calibration phantoms use seeds from here; tests use other seeds
@@ -164,50 +175,6 @@ def _pneumothorax_from(m: dict, t: Thresholds) -> str:
     return "none" if abs(d) < t.pneumothorax else "left" if d > 0 else "right"
 
 
-def effusion_set(n: int, size: int, seed: int, sizes: Sequence[str] = ("moderate", "large"),
-                 classes: Sequence[str] = ("none", "left", "right", "bilateral")):
-    """n phantoms per class (other findings random), for calibration and tests.
-
-    Yields (image, expected class). Seeds are `seed + i`, so disjoint ranges give disjoint sets."""
-    def with_effusion(spec, side, rng):
-        return dataclasses.replace(spec, effusion=side, effusion_size=str(rng.choice(list(sizes))))
-    return _finding_set("effusion", with_effusion, n, size, seed, classes)
-
-
-def pneumothorax_set(n: int, size: int, seed: int, collapse: tuple[float, float] = (0.15, 0.40),
-                     classes: Sequence[str] = ("none", "left", "right")):
-    """Like effusion_set, for pneumothorax (collapsed fraction drawn from `collapse`, the generator's range)."""
-    def with_pneumothorax(spec, side, rng):
-        return dataclasses.replace(spec, pneumothorax=side, pneumothorax_size=float(rng.uniform(*collapse)))
-    return _finding_set("pneumothorax", with_pneumothorax, n, size, seed, classes)
-
-
-def _finding_set(finding: str, add, n: int, size: int, seed: int, classes: Sequence[str]):
-    # imported here: the scorer itself needs no generator
-    from finetune.phantoms import render, sample_spec
-    for i in range(n):
-        rng = np.random.default_rng(seed + i)
-        spec = sample_spec(rng, exclude=(finding,))
-        for side in classes:
-            yield render(spec if side == "none" else add(spec, side, rng), size)[0], side
-
-
-def calibrate(n: int = 200, size: int = 128, seed: int = CALIBRATION_SEED) -> Thresholds:
-    """Pick the effusion threshold that best separates none/left/right/bilateral, and the pneumothorax
-    threshold for none/left/right, on phantoms from `seed` on (the middle of each best plateau).
-
-    The cardiomegaly threshold is the generator's own CTR cut-off (the CTR is measured directly)."""
-    def best(rule, images, grid: np.ndarray, key: str) -> float:
-        scores = [(measure(img), side) for img, side in images]
-        acc = [np.mean([rule(m, Thresholds(**{key: float(t)})) == side for m, side in scores]) for t in grid]
-        top = np.flatnonzero(np.asarray(acc) >= max(acc) - 1e-9)
-        return round(float(grid[top].mean()), 4)
-    return Thresholds(effusion=best(_effusion_from, effusion_set(n, size, seed), np.linspace(0.02, 0.5, 97),
-                                    "effusion"),
-                      pneumothorax=best(_pneumothorax_from, pneumothorax_set(n, size, seed),
-                                        np.linspace(0.0, 0.03, 61), "pneumothorax"))
-
-
 def has_cardiomegaly(img, thresholds: Thresholds | None = None) -> bool:
     return measure(img)["ctr"] > (thresholds or THRESHOLDS).cardiomegaly_ctr
 
@@ -236,22 +203,79 @@ def prompt_adherence(images: Sequence, expected_labels: Sequence, attribute: str
     return hits / len(images)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Score images (paths) or recalibrate the thresholds on fresh phantoms."""
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("images", nargs="*", type=Path, help="image files to measure (PNG/JPEG/TIFF/DICOM)")
-    p.add_argument("--calibrate", action="store_true", help="recompute thresholds on phantoms and print them")
-    p.add_argument("--n", type=int, default=200, help="phantoms per class for --calibrate")
-    p.add_argument("--size", type=int, default=128, help="phantom size for --calibrate")
-    args = p.parse_args(argv)
-    if args.calibrate:
-        print(json.dumps(asdict(calibrate(args.n, args.size)), indent=1))
-    for path in args.images:
-        m = measure(path)
-        m["effusion"] = _effusion_from(m, THRESHOLDS)
-        m["cardiomegaly"] = m["ctr"] > THRESHOLDS.cardiomegaly_ctr
-        m["pneumothorax"] = _pneumothorax_from(m, THRESHOLDS)
-        print(json.dumps({"file": str(path), **m}))
+# ----------------------------------------------------------------------------- reads of a folder
+
+READ_COLUMNS = ("file", "effusion_side", "sex", "age_band")  # age_band will hold <40, 40-65 or >65
+
+
+def image_files(folder: str | Path) -> list[Path]:
+    """The readable images under `folder` (any depth, sorted); a missing folder or one without images is a
+    UserError, so a mistyped DIR never yields an empty CSV."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise UserError(f"{root}: {'not a folder' if root.exists() else 'no such folder'} — pass the folder of "
+                        "images to read")
+    files = sorted(p for p in walk_files(root) if p.suffix.lower() in PIL_SUFFIXES + DICOM_SUFFIXES)
+    if not files:
+        raise UserError(f"{root}: no images ({', '.join(PIL_SUFFIXES + DICOM_SUFFIXES)}) in it or below — "
+                        "pass the folder the images were written to")
+    return files
+
+
+def read_folder(folder: str | Path, progress: bool = True) -> list[dict[str, str]]:
+    """One row per image under `folder`: its path relative to the folder and what the scorer reads.
+
+    effusion_side is classify_effusion's answer (none, left, right or bilateral; the patient's side). sex and
+    age_band are always empty: the generator draws no sex or age cues yet, so there is nothing to read;
+    they are columns already so that consumers of the CSV need not change when it does.
+
+    Args:
+        folder: folder of PNG/JPEG/TIFF/DICOM images, searched at any depth.
+        progress: show a tqdm progress bar.
+    Returns: rows with the keys READ_COLUMNS, in sorted file order."""
+    root = Path(folder)
+    rows = []
+    for path in tqdm(image_files(root), desc="reading", unit="img", disable=not progress):
+        try:
+            side = classify_effusion(read_image(path))
+        except ValueError as exc:  # an ImageReadError names the file already; a too-small image does not
+            raise UserError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from exc
+        rows.append({"file": path.relative_to(root).as_posix(), "effusion_side": side, "sex": "", "age_band": ""})
+    return rows
+
+
+def write_reads(rows: Sequence[dict[str, str]], out: str | Path) -> Path:
+    """The rows as a CSV (header READ_COLUMNS), every cell neutralised, written atomically."""
+    with atomic_path(out) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(READ_COLUMNS)
+            writer.writerows(safe_row(row[c] for c in READ_COLUMNS) for row in rows)
+    return Path(out)
+
+
+@dataclass
+class ReadsConfig:
+    dir: str = field("", "folder of images to read (PNG/JPEG/TIFF/DICOM, any depth); also the first bare argument")
+    out: str = field("reads.csv", "CSV to write: file, effusion_side (none/left/right/bilateral), sex, age_band "
+                                  "(sex and age_band stay empty: phantoms carry no sex or age cues yet)")
+    verbose: bool = field(False, "debug logging; a user error shows its traceback")
+
+
+@cli_entry
+def main(argv: list[str]) -> Path:
+    if argv and not argv[0].startswith("-"):
+        argv = ["--dir", *argv]  # `DIR --out reads.csv`
+    cfg = parse_config(ReadsConfig, argv, "What the phantom scorer reads in each image of a folder, as a CSV. "
+                                          "Usage: python -m phantoms.score DIR --out reads.csv")
+    setup_logging(cfg.verbose)
+    if not cfg.dir:
+        raise UserError("give the folder of images: python -m phantoms.score DIR --out reads.csv")
+    rows = read_folder(cfg.dir)
+    out = write_reads(rows, cfg.out)
+    log.info("%d images read, %s written", len(rows), out)
+    print(f"{len(rows)} images -> {out}")
+    return out
 
 
 if __name__ == "__main__":

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from cxrcommon.models import EMBEDDED_DIR, REPO_ROOT, resolve_model
-from finetune.embedded import EmbeddedConfig, adherence, generate, load, model_card
-from finetune.lora_proof import LoraProofConfig, lora_proof, presence, resolution_of
+from finetune.embedded import adherence, generate, load, model_card
+from finetune.lora_proof import lora_proof, resolution_of
+from phantoms.recipe import EmbeddedConfig, LoraProofConfig, presence
 
 BASE_DIR = REPO_ROOT / "models" / "embedded-no-effusion"
 CONFIGS = REPO_ROOT / "configs" / "embedded"
@@ -92,8 +93,9 @@ def test_presence_counts_any_effusion_side():
 
 @pytest.mark.numerics
 def test_vae_trainer_learns_and_sets_the_latent_scale(tmp_path):
-    from finetune.phantoms import item, render
     from finetune.vae import train_vae
+    from phantoms.dataset import item
+    from phantoms.generator import render
     imgs = torch.from_numpy(np.stack([render(item(i, 5)[0], 64)[0] for i in range(8)]))[:, None]
     x = imgs.expand(-1, 3, -1, -1) * 2 - 1
     folder, l1 = train_vae(x, CONFIGS / "vae", tmp_path / "vae", steps=30, batch_size=4, learning_rate=2e-3)

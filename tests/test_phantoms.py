@@ -1,17 +1,26 @@
-"""Phantom generator and its analytic scorer: findings land where they should and read back."""
+"""The phantoms package: the generator's findings land where they should and the analytic scorer reads them
+back; `python -m phantoms.score` writes those reads as a CSV; the package imports no stage."""
 from __future__ import annotations
 
+import ast
+import csv
 import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cxrcommon.csv_cells import unescape
 from cxrcommon.imageio import read_image, read_png_text
 from cxrcommon.manifest import read_manifest
 from cxrcommon.tokenizer import clip_tokenizer
-from eval import phantom_score as ps
-from finetune import phantoms as ph
+from phantoms import calibrate as cal
+from phantoms import captions, dataset
+from phantoms import generator as ph
+from phantoms import score as ps
 
 NONE = {k: 0.0 for k in ph.DEFAULT_PROBS}
 
@@ -116,18 +125,18 @@ def test_sampler_honours_exclude_and_probabilities():
 def test_captions_mention_findings_vary_and_fit_clip(clean):
     rng = np.random.default_rng(0)
     spec = dataclasses.replace(clean, effusion="left", effusion_size="moderate", ctr=0.62)
-    caps = {ph.caption(spec, rng) for _ in range(40)}
+    caps = {captions.caption(spec, rng) for _ in range(40)}
     assert len(caps) >= 8
     for c in caps:
         low = c.lower()
         assert "left" in low and "effusion" in low and "moderate" in low and "right" not in low
         assert any(w in low for w in ("cardiomegaly", "enlarged"))
-    normal = {ph.caption(clean, rng) for _ in range(30)}
+    normal = {captions.caption(clean, rng) for _ in range(30)}
     assert len(normal) >= 3 and not any("left" in c.lower() or "right" in c.lower() for c in normal)
-    ptx = ph.caption(dataclasses.replace(clean, pneumothorax="right", pneumothorax_size=0.3), rng)
+    ptx = captions.caption(dataclasses.replace(clean, pneumothorax="right", pneumothorax_size=0.3), rng)
     assert "right" in ptx.lower() and "pneumothorax" in ptx.lower()
     tok = clip_tokenizer()
-    longest = max(len(tok(ph.caption(ph.sample_spec(rng), rng)).input_ids) for _ in range(300))
+    longest = max(len(tok(captions.caption(ph.sample_spec(rng), rng)).input_ids) for _ in range(300))
     assert longest <= 77
 
 
@@ -146,7 +155,7 @@ def test_scorer_classifies_effusion_on_held_out_phantoms(size):
     """Thresholds come from seeds >= CALIBRATION_SEED; these phantoms use seeds 0..99."""
     assert ps.CALIBRATION_SEED > 1000
     hits: dict[str, list[bool]] = {}
-    for img, side in ps.effusion_set(100, size, seed=0):
+    for img, side in cal.effusion_set(100, size, seed=0):
         hits.setdefault(side, []).append(ps.classify_effusion(img) == side)
     acc = {k: float(np.mean(v)) for k, v in hits.items()}
     assert set(acc) == {"none", "left", "right", "bilateral"} and all(len(v) == 100 for v in hits.values())
@@ -157,13 +166,13 @@ def test_scorer_classifies_effusion_on_held_out_phantoms(size):
 @pytest.mark.parametrize("size", [128, 64])
 def test_scorer_finds_the_pneumothorax_side_on_held_out_phantoms(size):
     hits: dict[str, list[bool]] = {}
-    for img, side in ps.pneumothorax_set(100, size, seed=0):
+    for img, side in cal.pneumothorax_set(100, size, seed=0):
         hits.setdefault(side, []).append(ps.classify_pneumothorax(img) == side)
     acc = {k: float(np.mean(v)) for k, v in hits.items()}
     assert set(acc) == {"none", "left", "right"}
     assert min(acc.values()) >= 0.85, acc
     # an effusion is mostly not read as a pneumothorax (a large one reaches into the upper box: 70/90 at 128)
-    eff = [ps.classify_pneumothorax(img) for img, side in ps.effusion_set(30, size, seed=500) if side != "none"]
+    eff = [ps.classify_pneumothorax(img) for img, side in cal.effusion_set(30, size, seed=500) if side != "none"]
     assert eff.count("none") >= 0.7 * len(eff)
 
 
@@ -197,7 +206,7 @@ def test_prompt_adherence_and_input_forms(clean, tmp_path):
 
 def test_dataset_writer_is_imagefolder_and_resumes(tmp_path):
     out = tmp_path / "ph"
-    meta = ph.make_dataset(out, 12, size=48, seed=5, exclude=("pneumothorax",), progress=False)
+    meta = dataset.make_dataset(out, 12, size=48, seed=5, exclude=("pneumothorax",), progress=False)
     rows = [json.loads(line) for line in meta.read_text().splitlines()]
     assert len(rows) == 12 and all(r["pneumothorax"] == "none" for r in rows)
     assert {"file_name", "text", "patient_id", "effusion", "cardiomegaly"} <= set(rows[0])
@@ -216,8 +225,90 @@ def test_dataset_writer_is_imagefolder_and_resumes(tmp_path):
     victim.unlink()
     keep = out / rows[5]["file_name"]
     mtime = keep.stat().st_mtime_ns
-    meta2 = ph.make_dataset(out, 12, size=48, seed=5, exclude=("pneumothorax",), progress=False)
+    meta2 = dataset.make_dataset(out, 12, size=48, seed=5, exclude=("pneumothorax",), progress=False)
     assert meta2.read_text() == meta.read_text()
     assert np.array_equal(read_image(victim), before) and keep.stat().st_mtime_ns == mtime
     with pytest.raises(ValueError, match="another --out folder"):
-        ph.make_dataset(out, 12, size=64, seed=5, progress=False)
+        dataset.make_dataset(out, 12, size=64, seed=5, progress=False)
+
+
+# ----------------------------------------------------------------------------- the package sits below the stages
+
+STAGES = {"finetune", "inference", "eval", "textremoval", "app", "bench"}
+PACKAGE = Path(ph.__file__).resolve().parent
+
+
+def _stage_imports(source: str) -> list[str]:
+    """Every import in `source` that reaches a stage (or, relatively, out of the package), lazy ones included."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0] in STAGES]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level >= 2 or (node.level == 0 and (node.module or "").split(".")[0] in STAGES):
+                found.append("." * node.level + (node.module or ""))
+    return found
+
+
+def test_phantoms_imports_no_stage():
+    """architecture.md: phantoms/ is below finetune, inference, eval and textremoval; they import it, never
+    the other way round."""
+    assert sorted(_stage_imports("def f():\n    from eval import fid\nimport finetune.train\nfrom ..eval import x\n"
+                          "from .score import measure\nimport cxrcommon.imageio\n")) == \
+        ["..eval", "eval", "finetune.train"]  # the check itself sees lazy, dotted and relative imports
+    modules = sorted(PACKAGE.glob("*.py"))
+    assert {"generator.py", "score.py", "recipe.py"} <= {m.name for m in modules}
+    bad = {m.name: hits for m in modules if (hits := _stage_imports(m.read_text(encoding="utf-8")))}
+    assert not bad, f"phantoms/ must import only cxrcommon and third-party packages: {bad}"
+
+
+# ----------------------------------------------------------------------------- python -m phantoms.score DIR
+
+def _write_phantoms(folder: Path, clean: ph.PhantomSpec) -> dict[str, str]:
+    """Large effusions of known side (and none) as PNGs, one in a subfolder, one with a formula-like name."""
+    from cxrcommon.imageio import write_png
+    expected = {"left.png": "left", "sub/right.png": "right", "none.png": "none", "=HYPERLINK(1).png": "bilateral"}
+    for name, side in expected.items():
+        spec = clean if side == "none" else dataclasses.replace(clean, effusion=side, effusion_size="large")
+        write_png(folder / name, ph.render(spec, 128)[0])
+    (folder / "notes.txt").write_text("not an image")
+    return expected
+
+
+def test_score_cli_writes_what_it_reads(clean, tmp_path, capsys):
+    expected = _write_phantoms(tmp_path / "imgs", clean)
+    out = ps.main([str(tmp_path / "imgs"), "--out", str(tmp_path / "reads.csv")])
+    assert out == tmp_path / "reads.csv" and "4 images" in capsys.readouterr().out
+    with open(out, newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["file", "effusion_side", "sex", "age_band"]
+    got = {unescape(r[0]): r[1:] for r in rows[1:]}
+    assert got == {name: [side, "", ""] for name, side in expected.items()}  # sex, age: no cues to read yet
+    assert "'=HYPERLINK(1).png" in {r[0] for r in rows}  # the file cell is text, never a formula
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp file left behind
+
+
+def test_score_cli_bad_input_is_one_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "reads.csv"
+    with pytest.raises(SystemExit, match="no such folder"):
+        ps.main([str(tmp_path / "missing"), "--out", str(out)])
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("x")
+    with pytest.raises(SystemExit, match="no images"):
+        ps.main([str(tmp_path / "empty"), "--out", str(out)])
+    from cxrcommon.imageio import write_png
+    write_png(tmp_path / "tiny" / "ok.png", np.zeros((32, 32), np.float32))
+    write_png(tmp_path / "tiny" / "small.png", np.zeros((8, 8), np.float32))
+    with pytest.raises(SystemExit, match=r"small\.png: expected .* at least 16x16"):
+        ps.main([str(tmp_path / "tiny"), "--out", str(out)])
+    assert not out.exists()
+    run = subprocess.run([sys.executable, "-m", "phantoms.score", str(tmp_path / "missing"), "--out", str(out)],
+                         capture_output=True, text=True, cwd=PACKAGE.parent, timeout=120)
+    assert run.returncode == 2 and run.stderr.strip().count("\n") == 0 and "no such folder" in run.stderr
+    assert not out.exists()
+
+
+def test_calibrate_cli_prints_thresholds_in_its_grid(capsys):
+    t = cal.main(["--n", "3", "--size", "64"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["effusion"] == t.effusion and 0.02 <= t.effusion <= 0.5 and 0 <= t.pneumothorax <= 0.03

@@ -11,11 +11,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_train_dispatches_yaml_recipe_to_its_module():
     from finetune import embedded, train
+    from phantoms.recipe import EmbeddedConfig
     argv = ["--config", str(ROOT / "configs" / "embedded.yaml"), "--vae-steps", "3"]
     with mock.patch.object(embedded, "run", side_effect=lambda cfg: cfg) as run:
         cfg = train.main(argv)
     run.assert_called_once()
-    assert isinstance(cfg, embedded.EmbeddedConfig) and cfg.vae_steps == 3 and cfg.out == "models/embedded"
+    assert isinstance(cfg, EmbeddedConfig) and cfg.vae_steps == 3 and cfg.out == "models/embedded"
 
 
 def test_unknown_recipe_is_refused(tmp_path):
