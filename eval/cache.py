@@ -1,7 +1,9 @@
 """Feature cache keyed by file content (SHA-256), so re-running a metric on the same images is fast.
 
-One safetensors file per (cache folder, backbone): a (N, D) float32 `features` matrix and a (N, 32) uint8
-`sha256` matrix naming the file content each row came from. Renamed files still hit; edited files miss."""
+One safetensors file per (cache folder, backbone key): a (N, D) float32 `features` matrix and a (N, 32) uint8
+`sha256` matrix naming the file content each row came from. Renamed files still hit; edited files miss.
+A backbone's key holds the SHA-256 of its weights (`weights_sha256`) and of its preprocessing, so new
+weights or another resize start a new cache file instead of reusing stale features."""
 from __future__ import annotations
 
 import hashlib
@@ -24,10 +26,31 @@ def default_cache_dir(source: str | Path) -> Path:
     return root / "features" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', src.name)[:40]}-{tag}"
 
 
+def digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+# the files of a transformers folder that decide its features (a hub download also holds READMEs, .gitattributes
+# and a .cache/ of download metadata, which must not invalidate the cache)
+WEIGHT_FILES = ("config.json", "preprocessor_config.json", "*.safetensors")
+
+
+def weights_sha256(path: str | Path) -> str:
+    """SHA-256 of a weights file, or of a model folder's config, preprocessor config and safetensors files
+    (names and contents, in sorted order)."""
+    from cxrcommon.provenance import file_sha256
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for f in sorted({f for pattern in WEIGHT_FILES for f in path.glob(pattern) if f.is_file()}):
+        h.update(f"{f.name}\0{file_sha256(f)}\0".encode())
+    return h.hexdigest()
+
+
 def cache_file(cache_dir: str | Path, backbone_key: str) -> Path:
     safe = re.sub(r"[^A-Za-z0-9._-]+", "_", backbone_key)[:80]
-    digest = hashlib.sha256(backbone_key.encode()).hexdigest()[:12]
-    return Path(cache_dir) / f"{safe}-{digest}.safetensors"
+    return Path(cache_dir) / f"{safe}-{digest(backbone_key)[:12]}.safetensors"
 
 
 def load(path: str | Path) -> dict[str, torch.Tensor]:

@@ -1,7 +1,8 @@
 """Feature backbones behind one interface, and cached extraction, so every metric sees the same features.
 
-Grayscale X-rays are handled the standard way: resized (bilinear, antialiased, aspect not kept) to the
-side the backbone expects and replicated to 3 channels where it wants RGB."""
+Grayscale X-rays are resized (antialiased; bilinear and aspect not kept unless the backbone says otherwise)
+to the side the backbone expects and replicated to 3 channels where it wants RGB. The published backbones
+(rad-dino, clip, xrv: local weights, each with its anchor's preprocessing) live in `eval.backbones`."""
 from __future__ import annotations
 
 import dataclasses
@@ -16,6 +17,7 @@ from torch import nn
 from tqdm import tqdm
 
 from cxrcommon.device import pick_device
+from cxrcommon.errors import UserError
 from cxrcommon.optional import require
 from cxrcommon.provenance import file_sha256
 
@@ -26,10 +28,15 @@ log = logging.getLogger(__name__)
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 SAVE_EVERY = 512  # images between cache checkpoints, so an interrupted run resumes
+SPECS = ("inception", "rad-dino", "clip", "xrv", "tiny")
 
 
-class WeightsMissingError(FileNotFoundError):
-    """A backbone's weights are not on disk and we will not download them."""
+class WeightsMissingError(UserError, FileNotFoundError):
+    """A backbone's weights are not on disk and we will not download them; the message says how to get them."""
+
+
+class WeightsMismatchError(UserError):
+    """The weights given are of another architecture than the backbone asked for; nothing is computed."""
 
 
 @dataclasses.dataclass
@@ -42,15 +49,20 @@ class Backbone:
     prepare: Callable[[torch.Tensor], torch.Tensor]  # (N, 1, S, S) float [0, 1] -> module input
     input_note: str = "gray replicated to 3 channels, float [0, 1]"
     device: torch.device = torch.device("cpu")
+    family: str = ""                            # the --features name (inception, rad-dino, ...); "" for others
+    weights_sha256: str | None = None           # of the weights file or folder, where there is one
+    resample: str = "bilinear"                  # first resize: "bilinear" or "bicubic" (antialiased)
+    crop: bool = False                          # first resize: shorter side to `size`, centre crop (else squash)
 
     @property
     def resize(self) -> str:
-        return f"{self.size}x{self.size} bilinear (antialiased, aspect not kept); {self.input_note}"
+        how = "shorter side, centre crop" if self.crop else "aspect not kept"
+        return f"{self.size}x{self.size} {self.resample} (antialiased, {how}); {self.input_note}"
 
     @torch.inference_mode()
     def embed(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """(N, D) float32 features of gray [0, 1] images of any size."""
-        batch = torch.cat([to_square_tensor(img, self.size) for img in images])
+        batch = torch.cat([to_square_tensor(img, self.size, self.resample, self.crop) for img in images])
         out = self.module(self.prepare(batch).to(self.device))
         if isinstance(out, (tuple, list)):  # e.g. a scripted torchvision model's named-tuple outputs
             out = out[0]
@@ -59,9 +71,17 @@ class Backbone:
         return out.reshape(len(images), -1).float().cpu()
 
 
-def to_square_tensor(img: np.ndarray, size: int) -> torch.Tensor:
+def to_square_tensor(img: np.ndarray, size: int, resample: str = "bilinear", crop: bool = False) -> torch.Tensor:
+    """(1, 1, size, size) float [0, 1]: `img` resized (antialiased) to size x size, or with `crop` its shorter
+    side to `size` (aspect kept, torchvision `Resize(size)`) and then centre-cropped."""
     t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None, None]
-    return F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
+    h, w = t.shape[-2:]
+    out = (size, size)
+    if crop:
+        out = (size, max(size, int(size * w / h))) if h <= w else (max(size, int(size * h / w)), size)
+    t = F.interpolate(t, size=out, mode=resample, antialias=True, align_corners=False).clamp(0, 1)
+    top, left = round((out[0] - size) / 2), round((out[1] - size) / 2)
+    return t[..., top:top + size, left:left + size]
 
 
 def rgb(x: torch.Tensor) -> torch.Tensor:
@@ -89,7 +109,7 @@ def inception_weights_path(explicit: str | Path | None = None) -> Path:
     if explicit:
         path = Path(explicit)
         if not path.is_file():
-            raise WeightsMissingError(f"--inception-weights {path} does not exist; give the path of "
+            raise WeightsMissingError(f"--weights/--inception-weights {path} does not exist; give the path of "
                                       f"{INCEPTION_FILE} (download: {INCEPTION_URL})")
         return path
     path = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
@@ -98,7 +118,8 @@ def inception_weights_path(explicit: str | Path | None = None) -> Path:
             f"InceptionV3 FID weights not found. torchmetrics/torch-fidelity need the file {INCEPTION_FILE} "
             f"and this machine is offline (we never download during evaluation). Download it from {INCEPTION_URL} "
             f"and put it at {path} (that is $TORCH_HOME/hub/checkpoints/, where torch-fidelity looks), or pass "
-            f"--inception-weights PATH. Other backbones: --features <torchscript file> or --features xrv.")
+            f"--weights PATH (or --inception-weights PATH). Other backbones: --features rad-dino, clip or xrv "
+            f"with --weights, or a TorchScript file.")
     return path
 
 
@@ -115,7 +136,8 @@ def _inception(weights: str | Path | None, device: torch.device) -> Backbone:
                              feature_extractor_weights_path=str(path)).to(device)
     key = f"inception-v3-compat-2048-{file_sha256(path)[:16]}"
     return Backbone("inception-v3 (torch-fidelity, 2048-d pool3)", key, net, 299,
-                    lambda x: (rgb(x) * 255).round().to(torch.uint8), "gray replicated to 3 channels, uint8", device)
+                    lambda x: (rgb(x) * 255).round().to(torch.uint8), "gray replicated to 3 channels, uint8", device,
+                    family="inception", weights_sha256=file_sha256(path))
 
 
 def _torchscript(path: Path, size: int, device: torch.device) -> Backbone:
@@ -128,50 +150,37 @@ def _torchscript(path: Path, size: int, device: torch.device) -> Backbone:
     return Backbone(f"torchscript {path.name}", key, net, size, rgb, device=device)
 
 
-def _xrv(device: torch.device) -> Backbone:
-    require("--features xrv (torchxrayvision needs torchvision)",
-            "torchvision")  # its pip install would pull CUDA torch
-    try:
-        import torchxrayvision as xrv
-    except ImportError as exc:
-        raise WeightsMissingError(
-            "--features xrv needs torchxrayvision: `pip install torchxrayvision`; its DenseNet weights "
-            "(densenet121-res224-all) must then be downloaded once (torchxrayvision fetches them into "
-            "~/.torchxrayvision/models_data/ on first use, so run it once online).") from exc
-    try:
-        net = xrv.models.DenseNet(weights="densenet121-res224-all").eval().to(device)
-    except Exception as exc:
-        raise WeightsMissingError(f"torchxrayvision could not load densenet121-res224-all ({exc}); run it once "
-                                  "online so its weights land in ~/.torchxrayvision/models_data/") from exc
+def load_backbone(spec: str | Backbone = "inception", *, weights: str | Path | None = None,
+                  inception_weights: str | Path | None = None, input_size: int = 224,
+                  device: str = "auto") -> Backbone:
+    """A feature extractor by name, from local weights only (nothing is downloaded).
 
-    class _Pooled(nn.Module):
-        def __init__(self, m: nn.Module) -> None:
-            super().__init__()
-            self.m = m
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.m.features2(x)
-
-    return Backbone("torchxrayvision densenet121-res224-all (1024-d)", "xrv-densenet121-res224-all", _Pooled(net),
-                    224, lambda x: x * 2048 - 1024, "1 channel scaled to [-1024, 1024] (torchxrayvision)", device)
-
-
-def load_backbone(spec: str | Backbone = "inception", *, inception_weights: str | Path | None = None,
-                  input_size: int = 224, device: str = "auto") -> Backbone:
-    """`inception`, `xrv`, `tiny`, or the path of a TorchScript file (input (N,3,S,S) in [0,1], S=input_size)."""
+    Args:
+        spec: "inception" (torch-fidelity's FID InceptionV3), "rad-dino" (a Dinov2 folder such as microsoft/rad-dino),
+            "clip" (a CLIP ViT-B/32 folder), "xrv" (torchxrayvision's DenseNet-121 "all" state dict), "tiny" (tests),
+            the path of a TorchScript file (input (N, 3, S, S) in [0, 1], S = input_size), or a Backbone (returned).
+        weights: the weights of rad-dino / clip (folder) or xrv / inception (file); for inception, None looks in
+            $TORCH_HOME/hub/checkpoints/.
+        inception_weights: the older name of `weights` for inception (either may be given).
+        input_size: input side in pixels of a TorchScript backbone, > 0.
+        device: "auto" or a torch device name.
+    Raises: WeightsMissingError (weights absent: says how to get them), WeightsMismatchError (weights of another
+        architecture), MissingPackageError (a package this install left out)."""
     if isinstance(spec, Backbone):
         return spec
+    from . import backbones
     dev = pick_device(device)
     if spec == "inception":
-        return _inception(inception_weights, dev)
-    if spec == "xrv":
-        return _xrv(dev)
+        return _inception(weights or inception_weights, dev)
+    if spec in ("rad-dino", "clip", "xrv"):
+        return getattr(backbones, spec.replace("-", "_"))(weights, dev)
     if spec == "tiny":
-        return Backbone("tiny (test features, not comparable to published FID)", "tiny-v1-32", TinyFeatures(), 32, rgb)
+        return Backbone("tiny (test features, not comparable to published FID)", "tiny-v1-32", TinyFeatures(), 32, rgb,
+                        family="tiny")
     path = Path(spec)
     if path.is_file():
         return _torchscript(path, input_size, dev)
-    raise ValueError(f"--features {spec!r}: use inception, xrv, tiny, or the path of an existing TorchScript file")
+    raise ValueError(f"--features {spec!r}: use {', '.join(SPECS)}, or the path of an existing TorchScript file")
 
 
 @dataclasses.dataclass
