@@ -4,6 +4,7 @@ chexbert_labels/), each with a malformed row, a missing file and a lateral view.
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,9 @@ from PIL import Image
 
 from cxrcommon.errors import UserError
 from finetune.prepare.config import PrepareConfig
-from finetune.prepare.datasets import chexpert
+from finetune.prepare.datasets import chexpert, chexpert_plus
 from finetune.prepare.rows import CHEXPERT_14, Excluded, SourceRow, view_code
-from finetune.prepare.runner import prepare
+from finetune.prepare.runner import check, prepare
 
 HEADER = ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA", *CHEXPERT_14]
 
@@ -173,3 +174,160 @@ def test_prepare_end_to_end(tmp_path):
     assert first["image"] == "images/train/patient00001/study1/view1_frontal.png"
     assert (tmp_path / "out" / first["image"]).is_file()
     assert first["source_image"] == "train/patient00001/study1/view1_frontal.jpg"
+
+
+# --- CheXpert Plus ------------------------------------------------------------------------------------------
+
+PLUS_HEADER = ["", "path_to_image", "path_to_dcm", "frontal_lateral", "ap_pa", "deid_patient_id",
+               "patient_report_date_order", "report", "section_narrative", "section_clinical_history",
+               "section_history", "section_comparison", "section_technique", "section_procedure_comments",
+               "section_findings", "section_impression", "section_end_of_impression", "section_summary",
+               "section_accession_number", "age", "sex", "race", "ethnicity", "interpreter_needed",
+               "insurance_type", "recent_bmi", "deceased", "split"]
+FINDINGS = "The heart is enlarged.\nNo pleural effusion."
+IMPRESSION = "1. Cardiomegaly.\n2.  No pneumothorax."
+# (path_to_image, frontal_lateral, ap_pa, findings, impression, age, sex, race, ethnicity, split, image written?)
+PLUS = [
+    ("train/patient00001/study1/view1_frontal.jpg", "Frontal", "AP", FINDINGS, IMPRESSION, "68", "Female",
+     "White, non-Hispanic", "Non-Hispanic/Non-Latino", "train", True),
+    ("train/patient00001/study1/view2_lateral.jpg", "Lateral", "", FINDINGS, IMPRESSION, "68", "Female",
+     "White, non-Hispanic", "Non-Hispanic/Non-Latino", "train", True),
+    ("train/patient00002/study1/view1_frontal.jpg", "Frontal", "PA", "", "No acute disease.", "0", "Male",
+     "Other", "Hispanic/Latino", "train", True),
+    ("train/patient00003/study1/view1_frontal.jpg", "Frontal", "", "Clear lungs.", "", "45", "Male",
+     "Patient Refused", "Unknown", "train", False),                                            # missing file
+    ("valid/patient64541/study1/view1_frontal.jpg", "Frontal", "AP", "", "Normal chest.", "73", "Male",
+     "Black or African American", "Non-Hispanic/Non-Latino", "valid", True),
+    ("train/patient00004/study1/view1_frontal.jpg", "Frontal", "AP", "", "", "50", "Female", "Asian", "", "train",
+     True),                                                                                     # no report text
+]
+PLUS_BAD = [  # raw CSV lines: too few cells, a path that is not CheXpert's, an unknown split
+    "6,train/patient00005/study1/view1_frontal.jpg,x.dcm,Frontal",
+    ",".join(["7", "somewhere/else.jpg"] + [""] * (len(PLUS_HEADER) - 2)),
+    "8,train/patient00006/study1/view1_frontal.jpg,,Frontal,AP,patient00006,1,,,,,,,,A.,B.,,,,40,Male,,,,,,,holdout",
+]
+PLUS_LABELS = [
+    {"path_to_image": PLUS[0][0], "Cardiomegaly": 1.0, "Pleural Effusion": 0.0, "Pneumothorax": 0.0, "Edema": None},
+    {"path_to_image": PLUS[1][0], "Cardiomegaly": 1.0},
+    {"path_to_image": PLUS[2][0], "No Finding": 1.0, "Edema": -1.0},
+]
+
+
+def make_plus(root: Path, png: str | None = "PNG", labels: str = "chexbert_labels/impression_fixed.json") -> Path:
+    """The CheXpert Plus CSV (multi-line report cells, as the real one has), a label file with two unreadable
+    lines, and the images: the PNG release under `png` (a folder under root), or CheXpert JPEGs when None."""
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / chexpert_plus.CSV_NAME, "w", newline="") as f:
+        writer = csv.DictWriter(f, PLUS_HEADER, restval="")
+        writer.writeheader()
+        for i, (path, fl, ap, findings, impression, age, sex, race, eth, split, written) in enumerate(PLUS):
+            patient = path.split("/")[1]
+            writer.writerow({"": i, "path_to_image": path, "path_to_dcm": path.replace(".jpg", ".dcm"),
+                             "frontal_lateral": fl, "ap_pa": ap, "deid_patient_id": patient,
+                             "report": f"FINDINGS: {findings} IMPRESSION: {impression}",
+                             "section_findings": findings, "section_impression": impression, "age": age,
+                             "sex": sex, "race": race, "ethnicity": eth, "split": split})
+            if written:
+                if png is None:
+                    _image(root / "CheXpert-v1.0-small" / path)
+                else:
+                    _image(root / png / Path(path).with_suffix(".png"))
+        f.write("\n".join(PLUS_BAD) + "\n")
+    if png is None:
+        _write_csv(root / "CheXpert-v1.0-small" / "valid.csv", [])
+    lines = [json.dumps(record) for record in PLUS_LABELS]
+    lines[1:1] = ["{not json", json.dumps({"path_to_image": PLUS[3][0], "Edema": 2.0})]
+    (root / labels).parent.mkdir(parents=True, exist_ok=True)
+    (root / labels).write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_plus_rows_read_reports_labels_and_demographics(tmp_path):
+    make_plus(tmp_path)
+    kept, excluded = _items(tmp_path, chexpert_plus)
+    assert len(kept) == len(PLUS)
+    first = kept[0]
+    assert first == SourceRow(
+        image=tmp_path / "PNG/train/patient00001/study1/view1_frontal.png", patient="patient00001",
+        study="patient00001/study1", view="AP",
+        report="The heart is enlarged. No pleural effusion. 1. Cardiomegaly. 2. No pneumothorax.",
+        labels={"Cardiomegaly": 1.0, "Pleural Effusion": 0.0, "Pneumothorax": 0.0}, sex="F", age=68, race="WHITE",
+        split="train", where=first.where)
+    assert first.where.startswith("df_chexpert_plus_240401.csv:")
+    lateral, hispanic, missing, valid, empty = kept[1:]
+    assert view_code(lateral.view) == "LATERAL" and lateral.labels == {"Cardiomegaly": 1.0}
+    assert (hispanic.view, hispanic.age, hispanic.race, hispanic.labels) == (
+        "PA", None, "HISPANIC/LATINO", {"No Finding": 1.0, "Edema": -1.0})
+    assert hispanic.report == "No acute disease."
+    assert (view_code(missing.view), missing.race, missing.labels, missing.image.is_file()) == ("FRONTAL", "", {},
+                                                                                                False)
+    assert (valid.split, valid.race, valid.labels) == ("validate", "BLACK", {})
+    assert empty.report == ""
+    assert [(e.reason, e.where) for e in excluded] == [
+        ("malformed label line", "chexbert_labels/impression_fixed.json:2"),
+        ("malformed label line", "chexbert_labels/impression_fixed.json:3"),
+        *[("malformed row", f"df_chexpert_plus_240401.csv:{n}") for n in (16, 17, 18)]]
+    assert "4 cells" in excluded[2].detail and "somewhere/else.jpg" in excluded[3].detail
+    assert "'holdout'" in excluded[4].detail
+
+
+@pytest.mark.parametrize("png", ["PNG/PNG", "."])
+def test_plus_png_tree_nested_or_at_the_root(tmp_path, png):
+    make_plus(tmp_path, png=png, labels="report_fixed.json")
+    kept, _ = _items(tmp_path, chexpert_plus)
+    assert kept[0].image == tmp_path / png / "train/patient00001/study1/view1_frontal.png"
+    assert kept[0].image.is_file() and kept[0].labels["Cardiomegaly"] == 1.0
+
+
+def test_plus_reads_chexpert_jpegs_without_the_png_release(tmp_path):
+    make_plus(tmp_path, png=None)
+    kept, _ = _items(tmp_path, chexpert_plus)
+    assert kept[0].image == tmp_path / "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg"
+    assert [r.image.is_file() for r in kept] == [p[-1] for p in PLUS]
+
+
+def test_plus_find_root_refuses_other_folders(tmp_path):
+    mimic = tmp_path / "mimic"
+    mimic.mkdir()
+    (mimic / "mimic-cxr-2.0.0-metadata.csv.gz").write_bytes(b"")
+    with pytest.raises(UserError, match=r"does not look like CheXpert Plus: df_chexpert_plus_240401\.csv not found"):
+        chexpert_plus.find_root(mimic, None)
+    bare = tmp_path / "csv-only"
+    bare.mkdir()
+    (bare / chexpert_plus.CSV_NAME).write_text(",".join(PLUS_HEADER) + "\n")
+    with pytest.raises(UserError, match=r"no images for df_chexpert_plus_240401\.csv — unzip .*\(PNG/train/"):
+        chexpert_plus.find_root(bare, None)
+
+
+def test_plus_label_file_as_a_json_array_is_refused(tmp_path):
+    make_plus(tmp_path)
+    (tmp_path / "chexbert_labels/impression_fixed.json").write_text(json.dumps(PLUS_LABELS))
+    with pytest.raises(UserError, match="one JSON object per line"):
+        _items(tmp_path, chexpert_plus)
+
+
+def test_plus_prepare_end_to_end(tmp_path):
+    make_plus(tmp_path / "download")
+    cfg = PrepareConfig(dataset="chexpert-plus", root=str(tmp_path / "download"), out=str(tmp_path / "out"),
+                        size=32, workers=1)
+    summary = prepare(cfg)
+    assert summary["kept"] == 3 and summary["rows_read"] == 11
+    assert dict(summary["excluded"]) == {"malformed row": 3, "malformed label line": 2,
+                                         "view LATERAL (not in --views)": 1, "image file missing": 1,
+                                         "no findings/impression text": 1}
+    with open(tmp_path / "out" / "manifest.csv", newline="") as f:
+        manifest = list(csv.DictReader(f))
+    assert [r["patient"] for r in manifest] == ["patient00001", "patient00002", "patient64541"]
+    assert manifest[0]["report"].startswith("The heart is enlarged.") and manifest[0]["labels"] == "Cardiomegaly"
+    assert (manifest[1]["uncertain"], manifest[1]["race"], manifest[2]["split"]) == ("Edema", "HISPANIC/LATINO",
+                                                                                      "validate")
+    assert manifest[0]["image"] == "images/PNG/train/patient00001/study1/view1_frontal.png"
+    assert all((tmp_path / "out" / r["image"]).is_file() for r in manifest)
+
+
+def test_wrong_dataset_is_named(tmp_path):
+    make_plus(tmp_path / "download")
+    cfg = PrepareConfig(dataset="chexpert", root=str(tmp_path / "download"), out=str(tmp_path / "out"))
+    with pytest.raises(UserError, match="holds chexpert-plus, not chexpert"):
+        check(cfg)
+    assert not (tmp_path / "out").exists()
