@@ -10,10 +10,10 @@ import gzip
 import hashlib
 import io
 import math
-import re
 from pathlib import Path
 from typing import Iterator, Mapping
 
+from cxrcommon.demographics import age_years, race_group, sex_code  # noqa: F401 - the modules' API
 from cxrcommon.errors import UserError
 
 # CheXpert's 14 observations (Irvin et al. 2019), in its own order: the shared label vocabulary.
@@ -24,7 +24,6 @@ POSITIVE, NEGATIVE, UNCERTAIN = 1.0, 0.0, -1.0
 SPLITS = ("train", "validate", "test")
 MANIFEST_COLUMNS = ("image", "report", "labels", "patient", "study", "view", "sex", "age", "race", "split", "source",
                     "uncertain", "source_image")
-MAX_AGE = 120
 
 
 @dataclasses.dataclass
@@ -49,44 +48,6 @@ class Excluded:
     reason: str
     where: str
     detail: str = ""
-
-
-def sex_code(value: str) -> str:
-    """M / F from the many spellings (M, Male, F, female, 0/1 is not guessed); anything else is unknown ("")."""
-    v = str(value).strip().upper()
-    return {"M": "M", "MALE": "M", "F": "F", "FEMALE": "F", "W": "F"}.get(v, "")
-
-
-_AGE_RE = re.compile(r"^\s*(\d{1,3}(?:\.\d+)?)\s*([YMWD])?\s*$", re.IGNORECASE)
-
-
-def age_years(value: object) -> int | None:
-    """Whole years from 54, "54", "54.0", DICOM age strings ("054Y", "006M", "010W", "003D"); None if unknown
-    or outside 0-120 (a typo, not a patient)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return None
-    m = _AGE_RE.match(str(value))
-    if not m:
-        return None
-    n = float(m.group(1))
-    years = {"M": n / 12, "W": n / 52, "D": n / 365}.get((m.group(2) or "Y").upper(), n)
-    return int(years) if 0 <= years <= MAX_AGE else None
-
-
-_RACE_GROUPS = (("HISPANIC", "HISPANIC/LATINO"), ("LATINO", "HISPANIC/LATINO"), ("WHITE", "WHITE"),
-                ("BLACK", "BLACK"), ("ASIAN", "ASIAN"), ("NATIVE", "OTHER"), ("PACIFIC", "OTHER"),
-                ("MULTIPLE", "OTHER"), ("OTHER", "OTHER"), ("PORTUGUESE", "WHITE"),
-                ("SOUTH AMERICAN", "HISPANIC/LATINO"))
-_RACE_UNKNOWN = ("UNKNOWN", "UNABLE", "DECLINED", "PATIENT DECLINED")
-
-
-def race_group(value: str) -> str:
-    """MIMIC-IV's 33 race strings -> WHITE, BLACK, ASIAN, HISPANIC/LATINO, OTHER, or "" (unknown/declined):
-    the groups RoentGen-v2 and the fairness studies report on."""
-    v = str(value).strip().upper()
-    if not v or any(v.startswith(u) for u in _RACE_UNKNOWN):
-        return ""
-    return next((group for key, group in _RACE_GROUPS if key in v), "OTHER")
 
 
 _VIEWS = {"PA": "PA", "POSTEROANTERIOR": "PA", "AP": "AP", "ANTEROPOSTERIOR": "AP", "AP_HORIZONTAL": "AP",

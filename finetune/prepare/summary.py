@@ -11,15 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cxrcommon.atomic import atomic_write_text
-
-AGE_BANDS = (("<40", 0, 40), ("40-65", 40, 66), (">65", 66, 10**3))
-
-
-def age_band(age: int | None) -> str:
-    """<40, 40-65 or >65 (the bands #21's demographic checks use), "unknown" when the age is not known."""
-    if age is None:
-        return "unknown"
-    return next(name for name, lo, hi in AGE_BANDS if lo <= age < hi)
+from cxrcommon.demographics import age_band
 
 
 @dataclasses.dataclass

@@ -1,0 +1,146 @@
+"""Patient demographics in one vocabulary, and the caption prefix that carries them into the model.
+
+Sex is M / F, age whole years, race one of the groups the fairness literature reports on. The prefix follows
+the anchors: RoentGen-v2 writes "28 year old WHITE female. <report>", ChexGen "sex:Male, age:71.0,
+race:Black. <impression>". Ages over 89 are written "90+" (HIPAA Safe Harbor). The prefix comes first, so
+the report-length policy, which keeps text from the start, never cuts it."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+
+from .errors import UserError
+
+FORMS = ("roentgen", "chexgen")
+RACES = ("WHITE", "BLACK", "ASIAN", "HISPANIC/LATINO", "OTHER")
+AGE_BANDS = (("<40", 0, 40), ("40-65", 40, 66), (">65", 66, 10**3))
+MAX_AGE = 120
+SAFE_HARBOR_AGE = 89  # ages above are written "90+"
+
+_SEX = {"M": "M", "MALE": "M", "MAN": "M", "F": "F", "FEMALE": "F", "WOMAN": "F", "W": "F"}
+_AGE_RE = re.compile(r"^\s*(\d{1,3}(?:\.\d+)?)\s*([YMWD])?\s*$", re.IGNORECASE)
+_RACE_KEYS = (("HISPANIC", "HISPANIC/LATINO"), ("LATINO", "HISPANIC/LATINO"), ("SOUTH AMERICAN", "HISPANIC/LATINO"),
+              ("WHITE", "WHITE"), ("PORTUGUESE", "WHITE"), ("CAUCASIAN", "WHITE"), ("BLACK", "BLACK"),
+              ("AFRICAN", "BLACK"), ("ASIAN", "ASIAN"), ("NATIVE", "OTHER"), ("PACIFIC", "OTHER"),
+              ("MULTIPLE", "OTHER"), ("OTHER", "OTHER"))
+_RACE_UNKNOWN = ("UNKNOWN", "UNABLE", "DECLINED", "PATIENT DECLINED", "NAN", "NONE")
+
+
+def sex_code(value: object) -> str:
+    """M / F from the usual spellings (M, Male, f, FEMALE); anything else (O, U, blank) is unknown ("")."""
+    return _SEX.get(str(value or "").strip().upper(), "")
+
+
+def age_years(value: object) -> int | None:
+    """Whole years from 54, "54", "54.0" or DICOM age strings ("054Y", "006M", "010W", "003D"); None when
+    unknown or outside 0-120 (a typo, not a patient)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    m = _AGE_RE.match(str(value))
+    if not m:
+        return None
+    n = float(m.group(1))
+    years = {"M": n / 12, "W": n / 52, "D": n / 365}.get((m.group(2) or "Y").upper(), n)
+    return int(years) if 0 <= years <= MAX_AGE else None
+
+
+def race_group(value: object) -> str:
+    """A race string (MIMIC-IV's 33, CheXpert Plus's, or a group name) -> WHITE, BLACK, ASIAN,
+    HISPANIC/LATINO, OTHER, or "" when unknown or declined."""
+    v = str(value or "").strip().upper()
+    if not v or any(v.startswith(u) for u in _RACE_UNKNOWN):
+        return ""
+    return next((group for key, group in _RACE_KEYS if key in v), "OTHER")
+
+
+def age_band(age: int | None) -> str:
+    """<40, 40-65 or >65; "unknown" when the age is not known."""
+    if age is None:
+        return "unknown"
+    return next(name for name, lo, hi in AGE_BANDS if lo <= age < hi)
+
+
+@dataclasses.dataclass(frozen=True)
+class Demographics:
+    """What is known of one patient; "" / None where not known (or dropped)."""
+    sex: str = ""
+    age: int | None = None
+    race: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.sex or self.age is not None or self.race)
+
+
+def parse_demographics(sex: object = "", age: object = "", race: object = "", *, where: str = "") -> Demographics:
+    """Strict reading of user input (a prompt file row, the app's fields): blank is "not given", anything
+    else must be understood, or one UserError names the value, where it is, and what is accepted."""
+    at = f"{where}: " if where else ""
+    s = sex_code(sex)
+    if str(sex or "").strip() and not s:
+        raise UserError(f"{at}sex {sex!r} is not one the template knows — use M, F, male or female (or leave it empty)")
+    a = None
+    if str(age or "").strip():
+        a = age_years(age)
+        if a is None:
+            raise UserError(f"{at}age {age!r} is not an age in whole years from 0 to {MAX_AGE} — fix it or leave "
+                            f"it empty")
+    r = ""
+    if str(race or "").strip():
+        r = race_group(race)
+        if not any(key in str(race).upper() for key, _ in _RACE_KEYS):
+            raise UserError(f"{at}race {race!r} is not one the template knows — use one of {', '.join(RACES)} "
+                            f"(or leave it empty)")
+    return Demographics(s, a, r)
+
+
+def age_text(age: int) -> str:
+    """Whole years, "90+" above 89 (HIPAA Safe Harbor)."""
+    return "90+" if age > SAFE_HARBOR_AGE else str(age)
+
+
+def prefix(d: Demographics, form: str = "roentgen") -> str:
+    """The caption prefix for `d` in the anchors' forms; "" when nothing is known.
+
+    roentgen: "28 year old WHITE female." (a missing sex reads "patient"; a missing field is left out)
+    chexgen:  "sex:Female, age:28.0, race:White." (missing fields left out)"""
+    if form not in FORMS:
+        raise UserError(f"demographics template {form!r} — choose one of {', '.join(FORMS)}")
+    if not d:
+        return ""
+    if form == "chexgen":
+        parts = []
+        if d.sex:
+            parts.append(f"sex:{'Male' if d.sex == 'M' else 'Female'}")
+        if d.age is not None:
+            parts.append(f"age:{age_text(d.age)}" if d.age > SAFE_HARBOR_AGE else f"age:{float(d.age):.1f}")
+        if d.race:
+            parts.append(f"race:{d.race.title()}")
+        return ", ".join(parts) + "."
+    words = []
+    if d.age is not None:
+        words.append(f"{age_text(d.age)} year old")
+    if d.race:
+        words.append(d.race)
+    words.append({"M": "male", "F": "female"}.get(d.sex, "patient"))
+    return " ".join(words) + "."
+
+
+def caption_with(text: str, d: Demographics, form: str = "roentgen") -> str:
+    """`text` with the demographics prefix first."""
+    head = prefix(d, form)
+    return f"{head} {text}".strip() if head else text
+
+
+def drop_fields(d: Demographics, p: float, seed: int, key: str) -> Demographics:
+    """`d` with each field dropped independently with probability p, decided by (seed, key, field): the same
+    row keeps the same caption every epoch (so cached text embeddings stay valid), and the model still learns
+    prompts that omit any of the fields."""
+    if p <= 0:
+        return d
+
+    def keep(name: str) -> bool:
+        h = hashlib.sha256(f"{seed}:{key}:{name}".encode()).digest()
+        return int.from_bytes(h[:8], "big") / 2**64 >= p
+    return Demographics(d.sex if keep("sex") else "", d.age if keep("age") else None, d.race if keep("race") else "")
