@@ -36,6 +36,7 @@ Patient and study: the file stem (one film per patient). View: PA (every JSRT fi
 text files. No official split: films are split by the seeded patient hash (SourceRow.split "")."""
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Iterator
@@ -76,7 +77,7 @@ def find_root(root: Path, cfg: PrepareConfig) -> Path:
 
 def _text_file(root: Path, name: str) -> Path | None:
     """root/name or root/<folder>/name, matched without case (the release spells .TXT and .txt)."""
-    folders = [root] + (sorted(d for d in root.iterdir() if d.is_dir()) if root.is_dir() else [])
+    folders = [root, *_folders(root)]
     for folder in folders:
         for spelling in (name, name.lower(), name[:-4] + ".txt"):
             if (folder / spelling).is_file():
@@ -84,11 +85,19 @@ def _text_file(root: Path, name: str) -> Path | None:
     return None
 
 
+def _folders(root: Path) -> list[Path]:
+    """The folders just below `root` (scandir's entry types: no stat per file, so another dataset's flat
+    folder of 100,000 images is cheap to look through when the runner asks every module)."""
+    if not root.is_dir():
+        return []
+    with os.scandir(root) as entries:
+        return sorted(Path(e.path) for e in entries if e.is_dir())
+
+
 def _image_dir(root: Path) -> Path:
     """The folder holding the JPC*.IMG films: All247images/ (or its own All247images/), the root, or a
     folder below it; All247images/ when none holds one (the runner then counts each film missing)."""
-    below = sorted(d for d in root.iterdir() if d.is_dir())
-    for folder in [root / IMAGE_DIR, root / IMAGE_DIR / IMAGE_DIR, root, *below]:
+    for folder in [root / IMAGE_DIR, root / IMAGE_DIR / IMAGE_DIR, root, *_folders(root)]:
         if folder.is_dir() and next(folder.glob("JPC*.IMG"), None) is not None:
             return folder
     return root / IMAGE_DIR
