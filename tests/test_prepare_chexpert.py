@@ -279,10 +279,15 @@ def test_plus_png_tree_nested_or_at_the_root(tmp_path, png):
     assert kept[0].image.is_file() and kept[0].labels["Cardiomegaly"] == 1.0
 
 
-def test_plus_reads_chexpert_jpegs_without_the_png_release(tmp_path):
+@pytest.mark.parametrize("csv_inside_package", [False, True])
+def test_plus_reads_chexpert_jpegs_without_the_png_release(tmp_path, csv_inside_package):
     make_plus(tmp_path, png=None)
-    kept, _ = _items(tmp_path, chexpert_plus)
-    assert kept[0].image == tmp_path / "CheXpert-v1.0-small/train/patient00001/study1/view1_frontal.jpg"
+    package = tmp_path / "CheXpert-v1.0-small"
+    root = package if csv_inside_package else tmp_path
+    if csv_inside_package:  # its train/ holds CheXpert's JPEGs: not to be taken for the PNG release
+        (tmp_path / chexpert_plus.CSV_NAME).rename(package / chexpert_plus.CSV_NAME)
+    kept, _ = _items(root, chexpert_plus)
+    assert kept[0].image == package / "train/patient00001/study1/view1_frontal.jpg"
     assert [r.image.is_file() for r in kept] == [p[-1] for p in PLUS]
 
 

@@ -15,9 +15,10 @@ Layout read (`--root` is the folder holding the CSV):
     chexbert_labels/impression_fixed.json  (or report_fixed.json; or either beside the CSV)   optional labels
 
 path_to_image ("train/patient00001/study1/view1_frontal.jpg") names CheXpert's JPEG; its image is the PNG of the
-same name under the first of PNG/PNG/, PNG/, --root that has the split's folder. Without a PNG tree, CheXpert's own
-JPEGs are read where --root holds a CheXpert download in any layout `chexpert` reads (CheXpert-v1.0/,
-CheXpert-v1.0-small/, the AIMI batch folders): the paths are the same. The DICOM release (path_to_dcm) is not read.
+same name under the first of PNG/PNG/, PNG/ that has the split's folder. Without those, CheXpert's own JPEGs are
+read where --root holds a CheXpert download in any layout `chexpert` reads (CheXpert-v1.0/, CheXpert-v1.0-small/,
+the AIMI batch folders): the paths are the same; failing that, PNGs in train/ and valid/ straight under --root.
+The DICOM release (path_to_dcm) is not read.
 
 Columns used: path_to_image, frontal_lateral + ap_pa (views as in `chexpert`: AP, PA, FRONTAL, "FRONTAL LL",
 LATERAL), deid_patient_id (patient; patientNNNNN from the path where blank), study patientNNNNN/studyN from the
@@ -66,7 +67,7 @@ LABELS = chexpert.LABELS
 
 CSV_NAME = "df_chexpert_plus_240401.csv"
 REQUIRED = ("path_to_image", "frontal_lateral", "ap_pa", "deid_patient_id", "section_findings", "section_impression")
-PNG_FOLDERS = ("PNG/PNG", "PNG", ".")
+PNG_FOLDERS = ("PNG/PNG", "PNG")
 LABEL_FILES = ("chexbert_labels/impression_fixed.json", "impression_fixed.json",
                "chexbert_labels/report_fixed.json", "report_fixed.json")
 _RACE_UNKNOWN = ("UNKNOWN", "RACE AND ETHNICITY UNKNOWN", "PATIENT REFUSED", "DECLINED", "NOT RECORDED")
@@ -90,6 +91,7 @@ def find_root(root: Path, cfg: PrepareConfig | None = None) -> Path:
 
 
 def source(root: Path) -> Source:
+    """The CSV, images and label file under `root` (see the module docstring for the order images are looked for)."""
     table = root / CSV_NAME
     if not table.is_file():
         later = sorted(root.glob("df_chexpert_plus_*.csv*"))
@@ -97,18 +99,26 @@ def source(root: Path) -> Source:
             raise UserError(f"{root} does not look like CheXpert Plus: {CSV_NAME} not found — pass the folder the "
                             f"CheXpert Plus download unpacked to (the one holding the CSV and PNG/) as --root")
         table = later[-1]
-    folders = {s: next((root / f / s for f in PNG_FOLDERS if (root / f / s).is_dir()), None)
-               for s in chexpert.SPLIT_DIRS}
     labels = next((root / p for p in LABEL_FILES if (root / p).is_file()), None)
-    if any(folders.values()):
-        images = chexpert.Images({s: (folder or root / "PNG" / s,) for s, folder in folders.items()})
-        return Source(table, images, True, labels)
-    try:
-        return Source(table, chexpert.layout(root).images, False, labels)
-    except UserError:
+    png = _png_tree(root, PNG_FOLDERS)
+    if png is None:
+        try:
+            return Source(table, chexpert.layout(root).images, False, labels)
+        except UserError:
+            png = _png_tree(root, (".",))  # last: a CheXpert package's own train/ holds JPEGs, not these PNGs
+    if png is None:
         raise UserError(f"{root}: no images for {table.name} — unzip the CheXpert Plus PNG release here (PNG/train/"
                         f"patient00001/...), or put a CheXpert download (CheXpert-v1.0-small/, CheXpert-v1.0/) "
-                        f"beside the CSV") from None
+                        f"beside the CSV")
+    return Source(table, png, True, labels)
+
+
+def _png_tree(root: Path, bases: tuple[str, ...]) -> chexpert.Images | None:
+    """The PNG release's split folders under the first base that has each; None when no base has any."""
+    folders = {s: next((root / b / s for b in bases if (root / b / s).is_dir()), None) for s in chexpert.SPLIT_DIRS}
+    if not any(folders.values()):
+        return None
+    return chexpert.Images({s: (folder or root / bases[0] / s,) for s, folder in folders.items()})
 
 
 def rows(root: Path, cfg: PrepareConfig | None = None) -> Iterator[SourceRow | Excluded]:
