@@ -10,10 +10,14 @@ import dataclasses
 import hashlib
 import math
 import re
+from pathlib import Path
+
+import yaml
 
 from .errors import UserError
 
 FORMS = ("roentgen", "chexgen")
+CARD_KEY = "synthcxr"  # the model card's front-matter block that records how captions were written
 RACES = ("WHITE", "BLACK", "ASIAN", "HISPANIC/LATINO", "OTHER")
 AGE_BANDS = (("<40", 0, 40), ("40-65", 40, 66), (">65", 66, 10**3))
 MAX_AGE = 120
@@ -144,3 +148,21 @@ def drop_fields(d: Demographics, p: float, seed: int, key: str) -> Demographics:
         h = hashlib.sha256(f"{seed}:{key}:{name}".encode()).digest()
         return int.from_bytes(h[:8], "big") / 2**64 >= p
     return Demographics(d.sex if keep("sex") else "", d.age if keep("age") else None, d.race if keep("race") else "")
+
+
+def card_template(folder: str | Path) -> str | None:
+    """The demographics form a model or LoRA folder was trained with, from its model card (README.md front
+    matter, written by finetune.card); the parent folder's card counts too (a LoRA saved in <run>/lora).
+    None when no card says: the model was not trained with demographics."""
+    for card in (Path(folder) / "README.md", Path(folder).parent / "README.md"):
+        if card.is_file():
+            text = card.read_text(encoding="utf-8", errors="replace")
+            if text.startswith("---"):
+                try:
+                    front = yaml.safe_load(text.split("---", 2)[1]) or {}
+                except yaml.YAMLError:
+                    continue
+                form = (front.get(CARD_KEY) or {}).get("demographics_template") if isinstance(front, dict) else None
+                if form:
+                    return None if form == "none" else str(form)
+    return None

@@ -270,12 +270,13 @@ def fit_windows(text: str, tokenizer: Any, *, max_windows: int = DEFAULT_MAX_WIN
 
 def prepare_reports(texts: Sequence[str | Mapping[str, Any]], tokenizer: Any = None, *,
                     sections: Sequence[str] = ("findings", "impression"), policy: str = "sentence",
-                    max_windows: int = DEFAULT_MAX_WINDOWS,
-                    names: Sequence[str] | None = None) -> tuple[list[str], ReportStats]:
+                    max_windows: int = DEFAULT_MAX_WINDOWS, names: Sequence[str] | None = None,
+                    prefixes: Sequence[str] | None = None) -> tuple[list[str], ReportStats]:
     """Reports -> CLIP-ready prompts (same order and length; empty ones stay "") plus counts, logged.
 
     A report over `max_windows` windows is cut with its impression first. `tokenizer` defaults to the
-    offline CLIP tokenizer; `names` label reports in errors."""
+    offline CLIP tokenizer; `names` label reports in errors. `prefixes` (e.g. demographics) go in front of
+    each non-empty report and are never cut: cuts keep text from the start, and the prefix is the start."""
     if tokenizer is None:
         from .tokenizer import clip_tokenizer
         tokenizer = clip_tokenizer()
@@ -292,6 +293,8 @@ def prepare_reports(texts: Sequence[str | Mapping[str, Any]], tokenizer: Any = N
             continue
         salient = (normalize_report(extract_sections(raw, by_salience)),
                    normalize_report(impression_of(raw)) if "impression" in sections else "")
+        if prefixes is not None and prefixes[i]:
+            text, salient = f"{prefixes[i]} {text}", (f"{prefixes[i]} {salient[0]}", salient[1])
         fitted = fit_windows(text, tokenizer, max_windows=max_windows, policy=policy,
                              name=names[i] if names is not None else f"#{i}", salient=salient, warn=warn)
         stats.add(fitted)

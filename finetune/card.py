@@ -8,12 +8,13 @@ import yaml
 
 from cxrcommon.atomic import atomic_write_text
 from cxrcommon.config import to_dict
+from cxrcommon.demographics import CARD_KEY, Demographics, caption_with
 from cxrcommon.provenance import SOFTWARE, SYNTHETIC_WARNING
 
 HYPER = ("train", "resolution", "resize_mode", "train_batch_size", "gradient_accumulation_steps", "learning_rate",
          "lr_scheduler", "lr_warmup_steps", "lora_rank", "lora_alpha", "lora_dropout", "lora_target_modules",
          "snr_gamma", "noise_offset", "caption_dropout", "random_flip", "sections", "token_policy", "max_windows",
-         "seed")
+         "demographics_template", "demographics_dropout", "seed")
 
 
 def write_model_card(output_dir: str | Path, cfg: Any, *, n_train: int, n_val: int, steps: int,
@@ -33,12 +34,22 @@ def write_model_card(output_dir: str | Path, cfg: Any, *, n_train: int, n_val: i
     values = to_dict(cfg)
     front = {"base_model": str(cfg.model), "library_name": "diffusers",
              "tags": ["stable-diffusion", "text-to-image", "lora" if cfg.train.startswith("lora") else "fine-tune",
-                      "chest-x-ray", "synthetic-data"]}
+                      "chest-x-ray", "synthetic-data"],
+             CARD_KEY: {"demographics_template": cfg.demographics_template,
+                        "demographics_dropout": cfg.demographics_dropout}}
     table = "\n".join(f"| {k} | {values[k]} |" for k in HYPER)
     lora = cfg.train.startswith("lora")
     load = ("pipe.load_lora_weights(\"<this folder>\")" if lora
             else "# the fine-tuned pipeline is in <this folder>/pipeline")
     loss = "n/a" if final_loss is None else f"{final_loss:.4f}"
+    example = "Moderate left pleural effusion."
+    if cfg.demographics_template != "none":
+        example = caption_with(example, Demographics("F", 71, "WHITE"), cfg.demographics_template)
+    prompting = "" if cfg.demographics_template == "none" else (
+        f"\n## Prompting with demographics\nCaptions began with the patient's demographics in the "
+        f"`{cfg.demographics_template}` form (each field left out with probability {cfg.demographics_dropout}), "
+        f"e.g. `{example}`. `inference.generate` builds this prefix itself from `sex`, `age` and `race` columns "
+        f"of a prompt file, reading the form from this card. Ages over 89 are written 90+.\n")
     text = f"""---
 {yaml.safe_dump(front, sort_keys=False).strip()}
 ---
@@ -64,9 +75,9 @@ def write_model_card(output_dir: str | Path, cfg: Any, *, n_train: int, n_val: i
 from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained("{cfg.model}")
 {load}
-image = pipe("Moderate left pleural effusion.").images[0]
+image = pipe({example!r}).images[0]
 ```
-"""
+{prompting}"""
     path = Path(output_dir) / "README.md"
     atomic_write_text(path, text)
     return path

@@ -42,6 +42,16 @@ class TrainConfig:
     max_windows: int = field(3, "captions are encoded whole in windows of 75 CLIP tokens (3 = 225 tokens; 1 = the "
                                 "stock 77-token limit); a batch's shorter captions are padded and masked out of "
                                 "cross-attention")
+    demographics_template: str = field("roentgen", "demographics put in front of each caption from the sex/age/"
+                                                   "race columns: roentgen ('28 year old WHITE female. <report>', "
+                                                   "RoentGen-v2), chexgen ('sex:Female, age:28.0, race:White. "
+                                                   "<report>'), or none; ages over 89 are written 90+")
+    sex_column: str = field("sex", "manifest column with the patient's sex (M/F), used when present")
+    age_column: str = field("age", "manifest column with the age in years at the study, used when present")
+    race_column: str = field("race", "manifest column with the race group, used when present")
+    demographics_dropout: float = field(0.1, "each demographic field of a caption is left out with this "
+                                             "probability (fixed per row from --seed), so prompts without "
+                                             "demographics still work")
     val_fraction: float = field(0.05, "fraction of PATIENTS held out for validation (never in training)")
     max_train_samples: int | None = field(None, "use only the first N training rows (debugging)")
     resolution: int = field(512, "training image size (square); SD 2.1-base was trained at 512")
@@ -135,6 +145,10 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.cache_text and cfg.train.endswith("+text_encoder"):
         problems.append(f"--cache-text cannot be used while the text encoder is trained (--train {cfg.train}): "
                         "its embeddings change every step; drop --cache-text")
+    if cfg.demographics_template not in ("roentgen", "chexgen", "none"):
+        problems.append(f"--demographics-template {cfg.demographics_template!r} is not roentgen, chexgen or none")
+    if not 0.0 <= cfg.demographics_dropout <= 1.0:
+        problems.append(f"--demographics-dropout {cfg.demographics_dropout} must lie in [0, 1]")
     if not 0.0 <= cfg.caption_dropout <= 1.0:
         problems.append(f"--caption-dropout {cfg.caption_dropout} must lie in [0, 1]")
     if cfg.logging_steps < 1 or cfg.timing_warmup_steps < 0:

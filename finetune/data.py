@@ -61,11 +61,28 @@ def load_train_data(cfg: Any, tokenizer: Any) -> TrainData:
     def captions(rows: list) -> list[str]:
         return prepare_reports([r.text for r in rows], tokenizer, sections=tuple(cfg.sections),
                                policy=cfg.token_policy, max_windows=cfg.max_windows,
-                               names=[f"{cfg.train_data}:{r.line}" for r in rows])[0]
+                               names=[f"{cfg.train_data}:{r.line}" for r in rows],
+                               prefixes=demographic_prefixes(rows, cfg))[0]
     texts, val_texts = captions(train), captions(val) if val else []
     log.info("data: %d training / %d validation images from %s (%s)", len(train), len(val), cfg.train_data,
              f"its {split_column!r} column" if split_column else "patient-level split")
     return TrainData([r.image for r in train], texts, [r.image for r in val], val_texts)
+
+
+def demographic_prefixes(rows: list, cfg: Any) -> list[str] | None:
+    """Each row's demographics prefix (the manifest's sex/age/race columns through the configured template,
+    fields dropped per row by --demographics-dropout); None when the template is off or no column is there.
+    A value the template cannot read is a UserError naming the manifest line."""
+    from cxrcommon.demographics import caption_with, drop_fields, parse_demographics
+    cols = (cfg.sex_column, cfg.age_column, cfg.race_column)
+    if cfg.demographics_template == "none" or not rows or not any(c in rows[0].extra for c in cols):
+        return None
+    out = []
+    for r in rows:
+        d = parse_demographics(*(r.extra.get(c, "") for c in cols), where=f"{cfg.train_data}:{r.line}")
+        d = drop_fields(d, cfg.demographics_dropout, cfg.seed, f"{r.image}")
+        out.append(caption_with("", d, cfg.demographics_template))
+    return out
 
 
 def _columns(cfg: Any) -> tuple[Any, str | None]:
