@@ -44,7 +44,6 @@ from pathlib import Path
 from typing import Iterator
 
 from cxrcommon.errors import UserError
-from cxrcommon.reports import extract_sections
 
 from ..config import PrepareConfig
 from ..rows import (
@@ -142,7 +141,9 @@ def _row(r: dict, src: Source, table: dict[str, str], where: str) -> SourceRow:
     split = (r.get("split") or "").strip()
     if split and not split_code(split):
         raise ValueError(f"split {split!r} is not train, valid or test")
-    report = extract_sections({"findings": r["section_findings"], "impression": r["section_impression"]})
+    # The sections come parsed: joined here, not through cxrcommon.reports, whose import pulls in torch in every
+    # image worker (the runner's workers import this module).
+    report = " ".join(r[c] for c in ("section_findings", "section_impression"))
     codes = table.get(r["path_to_image"].strip(), "")
     return SourceRow(image=image, patient=r["deid_patient_id"].strip() or patient, study=f"{patient}/{study}",
                      view=chexpert.view_of(r["frontal_lateral"], r["ap_pa"]), report=" ".join(report.split()),
