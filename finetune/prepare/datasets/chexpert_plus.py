@@ -155,7 +155,7 @@ def _row(r: dict, src: Source, table: dict[str, str], where: str) -> SourceRow:
 
 def _read_labels(path: Path, name: str, table: dict[str, str]) -> Iterator[Excluded]:
     """Fill `table` (path_to_image -> one code per observation); yield an Excluded per unreadable line."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for n, text in enumerate(f, 1):
             if not text.strip():
                 continue
@@ -171,8 +171,11 @@ def _read_labels(path: Path, name: str, table: dict[str, str]) -> Iterator[Exclu
 
 
 def _label(value: object) -> float | None:
-    if value is None or value in (POSITIVE, NEGATIVE, UNCERTAIN):
-        return None if value is None else float(value)
+    """1 / 0 / -1 (uncertain) as a float, None for null; ValueError for anything else."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value in (POSITIVE, NEGATIVE, UNCERTAIN):
+        return float(value)
     raise ValueError(f"label value {value!r} is not 1, 0, -1 or null")
 
 
