@@ -43,7 +43,6 @@ Pneumothorax, Consolidation, Pneumonia by the same name. Every other heading kee
 and 'Technical Quality of Image Unsatisfactory' say nothing about the chest and are dropped."""
 from __future__ import annotations
 
-import logging
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -53,8 +52,6 @@ from cxrcommon.errors import UserError
 
 from ..config import PrepareConfig
 from ..rows import POSITIVE, Excluded, SourceRow, read_csv
-
-log = logging.getLogger(__name__)
 
 NAME = "openi"
 HAS_REPORTS = True
@@ -144,7 +141,8 @@ def _stem(name: str) -> str:
 
 
 def _projections(root: Path) -> dict[str, str]:
-    """Image key -> Frontal / Lateral from Kaggle's indiana_projections.csv (7,466 rows: a dict is fine)."""
+    """Image key -> Frontal / Lateral from Kaggle's indiana_projections.csv (one row per image, ~7.5k: a dict
+    is fine)."""
     found = {}
     for _, row in read_csv(root / PROJECTIONS_CSV, PROJECTION_COLUMNS):
         if row.get("filename") and row.get("projection"):
