@@ -287,3 +287,11 @@ def test_end_to_end_through_the_runner(tmp_path):
     with Image.open(out / pa["image"]) as img:
         assert img.size == (32, 32)
     assert summary["by_view"] == {"AP": 1, "PA": 1}
+
+
+def test_runner_refuses_a_root_without_reports_before_writing(tmp_path):
+    root = _tree(tmp_path / "jpg", reports=tmp_path / "elsewhere")
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="mimic-cxr-reports.zip"):
+        prepare(_cfg(root, out=str(out), workers=1))
+    assert not out.exists()

@@ -53,7 +53,6 @@ from pathlib import Path
 from typing import Iterator
 
 from cxrcommon.errors import UserError
-from cxrcommon.reports import extract_sections, normalize_report
 
 from ..config import PrepareConfig
 from ..rows import CHEXPERT_14, Excluded, SourceRow, age_years, open_text, race_group, read_csv, split_code
@@ -225,6 +224,9 @@ def _report_path(reports: Path, subject: str, study: str) -> Path:
 
 def _report(path: Path) -> str | None:
     """FINDINGS + IMPRESSION of a report file as one clean line; "" when it has neither, None when no file."""
+    # imported here: cxrcommon.reports pulls in torch (via prompt_windows), which the runner's image workers,
+    # importing this module for its optional read_image, need not load (~1 s and ~0.5 GB each)
+    from cxrcommon.reports import extract_sections, normalize_report
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
     except (FileNotFoundError, NotADirectoryError):
