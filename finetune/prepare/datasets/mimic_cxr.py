@@ -41,8 +41,9 @@ A patient never admitted (e.g. seen in the ED only) has no race in hosp/ and sta
 Exclusions (counted per metadata row, so the summary's rows read are the metadata's 377,110): "malformed row"
 (wrong number of cells, a non-numeric subject or study id, an odd dicom_id), "not in the split file",
 "malformed label row" (its study's chexpert row holds a value other than 1.0 / 0.0 / -1.0 / blank: no labels
-would read as all negative), "no report file" (with --require-report, the default). A split or chexpert row
-whose ids are unreadable is logged (count and first line); a study with no chexpert row has no labels."""
+would read as all negative), "no report file" (with --require-report, the default). An unreadable split row
+(its images then count as "not in the split file") or chexpert row without a numeric study_id is logged
+(count and first line); a study with no chexpert row has no labels."""
 from __future__ import annotations
 
 import collections
