@@ -53,8 +53,8 @@ def age_years(value: object) -> int | None:
 def race_group(value: object) -> str:
     """A race string (MIMIC-IV's 33, CheXpert Plus's, or a group name) -> WHITE, BLACK, ASIAN,
     HISPANIC/LATINO, OTHER, or "" when unknown or declined."""
-    v = str(value or "").strip().upper()
-    if not v or any(v.startswith(u) for u in _RACE_UNKNOWN):
+    v = re.sub(r"\bNON[- ]?HISPANIC|\bNOT HISPANIC", "", str(value or "").strip().upper())
+    if not v.strip(" ,/") or any(v.startswith(u) for u in _RACE_UNKNOWN):
         return ""
     return next((group for key, group in _RACE_KEYS if key in v), "OTHER")
 

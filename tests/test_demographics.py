@@ -34,6 +34,8 @@ def test_the_anchors_forms():
     assert prefix(Demographics()) == "" and caption_with("Clear.", Demographics()) == "Clear."
     assert [age_band(a) for a in (None, 39, 40, 65, 66)] == ["unknown", "<40", "40-65", "40-65", ">65"]
     assert race_group("BLACK/AFRICAN AMERICAN") == "BLACK" and race_group("PATIENT DECLINED TO ANSWER") == ""
+    assert race_group("White, non-Hispanic") == "WHITE" and race_group("Non-Hispanic") == ""
+    assert race_group("White, Hispanic") == "HISPANIC/LATINO" and race_group("Other, not Hispanic") == "OTHER"
 
 
 @pytest.mark.parametrize("sex,age,race,what", [("X", "", "", "sex 'X'"), ("", "-3", "", "age '-3'"),

@@ -187,7 +187,7 @@ def test_prepare_end_to_end_nlm_with_dicom(tmp_path):
         "No Finding"
     assert manifest[1]["labels"] == "Cardiomegaly|Pulmonary Artery" and manifest[1]["source"] == "openi"
     assert summary["excluded"] == {"malformed report XML": 3, "report without images": 1,
-                                   "view LATERAL (not in --views)": 1, "view unknown (not in --views)": 2}
+                                   "view LATERAL (not in --views)": 1, "view UNKNOWN (not in --views)": 2}
     for r in manifest:
         with Image.open(out / r["image"]) as im:
             assert im.size == (32, 32)

@@ -70,6 +70,16 @@ def test_rows_filters_and_summary(toy, tmp_path):
     assert json.loads((out / "summary.json").read_text())["by_sex"] == {"F": 3, "M": 3}
 
 
+def test_unknown_views_pass_only_when_asked(toy, tmp_path):
+    root, good = toy
+    csv_text = (root / "toy.csv").read_text().replace("img0.jpg,p0,PA,", "img0.jpg,p0,,")
+    (root / "toy.csv").write_text(csv_text)
+    summary = prepare(_cfg(root, tmp_path / "a"))
+    assert summary["excluded"]["view UNKNOWN (not in --views)"] == 1 and summary["kept"] == len(good) - 1
+    summary = prepare(_cfg(root, tmp_path / "b", views=["PA", "AP", "UNKNOWN"]))
+    assert summary["kept"] == len(good) and _manifest(tmp_path / "b")[0]["view"] == ""
+
+
 def test_manifest_reads_in_finetune_reader(toy, tmp_path):
     from cxrcommon.manifest import Columns, read_manifest
     root, good = toy

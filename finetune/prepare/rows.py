@@ -64,7 +64,9 @@ def view_code(value: str) -> str:
 
 
 def view_kept(view: str, wanted: set[str]) -> bool:
-    return view in wanted or (view == "FRONTAL" and bool(wanted & {"PA", "AP"}))
+    """Whether --views keeps `view`: FRONTAL passes with PA or AP, a view the source does not record ("")
+    only when UNKNOWN is asked for (OpenI's NLM PNGs carry none)."""
+    return view in wanted or (view == "FRONTAL" and bool(wanted & {"PA", "AP"})) or (view == "" and "UNKNOWN" in wanted)
 
 
 def label_name(source_name: str, label_map: Mapping[str, str | None]) -> str:

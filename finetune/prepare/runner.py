@@ -116,7 +116,7 @@ def _candidates(module: ModuleType, root: Path, cfg: PrepareConfig, summary: Sum
             continue
         row = manifest_row(item, module, cfg, reports)
         if not view_kept(row["view"], wanted):
-            drop(f"view {row['view'] or 'unknown'} (not in --views)", item.where, str(item.image))
+            drop(f"view {row['view'] or 'UNKNOWN'} (not in --views)", item.where, str(item.image))
         elif reports and cfg.require_report and not row["report"]:
             drop("no findings/impression text", item.where, str(item.image))
         elif not item.image.is_file():
@@ -125,10 +125,11 @@ def _candidates(module: ModuleType, root: Path, cfg: PrepareConfig, summary: Sum
             yield item, row
 
 
-def _work(job: tuple[Path, Path], size: int, mode: str, module: str) -> tuple[int, str]:
-    """(bits, "") or (-1, error) for one image; runs in a worker, so it never raises. `module`: the dataset
-    module's import name, whose optional `read_image` decodes formats only it knows."""
-    reader = getattr(importlib.import_module(module), "read_image", None)
+def _work(job: tuple[Path, Path], size: int, mode: str, module: str | None) -> tuple[int, str]:
+    """(bits, "") or (-1, error) for one image; runs in a worker, so it never raises. `module`: the import
+    name of a dataset module whose `read_image` decodes a format only it knows (None: the shared decoder;
+    workers then never import dataset modules, nor what those import)."""
+    reader = importlib.import_module(module).read_image if module else None
     try:
         return prepare_image(job[0], job[1], size, mode, reader), ""
     except Exception as exc:  # noqa: BLE001 - any decoder failure: list the file, go on
@@ -142,7 +143,8 @@ def prepare(cfg: PrepareConfig) -> dict:
     remove_stale_temps(out)
     summary = Summary(module.NAME, str(root))
     workers = cfg.workers or os.cpu_count() or 1
-    work = functools.partial(_work, size=cfg.size, mode=cfg.resize_mode, module=module.__name__)
+    work = functools.partial(_work, size=cfg.size, mode=cfg.resize_mode,
+                             module=module.__name__ if hasattr(module, "read_image") else None)
     log.info("preparing %s from %s into %s (%d px, %s, %d worker(s))", module.NAME, root, out, cfg.size,
              cfg.resize_mode, workers)
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None
