@@ -215,3 +215,18 @@ def test_16_bit_png_and_dicom_stay_16_bit(tmp_path):
     dcm = np.asarray(Image.open(tmp_path / "x.png")).astype(float)
     assert dcm[8:56, 20].mean() > dcm[8:56, 43].mean()  # MONOCHROME1: low stored values come out bright
     assert pydicom.dcmread(tmp_path / "x.dcm").PhotometricInterpretation == "MONOCHROME1"
+
+
+def test_cli_help_and_one_line_errors(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "finetune.prepare", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, env=env)
+    assert out.returncode == 0
+    for flag in ("--root", "--out", "--views", "--uncertain", "--readers", "--caption-template", "--workers",
+                 "--mimic-iv", "--reports", "--padchest-report", "--size"):
+        assert flag in out.stdout
+    (tmp_path / "dl").mkdir()
+    res = subprocess.run([sys.executable, "-m", "finetune.prepare", "jsrt", "--root", str(tmp_path / "dl"),
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT, env=env)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and res.stderr.startswith("error: ")
+    assert "jsrt" in res.stderr.lower() and not (tmp_path / "o").exists()
