@@ -15,7 +15,9 @@ CLIP_POLICIES = ("sentence", "hard", "error")
 @dataclass
 class GenerateConfig:
     prompts: str | None = field(None, "prompt file: .txt (one prompt a line), .csv or .jsonl with a 'prompt' column "
-                                      "and optional n, seed, label, negative_prompt")
+                                      "and optional n, seed, label, negative_prompt, and sex (M/F), age (years) "
+                                      "and race (WHITE, BLACK, ASIAN, HISPANIC/LATINO, OTHER) of the patient asked "
+                                      "for (written in front of the report as the model was trained)")
     out: str = field("out/generated", "output folder (images, manifest.jsonl, settings.json); rerunning resumes")
     model: str = field(EMBEDDED, "hub id or local folder of an SD 2.x pipeline; 'embedded' = the offline demonstrator")
     lora: str | None = field(None, "LoRA weights (.safetensors file or folder saved by save_lora_weights)")
@@ -40,8 +42,24 @@ class GenerateConfig:
     strength: float = field(0.6, "img2img: how much of the init image to re-noise (0 = unchanged, 1 = ignore it)")
     mask: str | None = field(None, "inpainting: white = region to regenerate (needs --init-image)")
     clean: bool = field(False, "remove burnt-in text from each image with textremoval.clean before saving")
-    balance: str | None = field(None, "real dataset manifest (CSV/JSONL): generate what evens out its classes")
-    label_column: str = field("label", "with --balance: the manifest column holding the class")
+    demographics_template: str = field("auto", "how sex/age/race are written in front of a report: auto = the "
+                                               "form named in the model's (or LoRA's) card, refusing demographics "
+                                               "when it names none (the model was not trained to follow them); "
+                                               "roentgen ('71 year old WHITE female.'), chexgen ('sex:Female, "
+                                               "age:71.0, race:White.'); none = leave them out")
+    balance: str | None = field(None, "real dataset manifest (CSV/JSONL): generate what evens out its classes "
+                                      "(and, with --balance-target, its patients)")
+    balance_target: str | None = field(None, "with --balance: also fill the gaps of sex x age band (<40, 40-65, "
+                                             ">65) x race towards uniform, manifest (the manifest's own mix, given "
+                                             "to every class), or a file: a CSV of sex,age_band,race,share (shares "
+                                             "summing to 1) or another manifest whose mix to follow. Fields the "
+                                             "manifest does not record are left out")
+    balance_total: int | None = field(None, "with --balance: images per class (or in all, without classes) after "
+                                            "balancing; default: the largest class, or with --balance-target the "
+                                            "smallest total every cell reaches by additions alone")
+    label_column: str = field("label", "with --balance: the manifest column holding the class ('labels' of a "
+                                       "finetune.prepare manifest is found by itself); '' with --balance-target: "
+                                       "balance patients only")
     image_column: str = field("image", "with --balance: the manifest column holding the image path")
     text_column: str = field("text", "with --balance and no --prompts: the manifest column of report text "
                                      "used as prompts")
@@ -116,6 +134,13 @@ def check_generate_config(cfg: GenerateConfig) -> None:
         problems.append("--mask needs --init-image (the image to inpaint into)")
     if cfg.init_image and cfg.height and cfg.width and cfg.height != cfg.width:
         problems.append(f"--init-image needs a square output; got --height {cfg.height} --width {cfg.width}")
+    from .captions import TEMPLATES
+    if cfg.demographics_template not in TEMPLATES:
+        problems.append(f"--demographics-template {cfg.demographics_template!r} is not one of {', '.join(TEMPLATES)}")
+    if (cfg.balance_target or cfg.balance_total is not None) and not cfg.balance:
+        problems.append("--balance-target and --balance-total need --balance MANIFEST (the real data to fill up)")
+    if cfg.balance_total is not None and cfg.balance_total < 1:
+        problems.append(f"--balance-total must be at least 1, got {cfg.balance_total}")
     if not cfg.prompts and not cfg.balance:
         problems.append("pass --prompts FILE (or --balance MANIFEST to generate what evens out its classes)")
     if problems:

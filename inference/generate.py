@@ -13,7 +13,7 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from cxrcommon.atomic import append_jsonl, atomic_write_text, read_jsonl, remove_stale_temps
 from cxrcommon.cli import cli_entry
 from cxrcommon.config import parse_config, to_dict
+from cxrcommon.demographics import Demographics
 from cxrcommon.errors import UserError
 from cxrcommon.imageio import read_image, save_image, to_square
 from cxrcommon.logs import setup_logging
@@ -31,6 +32,7 @@ from cxrcommon.paths import check_out_dir
 from cxrcommon.prompt_windows import count_tokens
 from cxrcommon.provenance import SOFTWARE, file_sha256, model_identity, provenance
 
+from .captions import asked_of, caption_form, model_cards
 from .config import FORMATS, GenerateConfig, check_generate_config
 from .prompts import FittedRow, PromptFits, PromptRow, check_savenames, read_prompts, write_prompts_jsonl
 from .sampler import CXRSampler, Request, Translation, derive_seed
@@ -60,6 +62,7 @@ class Job:
     negative_prompt: str
     label: str | None
     named: bool = False     # the prompt file named the image (CheXGenBench's img_savename), not its hash
+    demographics: Demographics = Demographics()  # the patient asked for (already in `prompt`'s caption)
 
 
 @dataclass
@@ -119,11 +122,12 @@ def row_job(row: PromptRow, k: int, *, base_seed: int, negative_prompt: str, fmt
     neg = row.negative_prompt if row.negative_prompt is not None else negative_prompt
     seed = row.seed + k if row.seed is not None else derive_seed(base_seed, row.index, k)
     if row.savename:
-        return Job(row.savename, row.index, k, seed, row.prompt, neg, row.label, named=True)
+        return Job(row.savename, row.index, k, seed, row.prompt, neg, row.label, named=True,
+                   demographics=row.demographics)
     tag = hashlib.sha256(json.dumps([row.prompt, neg, seed]).encode()).hexdigest()[:8]
     name = f"{row.index:05d}_{k:04d}_{tag}{FORMATS[fmt]}"
     folder = _safe_label(row.label or "unlabelled") + "/" if label_folders else ""
-    return Job(folder + name, row.index, k, seed, row.prompt, neg, row.label)
+    return Job(folder + name, row.index, k, seed, row.prompt, neg, row.label, demographics=row.demographics)
 
 
 def _done(job: Job, rec: dict | None) -> bool:
@@ -302,16 +306,17 @@ class RunRecord:
     init_image_sha256: str | None
     mask_sha256: str | None
     source: str                     # the prompt file (for --balance, the plan written into the output folder)
+    form: str | None                # the demographics template of the captions (`_Inputs.form`)
 
     @classmethod
-    def describe(cls, cfg: GenerateConfig, sampler: CXRSampler, model_source: str, source: str) -> RunRecord:
+    def describe(cls, cfg: GenerateConfig, sampler: CXRSampler, inputs: _Inputs) -> RunRecord:
         """Hash the input files and fingerprint the model once, for every image of the run."""
-        model_name, model_sha = model_identity(cfg.model, model_source)
+        model_name, model_sha = model_identity(cfg.model, inputs.model_source)
         return cls(cfg=cfg, height=cfg.height or sampler.native_size, width=cfg.width or sampler.native_size,
                    dtype=str(sampler.dtype), model_name=model_name, model_sha256=model_sha,
                    lora_sha256=file_sha256(cfg.lora) if cfg.lora else None,
                    init_image_sha256=file_sha256(cfg.init_image) if cfg.init_image else None,
-                   mask_sha256=file_sha256(cfg.mask) if cfg.mask else None, source=source)
+                   mask_sha256=file_sha256(cfg.mask) if cfg.mask else None, source=inputs.source, form=inputs.form)
 
     @property
     def translated(self) -> bool:
@@ -342,15 +347,17 @@ class RunRecord:
                           dtype=self.dtype, init_image=_file_name(cfg.init_image),
                           init_image_sha256=self.init_image_sha256,
                           strength=cfg.strength if self.translated else None, mask=_file_name(cfg.mask),
-                          mask_sha256=self.mask_sha256, text_removed="true" if cfg.clean else None)
+                          mask_sha256=self.mask_sha256, text_removed="true" if cfg.clean else None,
+                          **asked_of(job.demographics, self.form))
 
     def manifest_row(self, job: Job, text: dict[str, str | None], created: str) -> dict[str, Any]:
         """An image's manifest.jsonl row; `created` is its tags' time, so file and row agree."""
         return {"key": job.key, "file": job.key, "prompt": job.prompt,
                 **{k: v for k, v in text.items() if v is not None},
                 "negative_prompt": job.negative_prompt, "seed": job.seed, "label": job.label,
-                "prompt_index": job.prompt_index, "k": job.k, "model": self.model_name,
-                "lora_sha256": self.lora_sha256, "synthetic": True, "software": SOFTWARE, "created": created}
+                "prompt_index": job.prompt_index, "k": job.k, **asked_of(job.demographics, self.form),
+                "model": self.model_name, "lora_sha256": self.lora_sha256, "synthetic": True, "software": SOFTWARE,
+                "created": created}
 
 
 # ---------------------------------------------------------------- the steps of `generate`
@@ -365,6 +372,7 @@ class _Inputs:
     mask: np.ndarray | None         # float32 H x W in [0, 1], as read; 1 = regenerate
     rows: list[PromptRow]
     source: str                     # the name the prompts are cited by (`_load_rows`)
+    form: str | None                # how rows' demographics are captioned (`_caption_form`); None: not at all
 
 
 @dataclass(frozen=True)
@@ -421,8 +429,24 @@ def _check_inputs(cfg: GenerateConfig) -> _Inputs:
     init_image, mask = _read_translation(cfg)
     rows, source = _load_rows(cfg, out)
     check_savenames(rows, FORMATS[cfg.format], source)
+    form, rows = _caption_form(cfg, rows, model_cards(model_source, lora), source)
     return _Inputs(out=out, model_source=model_source, lora=lora, init_image=init_image, mask=mask, rows=rows,
-                   source=source)
+                   source=source, form=form)
+
+
+def _caption_form(cfg: GenerateConfig, rows: list[PromptRow], cards: list[Path],
+                  source: str) -> tuple[str | None, list[PromptRow]]:
+    """The form the rows' demographics are written in (`inference.captions.caption_form`: the model card's,
+    or --demographics-template), and the rows; with 'none', the rows without their demographics."""
+    where = cfg.balance if cfg.balance_target else (cfg.prompts or source)
+    form = caption_form(cfg.demographics_template, cards, asked_for=sum(bool(r.demographics) for r in rows),
+                        where=str(where))
+    if cfg.balance_target and form is None:
+        raise UserError("--balance-target plans images by patient, but --demographics-template none leaves the "
+                        "patient out of every caption — choose auto, roentgen or chexgen, or drop --balance-target")
+    if form is None:
+        rows = [replace(r, demographics=Demographics()) if r.demographics else r for r in rows]
+    return form, rows
 
 
 def _read_translation(cfg: GenerateConfig) -> tuple[np.ndarray | None, np.ndarray | None]:
@@ -444,7 +468,7 @@ def _load_rows(cfg: GenerateConfig, out: Path) -> tuple[list[PromptRow], str]:
         return rows, str(cfg.prompts)
     from .balance import balance_prompts
     rows = balance_prompts(cfg.balance, cfg.label_column, prompts=rows, text_column=cfg.text_column,
-                           image_column=cfg.image_column)
+                           image_column=cfg.image_column, target=cfg.balance_total, mix=cfg.balance_target)
     return rows, str(out / "balance_prompts.jsonl")
 
 
@@ -496,11 +520,11 @@ def _translation(record: RunRecord, image: np.ndarray | None, mask: np.ndarray |
                        mask=to_square(mask, record.height) if mask is not None else None)
 
 
-def _fit_prompts(cfg: GenerateConfig, rows: list[PromptRow], source: str, tokenizer: Any) -> _Prompts:
-    """Fit each prompt when the job reaches it (the first image never waits for the whole file); count the
-    negative prompts' windows now, as there are few."""
-    fits = PromptFits(rows, tokenizer, policy=cfg.clip_policy, max_windows=cfg.max_windows, source=source,
-                      logger=log)
+def _fit_prompts(cfg: GenerateConfig, inputs: _Inputs, tokenizer: Any) -> _Prompts:
+    """Fit each prompt (its demographics in front) when the job reaches it (the first image never waits for the
+    whole file); count the negative prompts' windows now, as there are few."""
+    fits = PromptFits(inputs.rows, tokenizer, policy=cfg.clip_policy, max_windows=cfg.max_windows,
+                      source=inputs.source, logger=log, form=inputs.form)
     fitted = fits.rows()
     negatives = list(dict.fromkeys([cfg.negative_prompt] + [r.negative_prompt for r in fitted if r.negative_prompt]))
     windows = {t: c.windows for t, c in zip(negatives, count_tokens(tokenizer, negatives))}
@@ -602,13 +626,13 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
     sampler = _prepare_sampler(cfg, sampler, inputs, layout.device)
 
     # 4. Describe the run: the source of settings.json, every image's tags and every manifest row
-    record = RunRecord.describe(cfg, sampler, inputs.model_source, inputs.source)
+    record = RunRecord.describe(cfg, sampler, inputs)
 
     # 5. Prepare the start image (img2img, inpainting)
     translation = _translation(record, inputs.init_image, inputs.mask, sampler.inpainting_unet)
 
     # 6. Fit the prompts to CLIP windows
-    prompts = _fit_prompts(cfg, inputs.rows, inputs.source, sampler.tokenizer)
+    prompts = _fit_prompts(cfg, inputs, sampler.tokenizer)
 
     # 7. Prepare the output folder
     _prepare_out_dir(out, record, prompts, layout)

@@ -2,7 +2,11 @@
 
 A CSV whose header has `img_savename` is CheXGenBench's prompt form (`prompt,img_savename`, README "Generating
 Synthetic Data"): each row names its one image, a path inside the output folder, which their metric scripts then
-read back from the same CSV."""
+read back from the same CSV.
+
+Optional `sex`, `age` and `race` columns ask for a patient: they are read strictly (a value the caption template
+does not know is a bad line) and written in front of the report in the form the model was trained with
+(`cxrcommon.demographics`), as finetune wrote its captions, so the prefix is never cut."""
 from __future__ import annotations
 
 import csv
@@ -14,15 +18,18 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
 
+from cxrcommon.demographics import Demographics, parse_demographics
 from cxrcommon.errors import MissingFileError, UserError
 from cxrcommon.manifest import table_rows
+
+from .captions import asked, asked_of, caption, caption_parts
 
 if TYPE_CHECKING:
     from cxrcommon.reports import FittedText
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ("prompt", "n", "seed", "label", "negative_prompt", "img_savename")
+COLUMNS = ("prompt", "n", "seed", "label", "negative_prompt", "img_savename", "sex", "age", "race")
 SAVENAME = "img_savename"  # CheXGenBench's column: the image's path inside the output folder
 
 
@@ -37,6 +44,7 @@ class PromptRow:
     label: str | None = None
     negative_prompt: str | None = None
     savename: str | None = None     # CheXGenBench's img_savename: this row's one image, relative to the output
+    demographics: Demographics = Demographics()  # the patient asked for; empty: none (the report alone)
 
 
 class PromptFileError(UserError):
@@ -84,7 +92,8 @@ def make_row(record: dict[str, Any], index: int, default_n: int) -> PromptRow:
                     seed=None if seed in (None, "") else _int(seed, "seed", 0),
                     label=_optional_text(record.get("label"), "label"),
                     negative_prompt=_optional_text(record.get("negative_prompt"), "negative_prompt"),
-                    savename=savename(record[SAVENAME]) if record.get(SAVENAME) not in (None, "") else None)
+                    savename=savename(record[SAVENAME]) if record.get(SAVENAME) not in (None, "") else None,
+                    demographics=parse_demographics(record.get("sex"), record.get("age"), record.get("race")))
     if row.savename and row.n != 1:
         raise ValueError(f"'{SAVENAME}' names one image, but n is {row.n} — set n to 1 (and --n-per-prompt 1)")
     return row
@@ -206,6 +215,8 @@ def read_prompts(path: str | Path, *, default_n: int = 1, skip_bad: bool = False
             continue
         try:
             rows.append(make_row(record, number, default_n))
+        except UserError as exc:  # a demographic value: its message already names what is accepted
+            problems.append(f"{path}:{number}: {exc}")
         except ValueError as exc:
             problems.append(f"{path}:{number}: {exc} — fix or delete that line")
     bad_names = _savename_problems(rows, path, named)
@@ -224,7 +235,9 @@ def write_prompts_jsonl(path: str | Path, rows: list[PromptRow]) -> None:
     """Write rows as a .jsonl prompt file (atomically) that `read_prompts` reads back."""
     from cxrcommon.atomic import atomic_write_text
     lines = [json.dumps({k: v for k, v in (("prompt", r.prompt), ("n", r.n), ("seed", r.seed), ("label", r.label),
-                                            ("negative_prompt", r.negative_prompt), (SAVENAME, r.savename))
+                                            ("negative_prompt", r.negative_prompt), (SAVENAME, r.savename),
+                                            ("sex", r.demographics.sex or None), ("age", r.demographics.age),
+                                            ("race", r.demographics.race or None))
                          if v is not None})
              for r in rows]
     atomic_write_text(path, "\n".join(lines) + "\n")
@@ -238,12 +251,18 @@ class PromptFits(Mapping[int, "tuple[str, FittedText]"]):
     file of 20,000 reports wait minutes, so a job fits a row only when it reaches it, like it expands
     a row's `n` images. Policy "error" is the exception: it promises that every over-long prompt is
     named before any image is made, so it counts all tokens up front (one batched call) and raises
-    one UserError naming each. Cut prompts are logged as a few examples plus a count (`summary`)."""
+    one UserError naming each. Cut prompts are logged as a few examples plus a count (`summary`).
+
+    `form`: the demographics template ('roentgen' / 'chexgen') that rows with demographics are captioned in;
+    None only when no row has any."""
 
     def __init__(self, rows: Sequence[PromptRow], tokenizer: Any, *, policy: str, max_windows: int, source: str,
-                 logger: logging.Logger = log):
+                 logger: logging.Logger = log, form: str | None = None):
         from cxrcommon.logs import RepeatedWarning
+        if form is None and any(row.demographics for row in rows):
+            raise ValueError("rows with demographics need a caption form")
         self.log = logger
+        self.form = form
         self._rows = {row.index: row for row in rows}
         self._fits: dict[int, tuple[str, FittedText]] = {}
         self.tokenizer, self.policy, self.max_windows, self.source = tokenizer, policy, max_windows, source
@@ -256,9 +275,9 @@ class PromptFits(Mapping[int, "tuple[str, FittedText]"]):
 
     def _check_lengths(self) -> None:
         from cxrcommon.prompt_windows import WINDOW, count_tokens
-        from cxrcommon.reports import ReportTooLongError, normalize_report
+        from cxrcommon.reports import ReportTooLongError
         rows = list(self._rows.values())
-        counts = count_tokens(self.tokenizer, [normalize_report(r.prompt) for r in rows])
+        counts = count_tokens(self.tokenizer, [caption(r.prompt, r.demographics, self.form) for r in rows])
         too_long = []
         for row, count in zip(rows, counts):
             if count.tokens > WINDOW * self.max_windows:
@@ -271,10 +290,11 @@ class PromptFits(Mapping[int, "tuple[str, FittedText]"]):
 
     def __getitem__(self, index: int) -> tuple[str, FittedText]:
         if index not in self._fits:
-            from cxrcommon.reports import fit_windows, normalize_report
+            from cxrcommon.reports import fit_windows
             row = self._rows[index]
-            fit = fit_windows(normalize_report(row.prompt), self.tokenizer, max_windows=self.max_windows,
-                              policy=self.policy, name=f"{self.source}:{index}", warn=self.impression_warning)
+            text, salient = caption_parts(row.prompt, row.demographics, self.form)
+            fit = fit_windows(text, self.tokenizer, max_windows=self.max_windows, policy=self.policy,
+                              name=f"{self.source}:{index}", salient=salient, warn=self.impression_warning)
             if fit.cut:
                 self.cut_warning("%s:%d: prompt cut to %d CLIP window(s) of 75 tokens, impression first: %r",
                                  self.source, index, self.max_windows, fit.text)
@@ -284,14 +304,15 @@ class PromptFits(Mapping[int, "tuple[str, FittedText]"]):
     def reuse(self, finished: Sequence[dict]) -> None:
         """Take the fit of each row that already has an image from the job's own manifest records (what
         was encoded, its windows and cuts), so a resumed job does not re-fit the rows it skips. Only a
-        record made from the same prompt text counts (same settings are checked by the caller's folder
-        check); `tokens` is not stored there and reads -1."""
+        record made from the same prompt text and demographics in the same form counts (same settings are
+        checked by the caller's folder check); `tokens` is not stored there and reads -1."""
         from cxrcommon.reports import FittedText
         for rec in finished:
             row = self._rows.get(rec.get("prompt_index"))
             text, windows = rec.get("prompt"), rec.get("prompt_windows")
             if (row is None or row.index in self._fits or not isinstance(text, str)
-                    or not str(windows).isdigit() or rec.get("prompt_original", text) != row.prompt):
+                    or not str(windows).isdigit() or rec.get("prompt_original", text) != row.prompt
+                    or asked(rec) != asked_of(row.demographics, self.form)):
                 continue
             self._fits[row.index] = (row.prompt, FittedText(text, -1, int(windows),
                                                             cut=rec.get("prompt_truncated") == "true",
@@ -319,11 +340,12 @@ class PromptFits(Mapping[int, "tuple[str, FittedText]"]):
 
 class FittedRow:
     """A PromptRow whose `prompt` is the text as encoded (`PromptFits`), fitted when first read."""
-    __slots__ = ("n", "index", "seed", "label", "negative_prompt", "savename", "_fits")
+    __slots__ = ("n", "index", "seed", "label", "negative_prompt", "savename", "demographics", "_fits")
 
     def __init__(self, row: PromptRow, fits: PromptFits):
         self.n, self.index, self.seed, self.label = row.n, row.index, row.seed, row.label
         self.savename = row.savename
+        self.demographics = row.demographics
         self.negative_prompt, self._fits = row.negative_prompt, fits
 
     @property
