@@ -13,7 +13,7 @@ import re
 from typing import Any, Callable, Mapping, Sequence
 
 from .errors import UserError
-from .prompt_windows import DEFAULT_MAX_WINDOWS, WINDOW, count_tokens
+from .token_count import DEFAULT_MAX_WINDOWS, WINDOW, count_tokens
 
 log = logging.getLogger(__name__)
 
