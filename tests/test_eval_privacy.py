@@ -201,6 +201,7 @@ def test_weights_of_another_architecture_are_refused_and_nothing_written(train_s
     assert not (tmp_path / "out").exists()
 
 
+@needs_torchvision  # without it, the missing package is the first thing said (see the no-torchvision test)
 def test_reid_training_manifest_without_patients_is_refused(train_set, tmp_path):
     with pytest.raises(SystemExit, match="no patient ids in column 'patient'") as err:
         run(["--train", str(train_set), "--fake", str(train_set), "--reid-train", str(train_set / "train.csv")],
