@@ -190,8 +190,9 @@ def per_group(metric: Metric, index: Mapping[str, Sequence[np.ndarray]], *, name
     for group, sets in index.items():
         sets = [np.asarray(s, dtype=np.int64) for s in sets]
         row: dict[str, Any] = {"group": group, **{f"n_{n}": len(s) for n, s in zip(names, sets)}}
-        if min(len(s) for s in sets) < min_n:
-            row.update(ci={}, n_boot_used=0, note=f"fewer than {min_n} image(s) in a set: not scored")
+        short = [n for n, s in zip(names, sets) if len(s) < min_n]
+        if short:
+            row.update(ci={}, n_boot_used=0, note=f"fewer than {min_n} {short[0]} row(s): not scored")
             rows.append(row)
             continue
         try:
