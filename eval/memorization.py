@@ -1,7 +1,9 @@
 """Memorisation check: the nearest training image of every synthetic one (feature cosine, then SSIM).
 
 A synthetic image much closer to a training image than training images are to each other is a likely
-copy; the report shows the two distributions and the closest pairs side by side for a human to judge."""
+copy; the report shows the two distributions and the closest pairs side by side for a human to judge.
+`--by COLUMN` splits the synthetic images by a column of their manifest (eval.subgroups); each one's nearest
+training image is still searched among all of them."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,6 +24,7 @@ from .cache import default_cache_dir
 from .cli import parse, user_errors
 from .features import Backbone, embed_paths, load_backbone, to_square_tensor
 from .sources import list_images
+from .subgroups import check_by, groups, per_group, rows_for, sections, split_by
 
 log = logging.getLogger(__name__)
 CHUNK = 4096
@@ -41,6 +44,9 @@ class MemorizationConfig:
     device: str = field("auto", "cpu, cuda, mps, xpu or auto")
     cache_dir: str = field("", "feature cache folder (default: one per input under $SYNTHCXR_CACHE "
                                "or ~/.cache/synthcxr/features)")
+    by: list[str] = field([], "also report per group of these --fake manifest columns (sex, age_band, race, label "
+                          "or any column): median nearest cosine and the share closer than the train-train p99")
+    n_boot: int = field(1000, "--by: bootstrap resamples per group")
     out: str = field("eval_out/memorization", "folder for memorization.json, .md, histogram and sheet")
     verbose: bool = field(False, "debug logging")
 
@@ -114,6 +120,19 @@ def memorization(train: str | Path, fake: str | Path, features: str | Backbone =
             "skipped": et.skipped + ef.skipped, "pairs": pairs, "train_train_cosine": ref.tolist()}
 
 
+def by_group(result: dict[str, Any], fake: str | Path, by: str, image_column: str = "image", n_boot: int = 1000,
+             seed: int = 0) -> list[dict[str, Any]]:
+    """Per group of synthetic images (column `by` of `fake`'s manifest): the median nearest-training cosine and
+    the share above the train-train 99th percentile, with bootstrap intervals over the group's images."""
+    cos = np.array([r["cosine"] for r in result["pairs"]])
+    above = cos > result["train_train_cosine_p99"]
+
+    def metric(i: np.ndarray) -> dict[str, float]:
+        return {"cosine_median": float(np.median(cos[i])), "share_closer_than_train_p99": float(above[i].mean())}
+    index = groups(rows_for([Path(r["fake"]) for r in result["pairs"]], fake, image_column), by)
+    return per_group(metric, {g: [ix] for g, ix in index.items()}, names=("fake",), n_boot=n_boot, seed=seed)
+
+
 def _figures(result: dict[str, Any], top_k: int) -> dict[str, Any]:
     import matplotlib.pyplot as plt
 
@@ -145,19 +164,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     setup_logging(cfg.verbose)
     if not cfg.train or not cfg.fake:
         raise UserError("give both --train and --fake (folders or manifests)")
+    by = split_by(cfg.by)
+    if by:
+        check_by(by, {"--fake": cfg.fake})
     from .outputs import markdown_table, write_report
     with user_errors():
         result = memorization(cfg.train, cfg.fake, cfg.features, inception_weights=cfg.inception_weights or None,
                               input_size=cfg.input_size, top_k=cfg.top_k, ssim_size=cfg.ssim_size,
                               image_column=cfg.image_column, batch_size=cfg.batch_size, device=cfg.device,
                               cache_dir=cfg.cache_dir or None)
+        if by:
+            result["by"] = {col: by_group(result, cfg.fake, col, cfg.image_column, cfg.n_boot) for col in by}
     notes = [f"**Backbone:** {result['backbone']}", f"**Resize:** {result['resize']}; SSIM at "
              f"{cfg.ssim_size}x{cfg.ssim_size}", f"**N:** {result['n_train']} train, {result['n_fake']} synthetic",
              f"{result['n_fake_closer_than_train_p99']} synthetic image(s) are closer to a training image than "
              "99% of training images are to their own nearest neighbour: inspect those first."]
     result["report"] = write_report(cfg.out, "memorization", result, title="Memorisation: nearest training image",
                                     notes=notes, figures=_figures(result, cfg.top_k),
-                                    sections={"Closest pairs": markdown_table(result["pairs"][:cfg.top_k])})
+                                    sections={"Closest pairs": markdown_table(result["pairs"][:cfg.top_k]),
+                                              **sections(result.get("by", {}), ["cosine_median",
+                                                                                 "share_closer_than_train_p99"])})
     print(f"max cosine {result['cosine_max']:.4f}, max SSIM {result['ssim_max']:.4f}; "
           f"report {result['report']['markdown']}")
     return result

@@ -129,7 +129,7 @@ def test_fid_by_end_to_end_and_report(tmp_path):
     assert "## By sex (95% bootstrap CI)" in md and "## By age_band" in md
 
 
-@pytest.mark.parametrize("command", ["fid", "augment", "diversity"])
+@pytest.mark.parametrize("command", ["fid", "augment", "diversity", "memorization"])
 def test_bad_by_is_one_line_and_writes_nothing(tmp_path, capsys, command):
     import importlib
     rows = [{"sex": "FM"[i % 2], "label": ("No Finding", "Effusion")[i % 2]} for i in range(6)]
@@ -138,7 +138,9 @@ def test_bad_by_is_one_line_and_writes_nothing(tmp_path, capsys, command):
     out, cache = tmp_path / "out", tmp_path / "cache"
     argv = {"fid": [str(man), str(man), "--features", "tiny", "--cache-dir", str(cache)],
             "augment": ["--real-train", str(man), "--synthetic", str(man), "--test", str(man)],
-            "diversity": [str(tmp_path / "set")]}[command]
+            "diversity": [str(tmp_path / "set")],
+            "memorization": ["--train", str(man), "--fake", str(man), "--features", "tiny", "--cache-dir", str(cache)],
+            }[command]
     main = importlib.import_module(f"eval.{command}").main
     with pytest.raises(SystemExit) as exc:
         main(argv + ["--by", "sex,ethnicity", "--out", str(out)])
@@ -194,3 +196,27 @@ def test_augment_by_reports_groups_and_the_gap(tmp_path):
     assert r["underdiagnosis_real"] == pytest.approx(np.mean(called))
     assert "gap_real" in r["underdiagnosis_gap"]["sex"]
     assert "Underdiagnosis gap by sex" in (tmp_path / "o" / "augment.md").read_text()
+
+
+def test_memorization_by_puts_the_copies_in_their_group(tmp_path):
+    from eval.memorization import main
+    train_rows = [{"sex": "FM"[i % 2], "bright": i % 3 == 0} for i in range(12)]
+    train = write_manifest(tmp_path / "train", train_rows)
+    fake_dir = tmp_path / "fake"
+    fake_dir.mkdir()
+    rows = []
+    for i in range(8):        # F: copies of training images; M: fresh noise
+        src = tmp_path / "train" / f"{i}.png" if i < 4 else None
+        if src:
+            (fake_dir / f"{i}.png").write_bytes(src.read_bytes())
+        else:
+            write_png(fake_dir / f"{i}.png", np.random.default_rng(i).uniform(0, 1, (32, 32)).astype(np.float32))
+        rows.append({"file": f"{i}.png", "sex": "F" if i < 4 else "M"})
+    (fake_dir / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    r = main(["--train", str(train), "--fake", str(fake_dir), "--features", "tiny", "--cache-dir",
+              str(tmp_path / "cache"), "--by", "sex", "--n-boot", "50", "--top-k", "2", "--out", str(tmp_path / "o")])
+    by = {g["group"]: g for g in r["by"]["sex"]}
+    assert by["F"]["n_fake"] == by["M"]["n_fake"] == 4
+    assert by["F"]["cosine_median"] == pytest.approx(1.0) and by["F"]["share_closer_than_train_p99"] == 1.0
+    assert by["M"]["share_closer_than_train_p99"] < 1.0
+    assert "## By sex" in (tmp_path / "o" / "memorization.md").read_text()
