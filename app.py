@@ -62,6 +62,10 @@ class AppConfig:
     auth: str | None = field(None, "require a login, given as user:pass")
     concurrency: int = field(1, "requests run at once per model (others wait in the queue)")
     queue_size: int = field(64, "requests allowed to wait in the queue before new ones are refused")
+    demographics_template: str = field("auto", "how the Generate tab's sex/age/race (and a batch file's columns) "
+                                               "are written in front of the report: auto = the form in the model's "
+                                               "card (none named: the fields are refused), roentgen, chexgen, or "
+                                               "none (the fields are refused)")
     max_file_size: str = field("50mb", "largest upload accepted")
     max_images: int = field(8, "most images one Generate request may ask for")
     max_batch_images: int = field(200, "most images one Batch request may produce")
@@ -147,6 +151,24 @@ class Services:
                 tr = dataclasses.replace(tr, inpainter="sd", sd_model=self.cfg.inpaint_model, sd_lora=self.cfg.lora)
             self._removers[key] = TextRemover.from_config(tr)
         return self._removers[key]
+
+    @functools.cached_property
+    def caption_form(self) -> str | None:
+        """The form the Generate tab writes a patient in, as the CLI chooses it (`inference.captions`); None:
+        this model takes none (its card names no form, or the app was started with --demographics-template none)."""
+        from cxrcommon.models import lora_weights, resolve_model
+        from inference.captions import caption_form, model_cards
+        lora = lora_weights(self.cfg.lora) if self.cfg.lora else None
+        return caption_form(self.cfg.demographics_template, model_cards(resolve_model(self.cfg.model), lora))
+
+    def no_patient(self) -> str:
+        """Why this app refuses sex/age/race (when `caption_form` is None), and what to do."""
+        if self.cfg.demographics_template == "none":
+            return ("this app was started with --demographics-template none, which leaves sex, age and race out — "
+                    "clear those fields")
+        return ("this model's card names no demographics template: it was not trained with sex, age and race and "
+                "would not follow them — clear those fields, or start the app with --demographics-template roentgen "
+                "(or chexgen)")
 
     def model_name(self) -> str:
         """The model as clients see it: its name and content fingerprint, never its folder on the server."""
@@ -305,10 +327,39 @@ def user_errors(fn: Any) -> Any:
 
 # --- handlers (thin: each calls one stage API) -------------------------------------------------
 
+def patient(services: Services, sex: Any, age: Any, race: Any) -> Any:
+    """The Generate tab's optional fields as `Demographics`, read as strictly as a prompt file's columns; a
+    UserError for a value the template does not know, or for any value where this model takes none."""
+    from cxrcommon.demographics import parse_demographics
+    if isinstance(age, float) and age.is_integer():
+        age = int(age)
+    d = parse_demographics(sex, "" if age is None else age, race)
+    if d and services.caption_form is None:
+        raise UserError(services.no_patient())
+    return d
+
+
+def caption_preview(services: Services, report: str, sex: Any = "", age: Any = None, race: Any = "") -> str:
+    """What the model will read for the typed report and patient, live under the fields: the caption as the
+    CLI builds it (`inference.captions.caption`), or why the fields are refused."""
+    from inference.captions import caption
+    try:
+        d = patient(services, sex, age, race)
+    except UserError as exc:
+        return f"**Cannot use these fields:** {exc}"
+    if not d and not (report or "").strip():
+        return ""
+    text = caption(report or "", d, services.caption_form)
+    form = f" ({services.caption_form} form)" if d else ""
+    return f"Caption{form}: `{text.replace('`', chr(39))}`"
+
+
 def generate_images(services: Services, out_dir: Path, report: str, negative: str, steps: int, guidance: float,
-                    scheduler: str, seed: int, n: int, clean_text: bool) -> tuple[list[str], list[str], int]:
-    """Images for one report through the dataset generator (same road as the CLI): returns
-    (PNG paths, PNG + DICOM download paths, the seed used; image k has seed + k)."""
+                    scheduler: str, seed: int, n: int, clean_text: bool, sex: Any = "", age: Any = None,
+                    race: Any = "") -> tuple[list[str], list[str], int]:
+    """Images for one report (and, optionally, the patient asked for: sex, age, race) through the dataset
+    generator (same road as the CLI): returns (PNG paths, PNG + DICOM download paths, the seed used; image k
+    has seed + k)."""
     from cxrcommon.imageio import read_image, read_png_text, save_image
     from inference.config import GenerateConfig
     from inference.generate import generate
@@ -318,14 +369,17 @@ def generate_images(services: Services, out_dir: Path, report: str, negative: st
     n = int(n)
     if not 1 <= n <= services.cfg.max_images:
         raise ValueError(f"number of images must be between 1 and {services.cfg.max_images}")
+    d = patient(services, sex, age, race)
     seed = int(seed) if seed is not None and int(seed) >= 0 else int(np.random.default_rng().integers(0, 2**31))
     job = out_dir / f"generate-{seed}-{uuid.uuid4().hex[:8]}"
     prompts = job / "prompts.jsonl"
-    atomic_write_text(prompts, json.dumps({"prompt": report.strip(), "n": n, "seed": seed,
-                                           "negative_prompt": negative or ""}) + "\n")
+    row = {"prompt": report.strip(), "n": n, "seed": seed, "negative_prompt": negative or "", "sex": d.sex,
+           "age": d.age, "race": d.race}
+    atomic_write_text(prompts, json.dumps(row) + "\n")
     cfg = GenerateConfig(prompts=str(prompts), out=str(job / "images"), model=services.cfg.model,
                          lora=services.cfg.lora, lora_scale=services.cfg.lora_scale, steps=int(steps),
                          guidance=float(guidance), scheduler=scheduler, clean=bool(clean_text), batch_size=n,
+                         demographics_template=services.cfg.demographics_template,
                          device=services.cfg.device, precision=services.cfg.precision)
     pngs: list[Path] = []
     services.run(lambda: generate(cfg, on_image=pngs.append, sampler=services.sampler()))
@@ -380,6 +434,7 @@ def batch_dataset(services: Services, out_dir: Path, prompt_file: str, n_per_pro
     cfg = GenerateConfig(prompts=str(prompt_file), out=str(job), model=services.cfg.model, lora=services.cfg.lora,
                          lora_scale=services.cfg.lora_scale, n_per_prompt=int(n_per_prompt), steps=int(steps),
                          guidance=float(guidance), seed=int(seed), format=fmt,
+                         demographics_template=services.cfg.demographics_template,
                          device=services.cfg.device, precision=services.cfg.precision)
     summary = generate(cfg, sampler=services.batch_sampler())
     archive = out_dir / "dataset.zip"
@@ -522,6 +577,7 @@ def slider_defaults(model: str | None) -> tuple[int, float]:
 
 def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
     """The Blocks app (not launched), so tests and other servers can mount it."""
+    from cxrcommon.demographics import RACES
     from inference.sampler import SCHEDULERS
 
     services = services or Services(cfg)
@@ -536,11 +592,14 @@ def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
     sessions = Sessions(root / "sessions", uploads=root)
 
     @user_errors
-    def on_generate(report, negative, steps, guidance, scheduler, seed, n, clean_text,
-                    request: gr.Request, progress=progress):
+    def on_generate(report, negative, steps, guidance, scheduler, seed, n, clean_text, sex="", age=None, race="",
+                    request: gr.Request = None, progress=progress):
         with sessions.folder(request) as folder:
             return generate_images(services, folder, report, negative, steps, guidance, scheduler, seed, n,
-                                   clean_text)
+                                   clean_text, sex, age, race)
+
+    def on_caption(report, sex="", age=None, race=""):
+        return caption_preview(services, report, sex, age, race)
 
     @user_errors
     def on_batch(prompt_file, n_per_prompt, steps, guidance, seed, fmt, request: gr.Request, progress=progress):
@@ -585,6 +644,13 @@ def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
                     length = gr.Markdown(report_length(""))
                     gr.Examples(EXAMPLES, inputs=report)
                     negative = gr.Textbox(label="Negative prompt", value="")
+                    with gr.Row():  # free text is accepted too (API clients); the handler reads it strictly
+                        sex = gr.Dropdown([("—", ""), ("female", "F"), ("male", "M")], value="",
+                                          allow_custom_value=True, label="Sex (optional)")
+                        age = gr.Number(value=None, precision=0, label="Age in years (optional)")
+                        race = gr.Dropdown([("—", ""), *((r, r) for r in RACES)], value="", allow_custom_value=True,
+                                           label="Race (optional)")
+                    preview = gr.Markdown(caption_preview(services, ""))
                     with gr.Row():
                         steps = gr.Slider(1, 150, value=default_steps, step=1, label="Steps")
                         guidance = gr.Slider(1.0, 15.0, value=default_guidance, step=0.5, label="Guidance")
@@ -600,11 +666,15 @@ def build_app(cfg: AppConfig, services: Services | None = None) -> Any:
                     downloads = gr.File(label="Downloads (PNG with provenance, DICOM)", file_count="multiple")
             report.change(report_length, report, length, api_name="report_length", queue=False,
                           show_progress="hidden")
-            go.click(on_generate, [report, negative, steps, guidance, scheduler, seed, n, clean_text],
+            gr.on([report.change, sex.change, age.change, race.change], on_caption, [report, sex, age, race], preview,
+                  api_name="caption", queue=False, show_progress="hidden")
+            go.click(on_generate, [report, negative, steps, guidance, scheduler, seed, n, clean_text, sex, age, race],
                      [gallery, downloads, used_seed], api_name="generate", concurrency_id="generate",
                      concurrency_limit=cfg.concurrency)
         with gr.Tab("Batch"):
-            prompt_file = gr.File(label="Prompt file (.txt / .csv / .jsonl)", file_types=[".txt", ".csv", ".jsonl"])
+            prompt_file = gr.File(label="Prompt file (.txt / .csv / .jsonl; columns prompt and, optionally, n, seed, "
+                                        "label, negative_prompt, sex, age, race)",
+                                  file_types=[".txt", ".csv", ".jsonl"])
             with gr.Row():
                 b_n = gr.Number(value=1, precision=0, label="Images per prompt (where the file gives no n)")
                 b_steps = gr.Slider(1, 150, value=default_steps, step=1, label="Steps")

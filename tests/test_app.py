@@ -26,7 +26,9 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tiny_model_dir):
     import app
-    cfg = app.AppConfig(model=str(tiny_model_dir), port=_free_port(), concurrency=2, max_file_size="5mb")
+    # the tiny model's card names no demographics template: the app is told which form to write a patient in
+    cfg = app.AppConfig(model=str(tiny_model_dir), port=_free_port(), concurrency=2, max_file_size="5mb",
+                        demographics_template="roentgen")
     demo = app.launch(cfg, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{cfg.port}/", demo
     demo.close()
@@ -91,6 +93,50 @@ def test_the_generate_tab_counts_tokens_and_windows_of_the_typed_report(client):
     assert huge.startswith("over 3 windows of 75 tokens: cut to") and "Encoded: IMPRESSION: Effusion. FINDINGS:" in huge
 
 
+def test_the_generate_tab_previews_the_caption_and_records_the_patient(client):
+    """sex/age/race fill the template live (the CLI's caption) and reach every image's tags."""
+    assert client.predict("Small left effusion.", "F", 71, "WHITE", api_name="/caption") == \
+        "Caption (roentgen form): `71 year old WHITE female. Small left effusion.`"
+    assert client.predict("Small left effusion.", "", None, "", api_name="/caption") == \
+        "Caption: `Small left effusion.`"
+    assert "age 250 is not an age" in client.predict("x", "F", 250, "", api_name="/caption")
+    _, files, _ = client.predict("Small left effusion.", "", 2, 2.0, "ddim", 3, 1, False, "male", 95, "asian",
+                                 api_name="/generate")
+    tags = read_png_text(next(Path(f) for f in files if str(f).endswith(".png")))
+    assert (tags["sex"], tags["age"], tags["race"]) == ("M", "95", "ASIAN")
+    assert tags["prompt"] == "90+ year old ASIAN male. Small left effusion."
+
+
+@pytest.mark.parametrize("sex, age, race, match", [("F", -3, "", "age -3 is not"), ("F", 250, "", "age 250 is not"),
+                                                   ("X", 40, "", "sex 'X' is not one the template knows")])
+def test_a_bad_patient_is_one_line_and_nothing_is_written(server, client, sex, age, race, match):
+    from gradio_client.exceptions import AppError
+    sessions = server[1].synthcxr_root / "sessions"
+    before = {p for p in sessions.rglob("*")} if sessions.exists() else set()
+    with pytest.raises(AppError, match=match) as err:
+        client.predict("Small left effusion.", "", 2, 2.0, "ddim", 3, 1, False, sex, age, race, api_name="/generate")
+    assert "\n" not in str(err.value)
+    assert not [p for p in sessions.rglob("prompts.jsonl") if p not in before]
+
+
+def test_a_model_without_a_form_refuses_the_fields_and_its_card_names_the_form(tiny_model_dir, tmp_path):
+    import shutil
+
+    import app
+    plain = app.Services(app.AppConfig(model=str(tiny_model_dir)))
+    assert plain.caption_form is None
+    assert app.caption_preview(plain, "Effusion.") == "Caption: `Effusion.`"
+    assert "names no demographics template" in app.caption_preview(plain, "Effusion.", "F", 40, "")
+    with pytest.raises(ValueError, match="start the app with --demographics-template roentgen"):
+        app.generate_images(plain, tmp_path / "s", "Effusion.", "", 2, 2.0, "ddim", 1, 1, False, "F", 40, "")
+    assert not (tmp_path / "s").exists()
+    carded = tmp_path / "carded"
+    shutil.copytree(tiny_model_dir, carded, copy_function=os.symlink)
+    (carded / "README.md").write_text("---\nsynthcxr:\n  demographics_template: chexgen\n---\n")
+    assert app.caption_preview(app.Services(app.AppConfig(model=str(carded))), "Effusion.", "F", 40.0, "") == \
+        "Caption (chexgen form): `sex:Female, age:40.0. Effusion.`"
+
+
 def test_api_generate_bad_input_is_a_message_not_a_trace(client):
     from gradio_client.exceptions import AppError
     with pytest.raises(AppError, match="type a report first"):
@@ -148,6 +194,21 @@ def test_api_batch_zip_has_images_and_manifest(client, tmp_path):
     assert "manifest.jsonl" in names and sum(n.endswith(".png") for n in names) == 4
 
 
+def test_api_batch_accepts_the_patient_columns(client, tmp_path):
+    import json
+
+    from gradio_client import handle_file
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt,sex,age,race\nSmall right pleural effusion.,F,34,BLACK\nNo acute process.,,,\n")
+    archive, _ = client.predict(handle_file(str(prompts)), 1, 2, 2.0, 0, "png", api_name="/batch")
+    with zipfile.ZipFile(archive) as zf:
+        rows = [json.loads(line) for line in zf.read("manifest.jsonl").decode().splitlines()]
+    assert sorted(((r["sex"], r["age"], r["race"]) for r in rows), key=str) == [("F", 34, "BLACK"),
+                                                                                 (None, None, None)]
+    assert {r["prompt"] for r in rows} == {"34 year old BLACK female. Small right pleural effusion.",
+                                           "No acute process."}
+
+
 def test_api_evaluate_reports_n_and_backbone(client, tmp_path):
     from gradio_client import handle_file
     rng = np.random.default_rng(0)
@@ -189,6 +250,8 @@ def test_browser_generate_and_clean(server, tmp_path):
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(url)
         page.get_by_label("Report").fill("Large right pleural effusion.")
+        page.get_by_label("Age in years (optional)").fill("71")
+        page.get_by_text("71 year old patient. Large right pleural effusion.").wait_for(timeout=30_000)  # live
         page.get_by_role("button", name="Generate").click()
         page.locator("[data-testid='detailed-image'], .gallery-item img, .thumbnail-item img").first.wait_for(
             timeout=120_000)
