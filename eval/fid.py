@@ -10,10 +10,11 @@ names (`comparable_names`): CheXGenBench's "FID", "KID" (inception) and "FID (Ra
 and fake rows are split by the same column (a generated manifest's requested demographics), every group is
 subsampled to one N (FID's bias depends on N), and FID/KID get a bootstrap interval from resampling the group's
 images (re-centred on the estimate: see eval.subgroups.bootstrap_ci). A resample's FID uses `frechet_distance`
-(an N x N SVD when N < D, ~0.25 s at N 500, 2048-d on CPU, vs ~8 s for torchmetrics' D x D eigvals) and its
-KID one unbiased MMD over the whole resample (~0.1 s); `--by-n-boot 50` over 5 groups is then about a minute.
-The group's point estimates are torchmetrics' (one `distances` call each, the same numbers as the pooled
-ones). PRDC per group has no interval (resampling with replacement duplicates images, collapsing k-NN radii)."""
+(an N x N SVD when N < D: 0.25 s at N 500, 2048-d, vs 8 s for torchmetrics' D x D eigvals, on 2 CPU cores) and
+its KID one unbiased MMD over the whole resample: ~0.7 s a draw on a busy 2-core CPU, so `--by-n-boot 50` over 5
+groups adds ~3 minutes. Each group's point estimates are torchmetrics' (one `distances` call each, as costly as
+the pooled one: ~45 s at N 500, 2048-d there). PRDC per group has no interval (resampling with replacement
+duplicates images, collapsing k-NN radii)."""
 from __future__ import annotations
 
 import dataclasses
@@ -72,8 +73,8 @@ class FidConfig:
     by: list[str] = field([], "also report every metric per group of these manifest columns: sex, age_band, race, "
                           "label (each '|' label) or any column (`--by sex race` or `--by sex,race`); both sets "
                           "must be manifests (or generated folders with manifest.jsonl) that have the column")
-    by_n_boot: int = field(50, "--by: bootstrap resamples per group for the FID/KID intervals (each ~0.4 s at "
-                           "N 500, 2048-d on CPU)")
+    by_n_boot: int = field(50, "--by: bootstrap resamples per group for the FID/KID intervals (each ~0.7 s at "
+                           "N 500, 2048-d on 2 CPU cores)")
     by_equal_n: bool = field(True, "--by: subsample every group's real and fake sets to the smallest such size, "
                              "so groups are compared at one N (FID is biased upwards at small N)")
     out: str = field("eval_out/fid", "folder for fid.json, fid.md and plots")
