@@ -26,7 +26,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut, apply_windowing
 from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from .atomic import atomic_path
+from .atomic import atomic_path, atomic_write_bytes
 from .errors import ImageReadError
 from .limits import check_pixels
 from .provenance import SOFTWARE, SYNTHETIC_WARNING
@@ -288,9 +288,16 @@ def to_uint(arr: np.ndarray, bits: int = 8) -> np.ndarray:
 def write_png(path: str | os.PathLike, arr: np.ndarray, *, bits: int = 8,
               text: dict[str, str] | None = None, compress_level: int = 6) -> Path:
     """Atomic 8- or 16-bit PNG with one text chunk per `text` item (tEXt, or iTXt if not latin-1);
-    `compress_level` is zlib's 0-9 (lower: faster, larger)."""
+    `compress_level` is zlib's 0-9 (lower: faster, larger). A gray image without text is encoded by OpenCV,
+    about twice as fast as PIL at the same level (the pixels are the same)."""
     path = Path(path)
     arr = _check_write(arr, path, allow_rgb=bits == 8)
+    if not text and arr.ndim == 2:
+        ok, buf = cv2.imencode(".png", to_uint(arr, bits), [cv2.IMWRITE_PNG_COMPRESSION, compress_level])
+        if not ok:
+            raise OSError(f"{path}: PNG encoding failed")
+        atomic_write_bytes(path, buf.tobytes())
+        return path
     info = PngImagePlugin.PngInfo()
     for k, v in (text or {}).items():
         info.add_text(str(k), str(v))
