@@ -209,8 +209,7 @@ def distances_by(real: torch.Tensor, fake: torch.Tensor, real_rows: list[dict[st
     warns = []
     if small and small < SMALL_N:
         warns.append(f"--by {by}: groups scored at N down to {small}{' (all at that N)' if cfg.by_equal_n else ''}; "
-                     f"FID is biased upwards at small N and its bootstrap interval (resampling duplicates images) "
-                     f"sits higher still: compare groups only at one N and backbone, and lean on KID.")
+                     "FID is biased upwards at small N: compare groups only at one N and backbone, and lean on KID.")
     if small and small <= real.shape[1]:
         warns.append(f"--by {by}: N {small} <= feature dimension {real.shape[1]}: the covariances are singular, "
                      "so per-group FID mostly measures N; use more images per group or a smaller backbone.")
