@@ -38,7 +38,7 @@ from cxrcommon.optional import require
 
 from .cli import parse, user_errors
 from .features import to_square_tensor
-from .subgroups import bootstrap_ci, check_by, groups, per_group, rows_for, sections, split_by
+from .subgroups import UNKNOWN, bootstrap_ci, check_by, groups, per_group, rows_for, sections, split_by
 
 log = logging.getLogger(__name__)
 
@@ -186,8 +186,8 @@ def group_metrics(y: np.ndarray, a: np.ndarray, b: np.ndarray, no_finding: int |
 def underdiagnosis_gap(y: np.ndarray, a: np.ndarray, b: np.ndarray, index: dict[str, np.ndarray], no_finding: int,
                        n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
     """The underdiagnosis gap of models a (real) and b (real+synthetic): highest minus lowest group rate, over
-    groups with at least one image with a finding, and its change b - a, with a paired percentile bootstrap of
-    the whole test set (a resample that leaves a group without such an image is dropped).
+    groups with at least one image with a finding (not "unknown"), and its change b - a, with a paired percentile
+    bootstrap of the whole test set (a resample that leaves a group without such an image is dropped).
 
     Args:
         y: (N,) true class indices; a, b: (N, C) probabilities of the two models.
@@ -195,7 +195,8 @@ def underdiagnosis_gap(y: np.ndarray, a: np.ndarray, b: np.ndarray, index: dict[
         no_finding: the No Finding class index.
     Returns: gap_real, gap_real_plus_synthetic, gap_diff, the groups with the highest / lowest rate per model,
         ci95 of the three gaps, n_boot_used; empty without two scorable groups."""
-    member = {g: np.isin(np.arange(len(y)), ix) for g, ix in index.items() if (y[ix] != no_finding).any()}
+    member = {g: np.isin(np.arange(len(y)), ix) for g, ix in index.items()
+              if g != UNKNOWN and (y[ix] != no_finding).any()}
     if len(member) < 2:
         return {}
 

@@ -106,7 +106,7 @@ def test_underdiagnosis_rate_and_gap_on_a_hand_made_example():
     assert (f["underdiagnosis_real"], f["underdiagnosis_real_plus_synthetic"], f["underdiagnosis_diff"]) == \
         (0.5, 0.25, -0.25)
     assert (m["underdiagnosis_real"], m["underdiagnosis_real_plus_synthetic"]) == (0.25, 0.25)
-    gap = underdiagnosis_gap(y, a, b, index, 1, n_boot=200)
+    gap = underdiagnosis_gap(y, a, b, {**index, "unknown": np.array([4, 5])}, 1, n_boot=200)  # unknown: left out
     assert (gap["gap_real"], gap["gap_real_plus_synthetic"], gap["gap_diff"]) == (0.25, 0.0, -0.25)
     assert (gap["highest_real"], gap["lowest_real"]) == ("F", "M")
     low, high = gap["ci95"]["gap_diff"]
