@@ -38,7 +38,7 @@ def caption_parts(prompt: str, demographics: Demographics, form: str | None) -> 
 
 def caption(prompt: str, demographics: Demographics, form: str | None) -> str:
     """The caption as the model reads it when it fits (the app's live preview shows this)."""
-    return caption_parts(prompt, demographics, form)[0]
+    return caption_parts(prompt, demographics, form)[0].strip()
 
 
 def asked_of(d: Demographics, form: str | None) -> dict[str, Any]:
