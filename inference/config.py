@@ -47,6 +47,13 @@ class GenerateConfig:
                                                "when it names none (the model was not trained to follow them); "
                                                "roentgen ('71 year old WHITE female.'), chexgen ('sex:Female, "
                                                "age:71.0, race:White.'); none = leave them out")
+    qc: str | None = field(None, "quality check: a folder of sex/age/race classifiers (trained with `python -m "
+                                 "eval.demographic_models train`, or the anchors' weights: race-emory, age-riken, "
+                                 "sex-chexpert); every image whose prompt asks for a patient is checked and, where "
+                                 "it does not show that patient, made again with a new seed; manifest rows record "
+                                 "predictions, qc_pass and qc_tries")
+    qc_tries: int = field(3, "with --qc: tries per image in all (the first seed plus retries); an image failing "
+                             "every try is kept with qc_pass false. Raising it on a rerun retries those images")
     balance: str | None = field(None, "real dataset manifest (CSV/JSONL): generate what evens out its classes "
                                       "(and, with --balance-target, its patients)")
     balance_target: str | None = field(None, "with --balance: also fill the gaps of sex x age band (<40, 40-65, "
@@ -108,7 +115,7 @@ def check_generate_config(cfg: GenerateConfig) -> None:
 
     from .sampler import COMPILE_MODES, SCHEDULERS
     problems = [f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}"
-                for name in ("steps", "batch_size", "n_per_prompt", "decode_batch", "max_windows")
+                for name in ("steps", "batch_size", "n_per_prompt", "decode_batch", "max_windows", "qc_tries")
                 if getattr(cfg, name) < 1]
     problems += [f"--{name} {value} must be a positive multiple of 8 (e.g. {max(8, round(value / 8) * 8)})"
                  for name, value in (("height", cfg.height), ("width", cfg.width))

@@ -13,9 +13,9 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -35,7 +35,13 @@ from cxrcommon.provenance import SOFTWARE, file_sha256, model_identity, provenan
 from .captions import asked_of, caption_form, model_cards
 from .config import FORMATS, GenerateConfig, check_generate_config
 from .prompts import FittedRow, PromptFits, PromptRow, check_savenames, read_prompts, write_prompts_jsonl
+from .qc import QCStats, check_and_regenerate, retry_seed
+from .qc import finished as qc_final
+from .qc import tags as qc_tags
 from .sampler import CXRSampler, Request, Translation, derive_seed
+
+if TYPE_CHECKING:
+    from eval.demographic_models import DemographicModels
 
 log = logging.getLogger(__name__)
 
@@ -307,16 +313,19 @@ class RunRecord:
     mask_sha256: str | None
     source: str                     # the prompt file (for --balance, the plan written into the output folder)
     form: str | None                # the demographics template of the captions (`_Inputs.form`)
+    qc: dict[str, str] | None = None  # --qc's classifiers, task -> file name and hash (`DemographicModels.identity`)
 
     @classmethod
-    def describe(cls, cfg: GenerateConfig, sampler: CXRSampler, inputs: _Inputs) -> RunRecord:
-        """Hash the input files and fingerprint the model once, for every image of the run."""
+    def describe(cls, cfg: GenerateConfig, sampler: CXRSampler, inputs: _Inputs,
+                 qc: DemographicModels | None = None) -> RunRecord:
+        """Hash the input files and fingerprint the model (and the QC classifiers) once, for every image of the run."""
         model_name, model_sha = model_identity(cfg.model, inputs.model_source)
         return cls(cfg=cfg, height=cfg.height or sampler.native_size, width=cfg.width or sampler.native_size,
                    dtype=str(sampler.dtype), model_name=model_name, model_sha256=model_sha,
                    lora_sha256=file_sha256(cfg.lora) if cfg.lora else None,
                    init_image_sha256=file_sha256(cfg.init_image) if cfg.init_image else None,
-                   mask_sha256=file_sha256(cfg.mask) if cfg.mask else None, source=inputs.source, form=inputs.form)
+                   mask_sha256=file_sha256(cfg.mask) if cfg.mask else None, source=inputs.source, form=inputs.form,
+                   qc=qc.identity() if qc else None)
 
     @property
     def translated(self) -> bool:
@@ -330,6 +339,8 @@ class RunRecord:
                         dtype=self.dtype, init_image_sha256=self.init_image_sha256, mask_sha256=self.mask_sha256)
         if not self.translated:
             settings.pop("strength")
+        if self.qc:  # the classifiers decide which seed's image is kept; absent without --qc, as in older folders
+            settings["qc"] = self.qc
         return settings
 
     def tags(self, job: Job, text: dict[str, str | None]) -> dict[str, str]:
@@ -417,6 +428,12 @@ class _Plan:
     planned: int                    # images this process is responsible for
     skipped: int                    # ... of which an earlier run finished
     manifest: Path
+    qc_retry: dict[str, dict] = field(default_factory=dict)  # key -> row of an image that failed --qc with tries left
+
+    def first_try(self, job: Job) -> int:
+        """The --qc try a job starts from: past the tries an earlier run spent on this same image, else 0."""
+        row = self.qc_retry.get(job.key)
+        return int(row["qc_tries"]) if row is not None and _done(job, row) else 0
 
 
 def _check_inputs(cfg: GenerateConfig) -> _Inputs:
@@ -563,6 +580,10 @@ def _plan(cfg: GenerateConfig, out: Path, prompts: _Prompts, layout: _Layout) ->
                 label_folders=cfg.label_folders)
     finished = finished_rows(out)
     prompts.fits.reuse(finished)  # a resumed job does not re-fit the prompts of the images it skips
+    retry: dict[str, dict] = {}
+    if cfg.qc:  # an image that failed QC with tries to spare (a larger --qc-tries) is not finished
+        retry = {r["key"]: r for r in finished if not qc_final(r, cfg.qc_tries)}
+        finished = [r for r in finished if r["key"] not in retry]
     done = {r["key"]: r for r in finished}
     planned, skipped = plan_size(prompts.rows, finished, layout.index, layout.count, **plan)
     log.info("%d image(s) for this process: %d already done, %d to make (batch %d, %d steps, %s)",
@@ -570,7 +591,7 @@ def _plan(cfg: GenerateConfig, out: Path, prompts: _Prompts, layout: _Layout) ->
     jobs = shard_jobs(plan_jobs(prompts.rows, **plan), layout.index, layout.count)
     manifest = out / (MANIFEST if layout.count == 1 else _part_name(layout.index, layout.count))
     return _Plan(jobs=(j for j in jobs if not _done(j, done.get(j.key))), planned=planned, skipped=skipped,
-                 manifest=manifest)
+                 manifest=manifest, qc_retry=retry)
 
 
 def _remove_text(cleaner: Callable[[np.ndarray], Any], job: Job, image: np.ndarray) -> np.ndarray | None:
@@ -584,14 +605,56 @@ def _remove_text(cleaner: Callable[[np.ndarray], Any], job: Job, image: np.ndarr
 
 
 def _save_image(out: Path, manifest: Path, record: RunRecord, prompts: _Prompts, job: Job,
-                image: np.ndarray) -> Path:
-    """Write the image with its tags, then its manifest row: a row is only ever written for a file on disk."""
+                image: np.ndarray, qc_row: dict[str, Any] | None = None) -> Path:
+    """Write the image with its tags, then its manifest row: a row is only ever written for a file on disk.
+    `qc_row`: its --qc columns (`inference.qc.Checked.row`), in the row and, in short, in the tags."""
     original, fit = prompts.fits[job.prompt_index]
     text = fit.tags(original)
-    tags = record.tags(job, text)
+    tags = {**record.tags(job, text), **(qc_tags(qc_row) if qc_row else {})}
     path = save_image(out / job.key, image, fmt=record.cfg.format, tags=tags)
-    append_jsonl(manifest, record.manifest_row(job, text, tags["created"]))
+    append_jsonl(manifest, {**record.manifest_row(job, text, tags["created"]), **(qc_row or {})})
     return path
+
+
+def _qc_models(cfg: GenerateConfig, rows: list[PromptRow], device: str) -> DemographicModels | None:
+    """--qc's classifiers, loaded before the generator and before any file is written: weights of the wrong
+    format are refused in one line (`eval.demographic_models.load_models`)."""
+    if not cfg.qc:
+        return None
+    from cxrcommon.device import pick_device
+    from eval.demographic_models import load_models
+    models = load_models(cfg.qc, pick_device(device))
+    log.info("QC: %s; up to %d tries per image", models.describe(), cfg.qc_tries)
+    if not any(r.demographics for r in rows):
+        log.warning("--qc: no prompt asks for a patient (sex/age/race columns), so no image has anything to check")
+    return models
+
+
+def _image_maker(sampler: CXRSampler, record: RunRecord,
+                 translation: Translation | None) -> Callable[[list[Job], list[int]], list[np.ndarray]]:
+    """(jobs, --qc tries) -> their images, each made with its try's seed (try 0: the job's own seed)."""
+    cfg = record.cfg
+
+    def make(jobs: list[Job], tries: list[int]) -> list[np.ndarray]:
+        return sampler.generate([Request(j.prompt, retry_seed(j.seed, t), j.negative_prompt)
+                                 for j, t in zip(jobs, tries, strict=True)],
+                                height=record.height, width=record.width, steps=cfg.steps, guidance=cfg.guidance,
+                                guidance_rescale=cfg.guidance_rescale, guidance_interval=cfg.guidance_interval,
+                                translation=translation)
+    return make
+
+
+def _make_batch(batch: list[Job], make: Callable[[list[Job], list[int]], list[np.ndarray]], plan: _Plan,
+                qc: DemographicModels | None, tries: int, stats: QCStats) -> list[tuple[np.ndarray, dict | None]]:
+    """Each job's image with its --qc manifest columns (None without --qc); with --qc, images that fail the check
+    are made again with new seeds (`inference.qc.check_and_regenerate`)."""
+    if qc is None:
+        return [(image, None) for image in make(batch, [0] * len(batch))]
+    checked = check_and_regenerate(batch, [j.demographics for j in batch], make, qc, tries,
+                                   first=[plan.first_try(j) for j in batch])
+    for c in checked:
+        stats.add(c)
+    return [(c.image, c.row(c.item.seed)) for c in checked]
 
 
 # ---------------------------------------------------------------- the job
@@ -623,10 +686,11 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
 
     # 3. Load the models
     cleaner = _text_remover(cfg.clean)
+    qc = _qc_models(cfg, inputs.rows, layout.device)
     sampler = _prepare_sampler(cfg, sampler, inputs, layout.device)
 
     # 4. Describe the run: the source of settings.json, every image's tags and every manifest row
-    record = RunRecord.describe(cfg, sampler, inputs)
+    record = RunRecord.describe(cfg, sampler, inputs, qc)
 
     # 5. Prepare the start image (img2img, inpainting)
     translation = _translation(record, inputs.init_image, inputs.mask, sampler.inpainting_unet)
@@ -647,19 +711,18 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
     n_todo = plan.planned - plan.skipped
     start = time.perf_counter()
     progress = _ProgressLog(n_todo)
+    make = _image_maker(sampler, record, translation)
+    qc_stats = QCStats()
     with tqdm(total=n_todo, unit="img", desc="generating", disable=not layout.is_main or None) as bar:
         for batch in _batches(plan.jobs, cfg.batch_size, prompts.windows):
-            images = sampler.generate([Request(j.prompt, j.seed, j.negative_prompt) for j in batch],
-                                      height=record.height, width=record.width, steps=cfg.steps,
-                                      guidance=cfg.guidance, guidance_rescale=cfg.guidance_rescale,
-                                      guidance_interval=cfg.guidance_interval, translation=translation)
-            for job, image in zip(batch, images, strict=True):
+            for job, (image, qc_row) in zip(batch, _make_batch(batch, make, plan, qc, cfg.qc_tries, qc_stats),
+                                            strict=True):
                 if cleaner is not None:
                     image = _remove_text(cleaner, job, image)
                 if image is None:
                     summary.failed += 1
                     continue
-                path = _save_image(out, plan.manifest, record, prompts, job, image)
+                path = _save_image(out, plan.manifest, record, prompts, job, image, qc_row)
                 summary.generated += 1
                 bar.update()
                 if on_image is not None:
@@ -667,8 +730,9 @@ def generate(cfg: GenerateConfig, *, shard: tuple[int, int] | None = None,
             if layout.is_main:
                 progress.update(summary.generated + summary.failed)
 
-    # 10. Finish: report the prompt fits, wait for every process, merge their manifests
+    # 10. Finish: report the prompt fits (and QC failure rates), wait for every process, merge their manifests
     prompts.fits.summary()
+    qc_stats.log(cfg.qc_tries)
     summary.seconds = time.perf_counter() - start
     layout.barrier()
     if layout.is_main:

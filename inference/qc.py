@@ -15,12 +15,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Generic, Sequence, TypeVar
 
 import numpy as np
 
 from cxrcommon.demographics import Demographics, age_band
-from eval.demographic_models import DemographicModels, Prediction
+
+if TYPE_CHECKING:  # the classifiers are loaded by the caller; generation without --qc never imports eval
+    from eval.demographic_models import DemographicModels, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +97,13 @@ class Checked(Generic[T]):
         return {**self.prediction.row(), "qc_pass": self.verdict.passed, "qc_failed": list(self.verdict.failed),
                 "qc_checked": list(self.verdict.checked), "qc_tries": self.tries,
                 "qc_seed": retry_seed(seed, self.attempt)}
+
+
+def tags(row: dict[str, Any]) -> dict[str, str]:
+    """The image file's QC tags from its manifest columns (`Checked.row`): the seed that made its pixels, tries,
+    pass."""
+    return {"qc_seed": str(row["qc_seed"]), "qc_tries": str(row["qc_tries"]),
+            "qc_pass": "true" if row["qc_pass"] else "false"}
 
 
 def check_and_regenerate(items: Sequence[T], requested: Sequence[Demographics],

@@ -226,3 +226,121 @@ def test_training_refuses_a_manifest_without_the_column(tmp_path):
     with pytest.raises(Exception) as exc:
         train_models(TrainConfig(manifest=str(tmp_path / "real.csv"), out=str(tmp_path / "qc"), tasks=["race"]))
     assert "--race-column 'race'" in str(exc.value) and not (tmp_path / "qc").exists()
+
+
+# ---------------------------------------------------------------- inside inference.generate (the tiny pipeline)
+
+class _PixelAge(nn.Module):
+    """A stand-in for the riken age model (TorchScript, years): one pixel's value, hashed into 0-100 years, so
+    whether an image passes looks random across seeds but is fixed for each image."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x[:, :1, 160, 160] * 1000.0).remainder(100.0)
+
+
+@pytest.fixture()
+def qc_cfg(tmp_path, tiny_model_dir):
+    from inference.config import GenerateConfig
+    models = tmp_path / "qc_models"
+    models.mkdir()
+    torch.jit.script(_PixelAge()).save(str(models / "age-riken.pt"))
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("prompt,n,sex,age,race\nClear lungs.,4,F,50,\nSmall left effusion.,4,M,50,WHITE\n")
+    return GenerateConfig(prompts=str(prompts), out=str(tmp_path / "out"), model=str(tiny_model_dir), steps=2,
+                          height=32, width=32, seed=5, guidance=2.0, batch_size=3, demographics_template="roentgen",
+                          qc=str(models), qc_tries=3)
+
+
+def _rows(out) -> dict[str, dict]:
+    from cxrcommon.atomic import read_jsonl
+    return {r["key"]: r for r in read_jsonl(out / "manifest.jsonl")}
+
+
+def _pixels(out, rows) -> dict[str, np.ndarray]:
+    from cxrcommon.imageio import read_image
+    return {k: read_image(out / k) for k in rows}
+
+
+QC_COLUMNS = ("qc_pass", "qc_tries", "qc_seed", "qc_failed", "qc_age", "qc_age_band")
+
+
+def test_generate_regenerates_failures_and_records_the_check(qc_cfg, tmp_path, caplog):
+    import dataclasses
+
+    from cxrcommon.imageio import read_png_text
+    from inference.generate import generate
+    with caplog.at_level("INFO", logger="inference.qc"):
+        s = generate(qc_cfg)
+    rows = _rows(s.out)
+    assert s.generated == len(rows) == 8
+    for key, r in rows.items():
+        assert r["qc_checked"] == ["age"] and r["age"] == 50
+        assert 1 <= r["qc_tries"] <= 3 and r["qc_pass"] == (r["qc_failed"] == [])
+        assert r["qc_pass"] == (abs(r["qc_age"] - 50) <= 16 or r["qc_age_band"] == "40-65")
+        assert r["qc_pass"] or r["qc_tries"] == 3                    # a failure used every try
+        assert (r["qc_seed"] == r["seed"]) == (r["qc_tries"] == 1)   # try 0 is the job's own seed
+        assert read_png_text(s.out / key)["qc_seed"] == str(r["qc_seed"])
+    tries = [r["qc_tries"] for r in rows.values()]
+    assert min(tries) == 1 and max(tries) > 1, tries                  # the toy check passes some, fails some
+    # an image that passed at once is the very image a run without --qc makes; a regenerated one is not
+    plain = generate(dataclasses.replace(qc_cfg, qc=None, out=str(tmp_path / "plain")))
+    ref = _pixels(plain.out, rows)
+    got = _pixels(s.out, rows)
+    assert all(np.array_equal(got[k], ref[k]) == (rows[k]["qc_tries"] == 1) for k in rows)
+    assert "QC failure rate, sex F:" in caplog.text and "QC failure rate, age 40-65:" in caplog.text
+    assert "race WHITE" in caplog.text and "8 image(s) checked" in caplog.text
+
+
+def test_qc_resumes_like_the_rest_and_more_tries_retry_only_failures(qc_cfg, tmp_path, monkeypatch):
+    import dataclasses
+
+    import inference.generate
+    from inference.generate import generate
+    ref = generate(dataclasses.replace(qc_cfg, out=str(tmp_path / "ref"))).out
+    seen = []
+
+    def crash(path):
+        seen.append(path)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        generate(qc_cfg, on_image=crash)
+    resumed = generate(qc_cfg)
+    assert resumed.skipped == 3 and resumed.generated == 5
+    strip = ("created",)
+    a, b = _rows(ref), _rows(resumed.out)
+    assert {k: {c: v for c, v in r.items() if c not in strip} for k, r in a.items()} == \
+           {k: {c: v for c, v in r.items() if c not in strip} for k, r in b.items()}
+    assert all(np.array_equal(x, y) for x, y in zip(_pixels(ref, a).values(), _pixels(resumed.out, a).values()))
+    # more tries: only the failures are made again, from where they stopped, as one run with 5 tries would
+    failed = [k for k, r in a.items() if not r["qc_pass"]]
+    before = {k: (resumed.out / k).stat().st_mtime_ns for k in a}
+    made_tries = []
+
+    def spy(seed, attempt):
+        made_tries.append(attempt)
+        return retry_seed(seed, attempt)
+    monkeypatch.setattr(inference.generate, "retry_seed", spy)
+    more = generate(dataclasses.replace(qc_cfg, qc_tries=5))
+    monkeypatch.undo()
+    assert made_tries and min(made_tries) == 3      # tries 0-2 were spent by the earlier run
+    assert more.generated == len(failed) and more.skipped == 8 - len(failed)
+    assert all((resumed.out / k).stat().st_mtime_ns == before[k] for k in a if k not in failed)
+    direct = generate(dataclasses.replace(qc_cfg, qc_tries=5, out=str(tmp_path / "five"))).out
+    c, d = _rows(resumed.out), _rows(direct)
+    assert {k: (r["qc_tries"], r["qc_seed"], r["qc_pass"]) for k, r in c.items()} == \
+           {k: (r["qc_tries"], r["qc_seed"], r["qc_pass"]) for k, r in d.items()}
+
+
+def test_qc_weights_in_a_wrong_format_stop_the_job_in_one_line_before_anything_is_written(qc_cfg, tmp_path):
+    import dataclasses
+
+    from cxrcommon.errors import UserError
+    from inference.generate import generate
+    bad = tmp_path / "bad_qc"
+    bad.mkdir()
+    (bad / "race-emory.safetensors").write_bytes(b"not safetensors at all")
+    with pytest.raises(UserError) as exc:
+        generate(dataclasses.replace(qc_cfg, qc=str(bad)))
+    assert "race-emory.safetensors" in _one_line(exc) and not (tmp_path / "out").exists()
