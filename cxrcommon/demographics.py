@@ -153,7 +153,8 @@ def drop_fields(d: Demographics, p: float, seed: int, key: str) -> Demographics:
 def card_template(folder: str | Path) -> str | None:
     """The demographics form a model or LoRA folder was trained with, from its model card (README.md front
     matter, written by finetune.card); the parent folder's card counts too (a LoRA saved in <run>/lora).
-    None when no card says: the model was not trained with demographics."""
+    "none" when the card says it was trained without them; None when no card says anything (then a base
+    model's card may)."""
     for card in (Path(folder) / "README.md", Path(folder).parent / "README.md"):
         if card.is_file():
             text = card.read_text(encoding="utf-8", errors="replace")
@@ -164,5 +165,5 @@ def card_template(folder: str | Path) -> str | None:
                     continue
                 form = (front.get(CARD_KEY) or {}).get("demographics_template") if isinstance(front, dict) else None
                 if form:
-                    return None if form == "none" else str(form)
+                    return str(form)
     return None

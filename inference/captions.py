@@ -72,7 +72,9 @@ def caption_form(choice: str, cards: Sequence[Path], *, asked_for: int = 0, wher
     """
     if choice not in TEMPLATES:
         raise UserError(f"--demographics-template {choice!r} is not one of {', '.join(TEMPLATES)}")
-    found = next((form for form in map(card_template, cards) if form), None)
+    found = next((form for form in map(card_template, cards) if form is not None), None)
+    if found == "none":  # the most specific card says: trained without demographics
+        found = None
     if choice == "none":
         if asked_for:
             log.warning("--demographics-template none: the sex/age/race of %d prompt(s) are left out of the "

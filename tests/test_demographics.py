@@ -102,4 +102,12 @@ def test_the_card_records_the_form_for_generation(tmp_path):
     assert "sex:Female, age:71.0, race:White. Moderate left pleural effusion." in text
     write_model_card(tmp_path, TrainConfig(demographics_template="none"), n_train=1, n_val=0, steps=1,
                      final_loss=None, mixed_precision="no", prediction_type="epsilon")
-    assert card_template(tmp_path) is None
+    assert card_template(tmp_path) == "none"  # said, not unknown: a base model's card must not override it
+    assert card_template(tmp_path / "lora" / "nothing") is None
+    from inference.captions import caption_form
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "README.md").write_text("---\nsynthcxr:\n  demographics_template: roentgen\n---\n")
+    assert caption_form("auto", [base]) == "roentgen"
+    with pytest.raises(UserError, match="names a demographics template"):
+        caption_form("auto", [tmp_path / "lora", base], asked_for=1)  # the LoRA's own card wins
