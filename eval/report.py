@@ -44,6 +44,7 @@ from .cache import default_cache_dir
 from .cli import parse, user_errors
 from .features import SPECS, Backbone, embed_paths, load_backbone
 from .fid import BY_KEYS, FidConfig, evaluate
+from .privacy import PrivacyConfig, build_scorer, input_paths, privacy, suspicion_order, write_flags
 from .sources import list_images, subsample
 from .subgroups import check_by, sections, split_by
 
@@ -73,7 +74,8 @@ class ReportConfig:
                                   "PRDC backbone, and the leaderboard comparison")
     clip_weights: str = field("", "openai/clip-vit-base-patch32 folder; adds clip (RoentGen's CLIP FID)")
     xrv_weights: str = field("", "torchxrayvision DenseNet-121 'all' .safetensors file; adds xrv (RoentGen)")
-    n: int = field(0, "use a seeded random subset of N images per set for FID/KID/PRDC (0 = all)")
+    n: int = field(0, "use a seeded random subset of N images per set for FID/KID/PRDC and nearest neighbours "
+                   "(0 = all; privacy checks every synthetic image)")
     seed: int = field(0, "seed for --n, KID subsets and bootstrap resamples")
     k: int = field(5, "nearest neighbours for PRDC (CheXGenBench: 5) and privacy's training-image scale")
     kid_subsets: int = field(100, "KID: number of random subsets")
@@ -115,7 +117,7 @@ class Plan:
     by: list[str]                 # --by columns, "label" first when per-label metrics run
     label_note: str               # why there are no per-label metrics ("" when there are)
     nn_spec: str                  # backbone of the nearest-neighbour distributions
-    privacy: Any                  # eval.privacy.PrivacyConfig, or None without --train
+    privacy: PrivacyConfig | None  # None without --train
 
 
 def backbone_specs(cfg: ReportConfig) -> tuple[list[str], dict[str, str]]:
@@ -181,13 +183,12 @@ def plan(cfg: ReportConfig) -> Plan:
                 _privacy_config(cfg, weights))
 
 
-def _privacy_config(cfg: ReportConfig, weights: dict[str, str]) -> Any:
+def _privacy_config(cfg: ReportConfig, weights: dict[str, str]) -> PrivacyConfig | None:
     """eval.privacy's settings from ours (None without --train); its inputs checked as eval.privacy would."""
     if not cfg.train:
         if cfg.reid_weights or cfg.reid_train:
             raise UserError("--reid-weights / --reid-train need --train (the training images to score against)")
         return None
-    from .privacy import PrivacyConfig, input_paths
     feats = cfg.privacy_features
     if feats == "auto":
         feats = "rad-dino" if "rad-dino" in weights else next(iter(weights))
@@ -199,9 +200,9 @@ def _privacy_config(cfg: ReportConfig, weights: dict[str, str]) -> Any:
     pcfg = PrivacyConfig(train=cfg.train, fake=cfg.fake, out=cfg.out, image_column=cfg.image_column,
                          text_column=cfg.text_column, prompt_key=cfg.prompt_key, k=cfg.k, copy_ratio=cfg.copy_ratio,
                          features=feats, feature_weights=weights.get(feats, ""), reid_weights=cfg.reid_weights,
-                         reid_train=cfg.reid_train,
-                         patient_column=cfg.patient_column, reid_threshold=cfg.reid_threshold,
-                         batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, cache_dir=cfg.cache_dir)
+                         reid_train=cfg.reid_train, patient_column=cfg.patient_column,
+                         reid_threshold=cfg.reid_threshold, batch_size=cfg.batch_size, seed=cfg.seed,
+                         device=cfg.device, cache_dir=cfg.cache_dir)
     input_paths(pcfg)
     return pcfg
 
@@ -267,10 +268,10 @@ def report(cfg: ReportConfig, progress: Callable[[str], None] = log.info) -> dic
     backbones = {s: load_backbone(s, weights=p.weights[s] or None, device=cfg.device) for s in p.specs}
     scorer = verification = None
     if p.privacy is not None:
-        from .privacy import build_scorer
         scorer, verification = build_scorer(p.privacy)
     metrics: dict[str, dict[str, Any]] = {}
     warnings: list[str] = []
+    nn: dict[str, Any] = {}
     for spec, backbone in backbones.items():
         progress(f"FID / KID / PRDC on {spec}" + (f", per {', '.join(p.by)}" if p.by else ""))
         fcfg = _fid_config(cfg, spec, p.weights[spec], p.by)
@@ -296,7 +297,6 @@ def report(cfg: ReportConfig, progress: Callable[[str], None] = log.info) -> dic
                                "this_run": metrics["rad-dino"]["fid"]}
     rows: list[dict[str, Any]] = []
     if p.privacy is not None:
-        from .privacy import privacy
         priv = privacy(p.privacy, scorer, verification, progress)
         rows = priv.pop("rows")
         result["privacy"] = priv
@@ -414,7 +414,6 @@ def _metric_rows(metrics: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _sections(result: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, str]:
     from .outputs import markdown_table
-    from .privacy import suspicion_order
     metrics, nn, priv, ref = result["metrics"], result["nearest_neighbour"], result["privacy"], result["reference"]
     out = {"Distribution metrics (FID, KID, PRDC)": markdown_table(_metric_rows(metrics)) + "\n\n" + "  \n".join(
         f"{s}: resize {r['resize']}" for s, r in metrics.items())}
@@ -477,7 +476,6 @@ def write(cfg: ReportConfig, result: dict[str, Any]) -> dict[str, str]:
     out = Path(cfg.out)
     priv = result["privacy"]
     if priv is not None:
-        from .privacy import write_flags
         from .reid import save_reid
         if scorer is not None:
             priv["reid_scorer"] = str(save_reid(scorer, out / "reid_scorer.safetensors", **priv["verification"]))
