@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +32,7 @@ import torch
 
 from cxrcommon.atomic import atomic_write_text
 from cxrcommon.config import parse_config
+from cxrcommon.demographics import CARD_KEY
 from cxrcommon.logs import setup_logging
 from phantoms.recipe import GUIDANCE, PROMPTS, STEPS, EmbeddedConfig, make_data, score_adherence
 
@@ -54,11 +56,18 @@ def generate(pipe: Any, prompt: str, n: int, *, seed: int = 0, steps: int = STEP
         guidance: CFG scale, >= 1 (GUIDANCE = 2.0; 1 = no guidance).
         batch: images per sampler call, >= 1 (memory only; the pixels do not depend on it).
     Returns: n float32 (H, W) gray images in [0, 1], H = W = the model's native size."""
+    return generate_each(pipe, [prompt] * n, seed=seed, steps=steps, guidance=guidance, batch=batch)
+
+
+def generate_each(pipe: Any, prompts: Sequence[str], *, seed: int = 0, steps: int = STEPS,
+                  guidance: float = GUIDANCE, batch: int = 25) -> list[np.ndarray]:
+    """One image per prompt, image i with seed + i; like generate (same arguments), for prompts that differ
+    (say each with its own patient age)."""
     from inference.sampler import CXRSampler, Request
     sampler = CXRSampler(pipe, device=pipe.device, dtype=pipe.unet.dtype)
     size = sampler.native_size
-    requests = [Request(prompt, seed + i) for i in range(n)]
-    return [im for lo in range(0, n, batch)
+    requests = [Request(prompt, seed + i) for i, prompt in enumerate(prompts)]
+    return [im for lo in range(0, len(requests), batch)
             for im in sampler.generate(requests[lo:lo + batch], height=size, width=size, steps=steps,
                                        guidance=guidance)]
 
@@ -145,6 +154,7 @@ def train_stage(cfg: EmbeddedConfig, model: Path, data: Path, name: str, steps: 
     tc = TrainConfig(model=str(model), output_dir=str(out), train="unet+text_encoder", seed=cfg.seed,
                      train_data=str(data), patient_column="patient_id", val_fraction=0.02,
                      resolution=cfg.resolution, caption_dropout=cfg.caption_dropout, cache_latents=True,
+                     demographics_template="roentgen", demographics_dropout=cfg.demographics_dropout,
                      train_batch_size=cfg.train_batch_size, max_train_steps=steps,
                      learning_rate=learning_rate or cfg.learning_rate, snr_gamma=snr_gamma, lr_scheduler="cosine",
                      lr_warmup_steps=cfg.lr_warmup_steps, mixed_precision="no", device="cpu",
@@ -167,7 +177,7 @@ def _check_finished_stage(out: Path, tc: Any) -> None:
     from cxrcommon.config import load_yaml
     saved = load_yaml(out / "train_config.yaml") if (out / "train_config.yaml").is_file() else {}
     keys = ("model", "train_data", "max_train_steps", "learning_rate", "snr_gamma", "train_batch_size", "seed",
-            "resolution", "caption_dropout", "lr_warmup_steps")
+            "resolution", "caption_dropout", "lr_warmup_steps", "demographics_template", "demographics_dropout")
     changed = [f"{k}: {saved.get(k)!r} -> {getattr(tc, k)!r}" for k in keys if saved.get(k) != getattr(tc, k)]
     if changed:
         raise SystemExit(f"{out} holds a finished stage trained with other settings ({'; '.join(changed)}); "
@@ -206,6 +216,9 @@ def model_card(cfg: EmbeddedConfig, *, kind: str, stages: dict[str, Any], scores
     return f"""---
 library_name: diffusers
 tags: [stable-diffusion, text-to-image, chest-x-ray-phantom, synthetic-data, demonstrator]
+{CARD_KEY}:
+  demographics_template: roentgen
+  demographics_dropout: {cfg.demographics_dropout}
 ---
 # synthcxr embedded {'base (no effusion)' if base else 'model'}: a chest-PHANTOM demonstrator
 
@@ -237,6 +250,12 @@ loaded as fp32.
 {'' if base else f"- main: the base trained further for {cfg.main_steps} steps on all phantoms (effusions included)."}
 {'' if base or not cfg.lateral_steps else f"- lateral: then {cfg.lateral_steps} steps (lr {cfg.lateral_learning_rate}, "
     f"min-SNR gamma {cfg.lateral_snr_gamma}) on the phantoms without a bilateral effusion, to teach left vs right."}
+{'' if base or not cfg.demographics_steps else f"- demographics: then {cfg.demographics_steps} steps with the same "
+    f"settings and data{f', starting from {cfg.start_from}' if cfg.start_from else ''}, to teach the sex and age cues."}
+- captions: the patient's demographics first, RoentGen-v2 form without race ("71 year old female. <report>"; each
+  field left out with probability {cfg.demographics_dropout}); {cfg.long_caption_prob:.0%} of reports behind
+  >= 80 tokens of report filler. Phantoms draw sex (breast shadows) and age-band cues (bone density, aortic knob
+  unfolding, a calcified knob over 65); race has no phantom cue and is never written.
 - wall time: {stages.get('minutes', float('nan')):.0f} min for all stages on a 2-core CPU ({cfg.threads} torch threads).
 {f"- note: {cfg.notes}" if cfg.notes else ""}
 
@@ -260,6 +279,8 @@ Laterality: PA view, the patient's LEFT is on the IMAGE RIGHT.
 
 def run(cfg: EmbeddedConfig) -> dict[str, Path]:
     """All stages; returns the exported folders."""
+    from cxrcommon.atomic import atomic_dir
+
     from .vae import load_images, train_vae
     torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
@@ -268,8 +289,14 @@ def run(cfg: EmbeddedConfig) -> dict[str, Path]:
     stages: dict[str, Any] = json.loads(stages_path.read_text()) if stages_path.is_file() else {}
     meta, no_eff, one_sided = make_data(cfg)
     stages["n_no_effusion"] = sum(1 for line in no_eff.read_text().splitlines() if line.strip())
+    if cfg.start_from:
+        main = train_stage(cfg, Path(cfg.start_from), one_sided, "demographics", cfg.demographics_steps,
+                           cfg.lateral_learning_rate, cfg.lateral_snr_gamma)
+        return _export(cfg, stages, t0, (("main", main, cfg.out),))
     vae_dir = work / "vae"
-    if not (vae_dir / "config.json").is_file():
+    if not (vae_dir / "config.json").is_file() and cfg.vae_from:
+        atomic_dir(vae_dir, lambda tmp: shutil.copytree(cfg.vae_from, tmp, dirs_exist_ok=True))
+    elif not (vae_dir / "config.json").is_file():
         images = load_images(str(no_eff), "image", cfg.resolution)
         _, l1s = train_vae(images, Path(cfg.config_dir) / "vae", vae_dir, steps=cfg.vae_steps,
                            batch_size=cfg.vae_batch_size, learning_rate=cfg.vae_learning_rate, seed=cfg.seed)
@@ -282,10 +309,19 @@ def run(cfg: EmbeddedConfig) -> dict[str, Path]:
     if cfg.lateral_steps:
         main = train_stage(cfg, main, one_sided, "lateral", cfg.lateral_steps, cfg.lateral_learning_rate,
                            cfg.lateral_snr_gamma)
+    if cfg.demographics_steps:
+        main = train_stage(cfg, main, one_sided, "demographics", cfg.demographics_steps, cfg.lateral_learning_rate,
+                           cfg.lateral_snr_gamma)
+    return _export(cfg, stages, t0, (("base", base, cfg.base_out), ("main", main, cfg.out)))
+
+
+def _export(cfg: EmbeddedConfig, stages: dict[str, Any], t0: float,
+            models: Sequence[tuple[str, Path, str]]) -> dict[str, Path]:
+    """Record the wall time, then export each (kind, trained pipeline, destination) with its measured card."""
     stages["minutes"] = stages.get("minutes", 0.0) + (time.perf_counter() - t0) / 60
-    atomic_write_text(stages_path, json.dumps(stages, indent=1))
+    atomic_write_text(Path(cfg.work_dir) / "stages.json", json.dumps(stages, indent=1))
     done = {}
-    for kind, src, dst in (("base", base, cfg.base_out), ("main", main, cfg.out)):
+    for kind, src, dst in models:
         export(src, dst, model_card(cfg, kind=kind, stages=stages, scores=None))
         scores = adherence(load(dst), cfg.eval_per_class, steps=cfg.eval_steps, guidance=cfg.guidance_scale) \
             if cfg.eval_per_class else None

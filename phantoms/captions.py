@@ -99,8 +99,9 @@ def caption(spec: PhantomSpec, rng: np.random.Generator) -> str:
     return " ".join(sentences)
 
 
-# Report text that says nothing a phantom could contradict: history, technique and normal anatomy in
-# MIMIC's words. Put before a caption it pushes the finding past CLIP's 77th token (long_report).
+# Report text that says nothing a phantom could contradict, age and sex included (the phantoms draw their
+# cues): history, technique and normal anatomy in MIMIC's words. Put before a caption it pushes the finding
+# past CLIP's 77th token (long_report).
 FILLER = (
     ("History of shortness of breath and cough for three days, evaluate for pneumonia.",
      "Chest pain and dyspnea in a patient with known coronary artery disease.",
@@ -110,9 +111,9 @@ FILLER = (
      "A portable AP radiograph of the chest was acquired at the bedside."),
     ("The trachea is midline and the mediastinal contours are within normal limits.",
      "Hilar contours are unremarkable without evidence of lymphadenopathy.",
-     "The aorta is mildly tortuous with atherosclerotic calcification of the aortic knob."),
+     "The cardiomediastinal silhouette is unchanged in appearance from the prior study."),
     ("The visualized osseous structures are intact without acute fracture or dislocation.",
-     "Degenerative changes are noted in the thoracic spine with mild multilevel osteophytes.",
+     "The thoracic spine is partially imaged and its alignment is maintained.",
      "There are no displaced rib fractures and the soft tissues are unremarkable."),
     ("The upper abdomen is unremarkable and there is no free air under the diaphragm.",
      "The pulmonary vasculature is within normal limits without evidence of vascular congestion.",

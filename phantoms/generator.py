@@ -5,6 +5,11 @@ images whose findings are known exactly, so an analytic scorer (phantoms.score) 
 model draws what the prompt asks for. Their report captions are phantoms.captions; a data set on disk
 is phantoms.dataset.
 
+Demographics: every phantom has a sex and an age with cues a radiologist would name: breast soft-tissue
+shadows over the lower zones in women; with age, fainter bones (osteopenia), an unfolded aortic knob and,
+over 65, a calcified rim on it. The cues step at the age bands' edges (<40, 40-65, >65; a phantom
+simplification, so a band can be read back from the image); race has no honest phantom cue and is not drawn.
+
 Conventions: PA view, so the patient's LEFT is on the IMAGE RIGHT. Geometry is in unit coordinates
 (u = x / size, v = y / size); each structure adds "density" D, and the image is 1 - exp(-gain * D),
 so bones and metal saturate the way they do on film.
@@ -18,6 +23,8 @@ from typing import Iterable, Mapping, Sequence
 import cv2
 import numpy as np
 
+from cxrcommon.demographics import AGE_BANDS
+
 SIDES = ("left", "right")
 EFFUSION_SIZES = ("small", "moderate", "large")
 ZONES = ("upper", "mid", "lower")
@@ -28,6 +35,12 @@ DEFAULT_PROBS: dict[str, float] = {"effusion": 0.3, "cardiomegaly": 0.25, "conso
 CARDIOMEGALY_CTR = 0.55  # CTR above this is labelled cardiomegaly
 # fluid height above the costophrenic angle, as a fraction of lung height, per effusion size
 EFFUSION_HEIGHT = {"small": (0.10, 0.16), "moderate": (0.28, 0.38), "large": (0.50, 0.62)}
+SEXES = ("F", "M")
+AGE_RANGE = (20, 90)  # ages drawn uniformly from this range, both ends included
+# per age band (<40, 40-65, >65): bone density, extra aortic knob radius (u), calcified knob rim
+BONE_DENSITY = (1.0, 0.7, 0.4)
+KNOB_UNFOLDING = (0.0, 0.02, 0.04)
+KNOB_CALCIFIED = (False, False, True)
 _SHIFT = 4  # cv2 sub-pixel bits
 _ONE = 1 << _SHIFT
 
@@ -54,6 +67,13 @@ class PhantomSpec:
     nodule_radius: float = 0.0       # u
     devices: tuple[str, ...] = ()    # subset of DEVICES
     text: tuple[tuple[str, float, float, float], ...] = ()  # (string, u, v, cap height in u)
+    sex: str = "M"                   # M|F: breast shadows in F
+    age: int = 30                    # years: bone density and the aortic knob follow its band
+
+    @property
+    def age_level(self) -> int:
+        """0, 1, 2 for the age bands <40, 40-65, >65 (cxrcommon.demographics.AGE_BANDS)."""
+        return next(k for k, (_, lo, hi) in enumerate(AGE_BANDS) if lo <= self.age < hi)
 
     @property
     def cardiomegaly(self) -> bool:
@@ -105,6 +125,9 @@ def sample_spec(rng: np.random.Generator, *, exclude: Iterable[str] = (),
         kw["devices"] = tuple(sorted(rng.choice(DEVICES, size=k, replace=False).tolist()))
     if has["text"]:
         kw["text"] = _sample_text(rng)
+    # drawn last, so the rest of a seed's spec is what it was before phantoms had demographics
+    kw["sex"] = str(rng.choice(SEXES))
+    kw["age"] = int(rng.integers(AGE_RANGE[0], AGE_RANGE[1] + 1))
     return PhantomSpec(**kw)
 
 
@@ -133,7 +156,7 @@ def labels(spec: PhantomSpec) -> dict:
            "cardiomegaly": spec.cardiomegaly, "ctr": round(spec.ctr, 4),
            "consolidation": spec.consolidation, "pneumothorax": spec.pneumothorax,
            "nodule": spec.nodule, **{d: d in spec.devices for d in DEVICES},
-           "burnt_in_text": bool(spec.text)}
+           "burnt_in_text": bool(spec.text), "sex": spec.sex, "age": spec.age}
     out["normal"] = (spec.effusion == "none" and not spec.cardiomegaly and spec.consolidation == "none"
                      and spec.pneumothorax == "none" and spec.nodule == "none")
     return out
@@ -226,7 +249,28 @@ def _heart_mask(cv: _Canvas, spec: PhantomSpec) -> np.ndarray:
     c, top = spec.cx, 0.0
     media = np.array([[c - 0.045, top], [c + 0.045, top], [c + 0.05, 0.25], [c + 0.085, 0.30],
                       [c + 0.075, 0.36], [c + 0.07, hc[1]], [c - 0.06, hc[1]], [c - 0.055, 0.30]])
-    return np.maximum(heart, cv.poly(media))
+    knob = cv.disc(*_knob(spec)) if KNOB_UNFOLDING[spec.age_level] else 0.0
+    return np.maximum(np.maximum(heart, cv.poly(media)), knob)
+
+
+def _knob(spec: PhantomSpec) -> tuple[float, float, float]:
+    """(u, v, radius) of the aortic knob as it unfolds with age, on the patient's left of the upper mediastinum."""
+    r = 0.035 + KNOB_UNFOLDING[spec.age_level]
+    return spec.cx + 0.085 + r - 0.045, 0.30 - 0.3 * (r - 0.035), r
+
+
+def _breasts(cv: _Canvas, spec: PhantomSpec, rng: np.random.Generator) -> np.ndarray:
+    """Breast soft-tissue shadows: a dome over each lower zone and costophrenic angle, faint at the top and
+    densest at its sharp inferior (inframammary) edge, which lies over the upper abdomen below the lungs."""
+    U, V = np.meshgrid(cv.px, cv.px)
+    out = np.zeros_like(U)
+    cp = (spec.cp_left + spec.cp_right) / 2
+    amp, ru, rv = rng.uniform(0.45, 0.6), rng.uniform(0.15, 0.19), rng.uniform(0.13, 0.16)
+    for s in (-1.0, 1.0):
+        uc, vc = spec.cx + s * rng.uniform(0.23, 0.27), cp - rng.uniform(-0.01, 0.02)
+        inside = cv.blur((((U - uc) / ru) ** 2 + ((V - vc) / rv) ** 2 < 1).astype(np.float32), 0.006)
+        out += inside * np.clip((V - (vc - rv)) / (1.6 * rv), 0, 1) ** 1.5
+    return amp * out
 
 
 def _effusion_mask(spec: PhantomSpec, side: str, lung: np.ndarray, cv: _Canvas) -> np.ndarray:
@@ -263,7 +307,7 @@ def render(spec: PhantomSpec, size: int = 128, seed: int | None = None) -> tuple
         raise ValueError(f"size {size} is too small to draw a chest; use 16 or more")
     base = spec.seed if seed is None else seed
     # separate streams, so adding a finding never changes the anatomy or the noise elsewhere
-    rng, frng, nrng = (np.random.default_rng([base, k]) for k in range(3))
+    rng, frng, nrng, drng = (np.random.default_rng([base, k]) for k in range(4))
     cv = _Canvas(size)
     c, hw, top = spec.cx, spec.half_width, spec.lung_top
     cp_mean = (spec.cp_left + spec.cp_right) / 2
@@ -335,7 +379,18 @@ def render(spec: PhantomSpec, size: int = 128, seed: int | None = None) -> tuple
         D += 0.45 * cv.blur(cv.disc(u0, v0, spec.nodule_radius), 0.004)
     D = D * (1 - fluid) + 1.05 * fluid
 
-    # bones: posterior and anterior ribs, clavicles, humeral heads, faint spine
+    # demographics: breast shadows (F), a calcified rim on the aortic knob (>65)
+    if spec.sex == "F":
+        D += _breasts(cv, spec, drng)
+    if KNOB_CALCIFIED[spec.age_level]:
+        ku, kv, kr = _knob(spec)
+        m = np.zeros((size, size), np.uint8)
+        cv2.ellipse(m, tuple(int(round(a * size * _ONE)) for a in (ku, kv)), (int(round(kr * size * _ONE)),) * 2,
+                    0, 160, 340, 255, cv.width(0.028), cv2.LINE_AA, _SHIFT)
+        D += 1.4 * m.astype(np.float32) / 255.0
+
+    # bones: posterior and anterior ribs, clavicles, humeral heads, faint spine; fainter with age
+    bone = BONE_DENSITY[spec.age_level]
     ribs, front = [], []
     for side in SIDES:
         s = 1.0 if side == "left" else -1.0
@@ -350,11 +405,12 @@ def render(spec: PhantomSpec, size: int = 128, seed: int | None = None) -> tuple
                 front.append(np.stack([c + s * (hw + 0.01 - q * (hw - 0.1)), y0 + 0.05 + 0.09 * q ** 1.5], 1))
         q = np.linspace(0, 1, 8)
         clav = np.stack([c + s * (0.03 + q * (hw + 0.08)), top + 0.05 - 0.07 * q + 0.02 * np.sin(np.pi * q)], 1)
-        D += 0.45 * cv.blur(cv.lines([clav], 0.026), 0.004)
-        D += 0.5 * cv.blur(cv.disc(c + s * (bw + 0.1), top + 0.02, 0.07), 0.01)
+        D += bone * 0.45 * cv.blur(cv.lines([clav], 0.026), 0.004)
+        D += bone * 0.5 * cv.blur(cv.disc(c + s * (bw + 0.1), top + 0.02, 0.07), 0.01)
     over_lung = 0.3 + 0.7 * cv.blur(lung, 0.02)
-    D += (0.2 * cv.blur(cv.lines(ribs, 0.016), 0.003) + 0.08 * cv.blur(cv.lines(front, 0.014), 0.004)) * over_lung
-    D += 0.15 * np.exp(-((U - c) / 0.03) ** 2) * (V > top)
+    D += bone * (0.2 * cv.blur(cv.lines(ribs, 0.016), 0.003)
+                 + 0.08 * cv.blur(cv.lines(front, 0.014), 0.004)) * over_lung
+    D += bone * 0.15 * np.exp(-((U - c) / 0.03) ** 2) * (V > top)
 
     # support devices (metal)
     for dev in spec.devices:

@@ -22,7 +22,7 @@ from cxrcommon.config import field
 from cxrcommon.models import EMBEDDED_GUIDANCE, EMBEDDED_STEPS
 
 from . import score
-from .captions import caption
+from .captions import caption, long_report
 from .dataset import make_dataset
 from .generator import render, sample_spec
 
@@ -49,6 +49,9 @@ class EmbeddedConfig:
     effusion_prob: float = field(0.5, "probability that a phantom has a pleural effusion (generator default 0.3)")
     data_seed: int = field(0, "phantom data set seed")
     resolution: int = field(64, "image size (the latent is resolution / 4)")
+    vae_from: str = field("", "reuse this trained VAE folder instead of training one (the release before demographics: "
+                              "its VAE, trained on phantoms without effusion, reads their sex and age cues back, see "
+                              "docs/BENCHMARKS.md); empty trains one")
     vae_steps: int = field(250, "VAE optimizer steps")
     vae_batch_size: int = field(16, "VAE images per step")
     vae_learning_rate: float = field(2e-3, "VAE learning rate")
@@ -58,10 +61,21 @@ class EmbeddedConfig:
                                     "weighting, to teach left vs right (0 skips; the shipped model is the last stage)")
     lateral_learning_rate: float = field(3e-4, "learning rate of that stage")
     lateral_snr_gamma: float = field(5.0, "min-SNR gamma of that stage (weights the noisy steps that fix layout)")
+    demographics_steps: int = field(1000, "then steps on the same phantoms with the same settings, to teach the sex "
+                                          "and age cues (0 skips; the shipped model is the last stage)")
+    start_from: str = field("", "an exported embedded model to continue with the demographics stage only (no VAE, "
+                                "base, main or lateral stage; the base is not exported): how the release with "
+                                "demographics was made from the one before")
     train_batch_size: int = field(16, "images per UNet step")
     learning_rate: float = field(6e-4, "UNet + text encoder learning rate (both stages)")
     lr_warmup_steps: int = field(100, "linear warm-up steps of each stage")
     caption_dropout: float = field(0.1, "empty-caption probability, so classifier-free guidance works")
+    demographics_dropout: float = field(0.3, "each demographic field (sex, age) of a caption is left out with this "
+                                             "probability, so prompts without demographics still work (0.09 of "
+                                             "captions carry none)")
+    long_caption_prob: float = field(0.2, "share of captions put behind >= 80 CLIP tokens of report filler "
+                                          "(phantoms.captions.long_report), so demographics and a finding survive "
+                                          "a long report between them")
     checkpointing_steps: int = field(100, "resumable checkpoint every N steps")
     threads: int = field(2, "torch CPU threads (on a quiet 2-core machine a UNet step of batch 16 took ~0.38 s "
                                     "on 2 threads, 0.60 s on 1)")
@@ -75,21 +89,31 @@ class EmbeddedConfig:
 
 
 def make_data(cfg: EmbeddedConfig) -> tuple[Path, Path, Path]:
-    """(all phantoms' metadata.jsonl, JSONL manifests of those without effusion and of those without a
-    bilateral one), under <work_dir>/data."""
+    """JSONL manifests (image, text, patient_id, sex, age) of all phantoms, of those without effusion and of
+    those without a bilateral one, under <work_dir>/data.
+
+    The text is the phantom's caption, a share cfg.long_caption_prob of them behind report filler; the sex and
+    age columns are put in front of it by finetune's demographics template (one place, so never twice)."""
+    from cxrcommon.tokenizer import clip_tokenizer
     data = Path(cfg.work_dir) / "data"
     meta = make_dataset(data, cfg.n_images, cfg.resolution, cfg.data_seed,
                         finding_probs={"effusion": cfg.effusion_prob})
     rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rng, tokenizer = np.random.default_rng([cfg.data_seed, 1]), clip_tokenizer()
+    for r in rows:
+        if rng.random() < cfg.long_caption_prob:
+            r["text"] = long_report(r["text"], rng, tokenizer)
+
     def subset(name: str, effusion: tuple[str, ...]) -> tuple[Path, int]:
-        keep = [{"image": r["file_name"], "text": r["text"], "patient_id": r["patient_id"]}
-                for r in rows if r["effusion"] in effusion]
+        keep = [{"image": r["file_name"], "text": r["text"], "patient_id": r["patient_id"], "sex": r["sex"],
+                 "age": r["age"]} for r in rows if r["effusion"] in effusion]
         atomic_write_text(data / name, "".join(json.dumps(r) + "\n" for r in keep))
         return data / name, len(keep)
+    every, _ = subset("all.jsonl", ("none", "left", "right", "bilateral"))
     no_eff, n_none = subset("no_effusion.jsonl", ("none",))
     lateral, n_lat = subset("one_sided.jsonl", ("none", "left", "right"))
     log.info("data: %d phantoms, %d without effusion, %d without a bilateral one", len(rows), n_none, n_lat)
-    return meta, no_eff, lateral
+    return every, no_eff, lateral
 
 
 def score_adherence(images: Mapping[Any, Sequence[np.ndarray]], finding: str = "effusion") -> dict[str, Any]:

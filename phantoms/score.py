@@ -5,8 +5,10 @@ phantom generator (phantoms.generator) draws findings in known places, so simple
 read them back: brightness of each costophrenic region over the upper lung, which lies above even a
 large effusion so a bilateral one reads as bilateral (pleural effusion), and heart width over chest
 width (cardiomegaly), and for pneumothorax the upper lateral lung of each side: collapsed lung leaves a
-darker rim crossed by a sharp pleural line. Works on any size; image RIGHT is the patient's
-LEFT. Thresholds are calibrated on phantoms from one seed range (phantoms.calibrate) and tested on
+darker rim crossed by a sharp pleural line. Demographics: sex from the breast shadows' dense lower edge
+over the upper abdomen, lateral to the midline (read_sex); the age band from the aortic knob, which
+unfolds from 40 on and carries a calcified rim over 65 (read_age_band). Works on any size; image RIGHT is
+the patient's LEFT. Thresholds are calibrated on phantoms from one seed range (phantoms.calibrate) and tested on
 another; rerun `python -m phantoms.calibrate` after changing the generator.
 
 `python -m phantoms.score DIR --out reads.csv` writes what the scorer reads in every image of DIR.
@@ -40,18 +42,24 @@ CALIBRATION_SEED = 1_000_000  # calibration phantoms use seeds from here; tests 
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Decision thresholds; defaults are the output of `calibrate()` (see module docstring)."""
+    """Decision thresholds; defaults are the output of `calibrate()` (see module docstring), but for sex and age."""
     effusion: float = 0.265       # costophrenic minus darkest upper-lung brightness (normalised units)
     bilateral_margin: float = 0.5  # both sides above threshold and within this ratio -> bilateral
     cardiomegaly_ctr: float = 0.55
     pneumothorax: float = 0.023    # |left - right| pneumothorax score above this -> that side
+    # sex and age: between calibrate()'s plateau on raw 64 px phantoms and the one through the embedded model's
+    # VAE (bench/bench_phantoms.py), whose decoder draws every generated image and softens the calcified rim
+    breast: float = 0.01           # lateral minus central upper-abdomen brightness above this -> F
+    knob: float = 0.13             # aortic knob width from the midline (u) above this -> 40 or over
+    calcification: float = 0.08    # knob rim brightness over the heart's, in heart-lung units, above this -> over 65
 
 
 THRESHOLDS = Thresholds()
 
 
-def _gray(img) -> np.ndarray:
-    """Any image (path, PIL, HxW or HxWxC array in 0-1 or 0-255) -> float32 WORK x WORK in [0, 1]."""
+def _gray(img, clip: bool = True) -> np.ndarray:
+    """Any image (path, PIL, HxW or HxWxC array in 0-1 or 0-255) -> float32 WORK x WORK, its 2nd and 98th
+    percentiles at 0 and 1; clipped to [0, 1] unless `clip` is False (bright detail such as calcium stays)."""
     arr = read_image(img) if isinstance(img, (str, Path)) else np.asarray(img)
     if arr.ndim == 3:
         arr = arr[..., :3].mean(axis=2) if arr.shape[2] in (3, 4) else arr.mean(axis=0)
@@ -63,7 +71,8 @@ def _gray(img) -> np.ndarray:
     if arr.shape != (WORK, WORK):
         arr = cv2.resize(arr, (WORK, WORK), interpolation=cv2.INTER_AREA if arr.shape[0] > WORK else cv2.INTER_LINEAR)
     lo, hi = np.percentile(arr, [2, 98])
-    return np.clip((arr - lo) / max(hi - lo, 1e-3), 0, 1)
+    arr = (arr - lo) / max(hi - lo, 1e-3)
+    return np.clip(arr, 0, 1) if clip else arr
 
 
 def _roi(a: np.ndarray, u0: float, u1: float, v0: float, v1: float) -> np.ndarray:
@@ -179,23 +188,68 @@ def has_cardiomegaly(img, thresholds: Thresholds | None = None) -> bool:
     return measure(img)["ctr"] > (thresholds or THRESHOLDS).cardiomegaly_ctr
 
 
+def measure_demographics(img) -> dict:
+    """The sex and age cues of one image: breast (brightness of the upper abdomen lateral to the midline, where
+    the breast shadows' dense lower edges lie, minus that of the centre), knob (width of the aortic knob from
+    the midline, u) and calcification (its brightest tenth over the heart, in heart-minus-lung units)."""
+    a = _gray(img, clip=False)
+    c = _midline(np.clip(a, 0, 1))
+
+    def q(u0: float, u1: float, v0: float, v1: float, pct: float) -> float:
+        return float(np.percentile(_roi(a, max(u0, 0), min(u1, 1), v0, v1), pct))
+    centre = q(c - 0.05, c + 0.05, 0.80, 0.92, 50)
+    breast = np.mean([q(*sorted((c + s * 0.15, c + s * 0.33)), 0.80, 0.92, 50) - centre for s in (1.0, -1.0)])
+    # the brighter upper lung is the reference: a pneumothorax darkens its side
+    heart = q(c - 0.02, c + 0.08, 0.52, 0.64, 50)
+    lung = max(q(*sorted((c + s * 0.18, c + s * 0.32)), 0.24, 0.36, 25) for s in (1.0, -1.0))
+    n = a.shape[0]
+    dark = cv2.GaussianBlur(a, (0, 0), 1.0)[int(0.25 * n):int(0.34 * n), int(round(c * n)):int((c + 0.3) * n)] \
+        < (heart + lung) / 2
+    widths = [(np.argmax(row) if row.any() else row.size) / n for row in dark]  # bright run out from the midline
+    # an opening removes lines thinner than the calcified rim (a pacemaker lead, a central line)
+    rim = cv2.GaussianBlur(cv2.morphologyEx(a, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))),
+                           (0, 0), 2.0)
+    calcium = float(np.percentile(_roi(rim, c + 0.03, c + 0.19, 0.20, 0.32), 75))
+    return {"breast": float(breast), "knob": float(np.percentile(widths, 75)),
+            "calcification": (calcium - heart) / max(heart - lung, 1e-3)}
+
+
+def read_sex(img, thresholds: Thresholds | None = None) -> str:
+    """'F' when breast shadows are seen, else 'M'."""
+    return _sex_from(measure_demographics(img), thresholds or THRESHOLDS)
+
+
+def _sex_from(m: dict, t: Thresholds) -> str:
+    return "F" if m["breast"] > t.breast else "M"
+
+
+def read_age_band(img, thresholds: Thresholds | None = None) -> str:
+    """'<40', '40-65' or '>65' (cxrcommon.demographics' bands): a calcified knob is over 65, an unfolded one 40-65."""
+    return _age_band_from(measure_demographics(img), thresholds or THRESHOLDS)
+
+
+def _age_band_from(m: dict, t: Thresholds) -> str:
+    return ">65" if m["calcification"] > t.calcification else "40-65" if m["knob"] > t.knob else "<40"
+
+
 # attribute -> its scorer (image, thresholds=None) -> label
-JUDGES = {"effusion": classify_effusion, "cardiomegaly": has_cardiomegaly, "pneumothorax": classify_pneumothorax}
+JUDGES = {"effusion": classify_effusion, "cardiomegaly": has_cardiomegaly, "pneumothorax": classify_pneumothorax,
+          "sex": read_sex, "age_band": read_age_band}
 
 
 def prompt_adherence(images: Sequence, expected_labels: Sequence, attribute: str = "effusion",
                      thresholds: Thresholds | None = None) -> float:
     """Fraction of images whose measured `attribute` equals the expected one.
 
-    expected_labels: strings ('left'/'right'/'none'), bools for cardiomegaly, or label dicts
-    (as in the phantom metadata) from which `attribute` is taken."""
+    expected_labels: strings ('left'/'right'/'none'; 'F'/'M'; '<40'/'40-65'/'>65'), bools for cardiomegaly, or
+    label dicts (as in the phantom metadata) from which `attribute` is taken."""
     if len(images) != len(expected_labels):
         raise ValueError(f"{len(images)} images but {len(expected_labels)} expected labels")
     if not images:
         raise ValueError("no images to score")
     judge = JUDGES.get(attribute)
     if judge is None:
-        raise ValueError(f"unknown attribute {attribute!r}; use effusion, cardiomegaly or pneumothorax")
+        raise ValueError(f"unknown attribute {attribute!r}; use one of {', '.join(JUDGES)}")
     hits = 0
     for img, exp in zip(images, expected_labels):
         exp = exp[attribute] if isinstance(exp, dict) else exp
@@ -205,7 +259,7 @@ def prompt_adherence(images: Sequence, expected_labels: Sequence, attribute: str
 
 # ----------------------------------------------------------------------------- reads of a folder
 
-READ_COLUMNS = ("file", "effusion_side", "sex", "age_band")  # age_band will hold <40, 40-65 or >65
+READ_COLUMNS = ("file", "effusion_side", "sex", "age_band")
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -225,9 +279,8 @@ def image_files(folder: str | Path) -> list[Path]:
 def read_folder(folder: str | Path, progress: bool = True) -> list[dict[str, str]]:
     """One row per image under `folder`: its path relative to the folder and what the scorer reads.
 
-    effusion_side is classify_effusion's answer (none, left, right or bilateral; the patient's side). sex and
-    age_band are always empty: the generator draws no sex or age cues yet, so there is nothing to read;
-    they are columns already so that consumers of the CSV need not change when it does.
+    effusion_side is classify_effusion's answer (none, left, right or bilateral; the patient's side); sex is
+    read_sex's (M or F) and age_band read_age_band's (<40, 40-65 or >65).
 
     Args:
         folder: folder of PNG/JPEG/TIFF/DICOM images, searched at any depth.
@@ -237,10 +290,11 @@ def read_folder(folder: str | Path, progress: bool = True) -> list[dict[str, str
     rows = []
     for path in tqdm(image_files(root), desc="reading", unit="img", disable=not progress):
         try:
-            side = classify_effusion(read_image(path))
+            img = read_image(path)
+            side, sex, band = classify_effusion(img), read_sex(img), read_age_band(img)
         except ValueError as exc:  # an ImageReadError names the file already; a too-small image does not
             raise UserError(str(exc) if str(path) in str(exc) else f"{path}: {exc}") from exc
-        rows.append({"file": path.relative_to(root).as_posix(), "effusion_side": side, "sex": "", "age_band": ""})
+        rows.append({"file": path.relative_to(root).as_posix(), "effusion_side": side, "sex": sex, "age_band": band})
     return rows
 
 
@@ -257,8 +311,8 @@ def write_reads(rows: Sequence[dict[str, str]], out: str | Path) -> Path:
 @dataclass
 class ReadsConfig:
     dir: str = field("", "folder of images to read (PNG/JPEG/TIFF/DICOM, any depth); also the first bare argument")
-    out: str = field("reads.csv", "CSV to write: file, effusion_side (none/left/right/bilateral), sex, age_band "
-                                  "(sex and age_band stay empty: phantoms carry no sex or age cues yet)")
+    out: str = field("reads.csv", "CSV to write: file, effusion_side (none/left/right/bilateral), sex (M/F), "
+                                  "age_band (<40, 40-65 or >65)")
     verbose: bool = field(False, "debug logging; a user error shows its traceback")
 
 
