@@ -1,5 +1,5 @@
-"""Phantom generator speed and analytic-scorer accuracy (effusion, pneumothorax, CTR); prints a Markdown table for \
-docs/BENCHMARKS.md.
+"""Phantom generator speed and analytic-scorer accuracy (effusion, pneumothorax, CTR, sex, age band); prints a \
+Markdown table for docs/BENCHMARKS.md.
 
     python bench/bench_phantoms.py [--n 300] [--vae models/embedded]
 
@@ -68,6 +68,16 @@ def _hits(images, judge: Callable, through: Callable | None = None) -> dict[str,
     return {k: float(np.mean(v)) for k, v in hits.items()}
 
 
+def demographics_accuracy(n: int, size: int, through: Callable | None = None) -> dict[str, float]:
+    """Per-class accuracy of read_sex and read_age_band on n // 3 phantoms x 2 sexes x 3 age bands."""
+    hits: dict[str, list[bool]] = {}
+    for img, sex, band in cal.demographics_set(max(n // 3, 1), size, seed=0):
+        img = through(img) if through else img
+        hits.setdefault(sex, []).append(ps.read_sex(img) == sex)
+        hits.setdefault(band, []).append(ps.read_age_band(img) == band)
+    return {k: float(np.mean(v)) for k, v in hits.items()}
+
+
 def ctr_corr(n: int) -> tuple[float, float]:
     meas, true, clean_m, clean_t = [], [], [], []
     for i in range(n):
@@ -104,6 +114,10 @@ def main() -> None:
     for size, through, how in runs:
         acc = _hits(cal.pneumothorax_set(n, size, seed=0), ps.classify_pneumothorax, through)
         print(f"| pneumothorax accuracy {size}², {how}n={n}/class | "
+              + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + " |")
+    for size, through, how in runs:
+        acc = demographics_accuracy(n, size, through)
+        print(f"| sex / age-band accuracy {size}², {how}n={n}/sex, {2 * (n // 3)}/band | "
               + ", ".join(f"{k} {v:.3f}" for k, v in acc.items()) + " |")
     eff = [ps.classify_pneumothorax(img) for img, side in cal.effusion_set(n, 128, seed=0) if side != "none"]
     print(f"| pneumothorax false alarms on effusion phantoms 128², n={len(eff)} | "

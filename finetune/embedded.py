@@ -34,7 +34,16 @@ from cxrcommon.atomic import atomic_write_text
 from cxrcommon.config import parse_config
 from cxrcommon.demographics import CARD_KEY
 from cxrcommon.logs import setup_logging
-from phantoms.recipe import GUIDANCE, PROMPTS, STEPS, EmbeddedConfig, make_data, score_adherence
+from phantoms.recipe import (
+    DEMOGRAPHIC_CLASSES,
+    GUIDANCE,
+    PROMPTS,
+    STEPS,
+    EmbeddedConfig,
+    demographic_prompts,
+    make_data,
+    score_adherence,
+)
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +104,32 @@ def adherence(pipe: Any, per_class: int, *, seed: int = 0, steps: int = STEPS, g
     images = {expected: generate(pipe, prompt, per_class, seed=seed, steps=steps, guidance=guidance)
               for expected, prompt in prompts.items()}
     return {**score_adherence(images, finding), "per_class_n": per_class, "prompts": dict(prompts)}
+
+
+def demographics_adherence(pipe: Any, per_class: int, *, report: bool = False, seed: int = 0, steps: int = STEPS,
+                           guidance: float = GUIDANCE) -> dict[str, Any]:
+    """Generate `per_class` images for each demographic class (phantoms.recipe.demographic_prompts: female, male,
+    <40, 40-65, >65, each prompt with its own age and seed) and read them with phantoms.score.read_sex /
+    read_age_band.
+
+    Args:
+        pipe: a loaded diffusers StableDiffusionPipeline (the embedded model).
+        per_class: images per class, >= 1.
+        report: False: demographics then "Normal chest radiograph."; True: demographics then a finding behind
+            >= 80 CLIP tokens of report text.
+        seed: seed of each class's first image and of its prompts.
+        steps, guidance: as for generate.
+    Returns: class -> {"accuracy": fraction read as asked, "seen": {read: count}, "example": the first prompt,
+        "tokens": its CLIP token count}."""
+    from cxrcommon.tokenizer import clip_tokenizer
+    from phantoms.score import JUDGES
+    tokenizer, out = clip_tokenizer(), {}
+    for cls, attribute in DEMOGRAPHIC_CLASSES.items():
+        texts = demographic_prompts(cls, per_class, seed, tokenizer if report else None)
+        reads = [JUDGES[attribute](im) for im in generate_each(pipe, texts, seed=seed, steps=steps, guidance=guidance)]
+        out[cls] = {"accuracy": reads.count(cls) / per_class, "seen": {r: reads.count(r) for r in sorted(set(reads))},
+                    "example": texts[0], "tokens": len(tokenizer(texts[0])["input_ids"])}
+    return out
 
 
 def load(model: str | Path, dtype: torch.dtype = torch.float32) -> Any:
@@ -199,8 +234,11 @@ def weights_mb(folder: str | Path) -> float:
     return sum(p.stat().st_size for p in Path(folder).rglob("*.safetensors")) / 1e6
 
 
-def model_card(cfg: EmbeddedConfig, *, kind: str, stages: dict[str, Any], scores: dict[str, Any] | None) -> str:
-    """What the model is and is not, how it was trained, and what it measurably does."""
+def model_card(cfg: EmbeddedConfig, *, kind: str, stages: dict[str, Any], scores: dict[str, Any] | None,
+               demographics: dict[str, dict[str, Any]] | None = None) -> str:
+    """What the model is and is not, how it was trained, and what it measurably does.
+
+    `demographics`: None, or "short" / "report" -> demographics_adherence's result for those prompts."""
     base = kind == "base"
     score = ("not measured" if scores is None else
              f"{scores['accuracy']:.2f} overall ({', '.join(f'{k} {v:.2f}' for k, v in scores['per_class'].items())}; "
@@ -264,6 +302,7 @@ Prompts {json.dumps(PROMPTS)}; accuracy: {score}.
 Full numbers (≥100 generations per class, Fréchet distance to real phantoms, LoRA proof):
 docs/BENCHMARKS.md, section "embedded model" (`python bench/bench_embedded.py`).
 
+{_demographics_section(cfg, demographics) if demographics else ""}
 ## Use
 Recommended settings: {cfg.eval_steps} DDIM steps, guidance {cfg.guidance_scale} (the measured numbers above).
 ```python
@@ -275,6 +314,19 @@ image = pipe("Large left pleural effusion.", num_inference_steps={cfg.eval_steps
 ```
 Laterality: PA view, the patient's LEFT is on the IMAGE RIGHT.
 """
+
+
+def _demographics_section(cfg: EmbeddedConfig, demographics: dict[str, dict[str, Any]]) -> str:
+    """The card's demographics adherence: one line per prompt kind, accuracy per class."""
+    kinds = {"short": f'demographics then "{PROMPTS["none"]}"',
+             "report": "demographics then a finding behind >= 80 tokens of report text"}
+    lines = [f"- {kinds[k]}: " + ", ".join(f"{c} {r['accuracy']:.2f}" for c, r in res.items())
+             + f" (e.g. \"{next(iter(res.values()))['example'][:60]}...\")" for k, res in demographics.items()]
+    n = next(iter(next(iter(demographics.values())).values()))["seen"]
+    return (f"\n## Measured demographics adherence\nFraction of generations read as the prompt's sex "
+            f"(phantoms.score.read_sex; chance 0.50) or age band (read_age_band; chance 0.33), "
+            f"{sum(n.values())} generations per class, each with its own age and seed, {cfg.eval_steps} DDIM steps, "
+            f"guidance {cfg.guidance_scale}:\n" + "\n".join(lines) + "\n")
 
 
 def run(cfg: EmbeddedConfig) -> dict[str, Path]:
@@ -323,9 +375,15 @@ def _export(cfg: EmbeddedConfig, stages: dict[str, Any], t0: float,
     done = {}
     for kind, src, dst in models:
         export(src, dst, model_card(cfg, kind=kind, stages=stages, scores=None))
-        scores = adherence(load(dst), cfg.eval_per_class, steps=cfg.eval_steps, guidance=cfg.guidance_scale) \
-            if cfg.eval_per_class else None
-        atomic_write_text(Path(dst) / "README.md", model_card(cfg, kind=kind, stages=stages, scores=scores))
+        scores, demo = None, None
+        if cfg.eval_per_class:
+            pipe, how = load(dst), dict(steps=cfg.eval_steps, guidance=cfg.guidance_scale)
+            scores = adherence(pipe, cfg.eval_per_class, **how)
+            if kind == "main":
+                demo = {k: demographics_adherence(pipe, cfg.eval_per_class, report=k == "report", **how)
+                        for k in ("short", "report")}
+        atomic_write_text(Path(dst) / "README.md",
+                          model_card(cfg, kind=kind, stages=stages, scores=scores, demographics=demo))
         log.info("%s exported to %s (%.1f MB); adherence %s", kind, dst, weights_mb(dst), scores)
         done[kind] = Path(dst)
     return done

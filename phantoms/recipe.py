@@ -19,12 +19,13 @@ import numpy as np
 
 from cxrcommon.atomic import atomic_write_text
 from cxrcommon.config import field
+from cxrcommon.demographics import AGE_BANDS, Demographics, caption_with
 from cxrcommon.models import EMBEDDED_GUIDANCE, EMBEDDED_STEPS
 
 from . import score
 from .captions import caption, long_report
 from .dataset import make_dataset
-from .generator import render, sample_spec
+from .generator import AGE_RANGE, SEXES, PhantomSpec, labels, render, sample_spec
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,9 @@ STEPS, GUIDANCE = EMBEDDED_STEPS, EMBEDDED_GUIDANCE  # its recommended sampling
 PNEUMOTHORAX_PROMPTS = {"left": "Large left pneumothorax.", "right": "Large right pneumothorax.",
                         "none": "Normal chest radiograph."}
 BASE = "models/embedded-no-effusion"  # the base that never saw an effusion: start of the LoRA proof
+# demographic class -> its scorer (phantoms.score.JUDGES key): what demographics adherence asks for
+DEMOGRAPHIC_CLASSES = {"F": "sex", "M": "sex", **{band: "age_band" for band, _, _ in AGE_BANDS}}
+NORMAL_PROMPT = PROMPTS["none"]
 
 
 @dataclass
@@ -114,6 +118,41 @@ def make_data(cfg: EmbeddedConfig) -> tuple[Path, Path, Path]:
     lateral, n_lat = subset("one_sided.jsonl", ("none", "left", "right"))
     log.info("data: %d phantoms, %d without effusion, %d without a bilateral one", len(rows), n_none, n_lat)
     return every, no_eff, lateral
+
+
+def _with_finding(rng: np.random.Generator) -> PhantomSpec:
+    """A phantom with at least one finding (no devices or burnt-in text: the prompt is about the patient)."""
+    while True:
+        spec = sample_spec(rng, exclude=("devices", "text"))
+        if not labels(spec)["normal"]:
+            return spec
+
+
+def demographic_prompts(cls: str, n: int, seed: int = 0, tokenizer: object | None = None) -> list[str]:
+    """n prompts asking for one demographic class, each with its own patient.
+
+    Args:
+        cls: a key of DEMOGRAPHIC_CLASSES: "F" or "M" (age uniform in AGE_RANGE) or an age band "<40", "40-65",
+            ">65" (age uniform in the band within AGE_RANGE, sex drawn at random).
+        n: number of prompts, >= 0.
+        seed: prompt i depends only on (seed, cls, i).
+        tokenizer: None for the RoentGen-v2 prefix then NORMAL_PROMPT ("71 year old female. Normal chest
+            radiograph."); a CLIP tokenizer for the prefix then the caption of a phantom with at least one finding
+            behind >= 80 tokens of report filler (phantoms.captions.long_report).
+    Returns: the n prompts (race is never written: phantoms have no race cue)."""
+    if cls not in DEMOGRAPHIC_CLASSES:
+        raise ValueError(f"unknown demographic class {cls!r}; valid: {', '.join(DEMOGRAPHIC_CLASSES)}")
+    rng = np.random.default_rng([seed, list(DEMOGRAPHIC_CLASSES).index(cls)])
+    out = []
+    for _ in range(n):
+        if DEMOGRAPHIC_CLASSES[cls] == "sex":
+            sex, age = cls, int(rng.integers(AGE_RANGE[0], AGE_RANGE[1] + 1))
+        else:
+            lo, hi = next((max(lo, AGE_RANGE[0]), min(hi, AGE_RANGE[1] + 1)) for b, lo, hi in AGE_BANDS if b == cls)
+            sex, age = str(rng.choice(SEXES)), int(rng.integers(lo, hi))
+        text = NORMAL_PROMPT if tokenizer is None else long_report(caption(_with_finding(rng), rng), rng, tokenizer)
+        out.append(caption_with(text, Demographics(sex, age)))
+    return out
 
 
 def score_adherence(images: Mapping[Any, Sequence[np.ndarray]], finding: str = "effusion") -> dict[str, Any]:

@@ -115,6 +115,46 @@ def test_model_card_states_what_it_is_and_the_numbers():
     assert "WITHOUT pleural effusion" in base and "on all phantoms" not in base and "not measured" in base
 
 
+def test_demographic_prompts_ask_for_their_class_with_or_without_a_report():
+    import re
+
+    from cxrcommon.demographics import age_band
+    from cxrcommon.tokenizer import clip_tokenizer
+    from phantoms.recipe import DEMOGRAPHIC_CLASSES, NORMAL_PROMPT, demographic_prompts
+    tok = clip_tokenizer()
+    for cls, attribute in DEMOGRAPHIC_CLASSES.items():
+        short = demographic_prompts(cls, 30, seed=1)
+        assert short == demographic_prompts(cls, 30, seed=1) != demographic_prompts(cls, 30, seed=2)
+        heads = [re.match(r"^(\d+)(\+?) year old (female|male)\. (.*)$", p) for p in short]
+        assert all(heads) and {h.group(4) for h in heads} == {NORMAL_PROMPT}  # no race: phantoms have no race cue
+        ages, sexes = [int(h.group(1)) for h in heads], [h.group(3)[0].upper() for h in heads]
+        if attribute == "sex":
+            assert set(sexes) == {cls} and len(set(ages)) > 10
+        else:
+            assert {age_band(a) for a in ages} == {cls} and set(sexes) == {"F", "M"}
+    long = demographic_prompts(">65", 5, tokenizer=tok)
+    for p in long:
+        assert re.match(r"^\d+\+? year old (female|male)\. ", p) and len(tok(p)["input_ids"]) > 80 + 10
+        assert any(w in p.lower() for w in ("effusion", "cardiomegaly", "enlarged", "opacity", "consolidation",
+                                            "nodul", "pneumothorax"))
+    with pytest.raises(ValueError, match="unknown demographic class"):
+        demographic_prompts("old", 1)
+
+
+def test_model_card_records_the_demographics_form_and_its_adherence():
+    from cxrcommon.demographics import card_template
+    cfg = EmbeddedConfig(out="/nonexistent", base_out="/nonexistent", start_from="models/previous")
+    res = {c: {"accuracy": 0.95, "seen": {c: 19, "x": 1}, "example": "71 year old female. Normal chest radiograph.",
+               "tokens": 13} for c in ("F", "M", "<40", "40-65", ">65")}
+    card = model_card(cfg, kind="main", stages={}, scores=None, demographics={"short": res, "report": res})
+    assert "Measured demographics adherence" in card and "20 generations per class" in card
+    assert ">65 0.95" in card and "starting from models/previous" in card and "race" in card
+    import tempfile
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "README.md").write_text(card)
+        assert card_template(d) == "roentgen"  # generation puts the patient's fields first in this form
+
+
 def test_a_finished_stage_is_reused_only_with_the_same_settings(tmp_path, monkeypatch):
     """Rerunning the recipe skips finished stages, but one trained with other settings (say fewer steps
     in an older config) stops the run instead of shipping old weights under the new model card."""
