@@ -25,7 +25,6 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from cxrcommon.atomic import atomic_write_text
@@ -37,13 +36,11 @@ from cxrcommon.logs import setup_logging
 
 from . import reid
 from .cli import parse, user_errors
-from .features import to_square_tensor
+from .nearest import CHUNK, crop_views, distance_matrix, kth_neighbour, nearest_ratio, thumb
 from .sources import list_images
 
 log = logging.getLogger(__name__)
 COARSE = 16                        # side of the thumbnails that shortlist candidates
-CROP_FRACTIONS = (0.025, 0.05, 0.075, 0.1)   # crops (share of each side removed) a copy is matched against
-CHUNK = 2048
 FLAG_COLUMNS = ("file", "flagged", "flagged_by", "nearest_train", "match", "pixel_rmse", "pixel_ratio",
                 "feature_distance", "feature_ratio", "prompt_train", "prompt_reid", "prompt_pixel_rmse",
                 "prompt_feature_distance", "reid_nearest", "reid_nearest_train")
@@ -83,69 +80,6 @@ class PrivacyConfig:
     device: str = field("auto", "cpu, cuda, mps, xpu or auto")
     cache_dir: str = field("", "feature cache folder (default: one per input under the user cache)")
     verbose: bool = field(False, "debug logging")
-
-
-# ---------------------------------------------------------------- distances
-
-def unit_float(img: np.ndarray) -> np.ndarray:
-    """Gray pixels as float in [0, 1]: integer images are divided by their type's maximum, so a difference of
-    two images is never taken in (wrapping) unsigned integers."""
-    if np.issubdtype(img.dtype, np.integer):
-        return img.astype(np.float64) / np.iinfo(img.dtype).max
-    return img
-
-
-def thumb(img: np.ndarray, size: int) -> torch.Tensor:
-    """(1, size * size) float64 pixels of `img` resized to size x size (antialiased, aspect not kept)."""
-    return to_square_tensor(unit_float(img), size).flatten(1).double()
-
-
-def pixel_distance(a: np.ndarray, b: np.ndarray, size: int = 64) -> float:
-    """RMS difference in [0, 1] of two gray images after both are resized to size x size."""
-    return float((thumb(a, size) - thumb(b, size)).pow(2).mean().sqrt())
-
-
-def distance_matrix(q: torch.Tensor, bank: torch.Tensor, metric: str) -> torch.Tensor:
-    """(len(q), len(bank)) distances: "rms" (pixel RMS of flattened thumbnails) or "cosine" (1 - cosine)."""
-    if metric == "rms":
-        return torch.cdist(q.double(), bank.double()) / math.sqrt(q.shape[1])
-    return 1.0 - F.normalize(q.double(), dim=1) @ F.normalize(bank.double(), dim=1).T
-
-
-def kth_neighbour(bank: torch.Tensor, k: int, metric: str) -> torch.Tensor:
-    """Each row's distance to its k-th nearest OTHER row (duplicates count as neighbours at distance 0)."""
-    out = []
-    for start in range(0, len(bank), CHUNK):
-        d = distance_matrix(bank[start:start + CHUNK], bank, metric)
-        d[torch.arange(len(d)), torch.arange(start, start + len(d))] = math.inf
-        out.append(d.topk(k, dim=1, largest=False).values[:, -1])
-    return torch.cat(out)
-
-
-def nearest_ratio(q: torch.Tensor, bank: torch.Tensor, scale: torch.Tensor,
-                  metric: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per query row: the smallest distance / scale over the bank, its index and its distance."""
-    ratios, idx, dist = [], [], []
-    for start in range(0, len(q), CHUNK):
-        d = distance_matrix(q[start:start + CHUNK], bank, metric)
-        r = d / scale.clamp_min(1e-12)
-        best = r.min(dim=1)
-        ratios.append(best.values)
-        idx.append(best.indices)
-        dist.append(d.gather(1, best.indices[:, None])[:, 0])
-    return torch.cat(ratios), torch.cat(idx), torch.cat(dist)
-
-
-def crop_views(img: np.ndarray, fractions: Sequence[float] = CROP_FRACTIONS) -> list[tuple[str, np.ndarray]]:
-    """The image and its crops: each fraction of height and width removed, kept at 3 x 3 positions."""
-    h, w = img.shape[:2]
-    views = [("", img)]
-    for f in fractions:
-        ch, cw = round(h * f), round(w * f)
-        for top in (0, ch // 2, ch):
-            for left in (0, cw // 2, cw):
-                views.append((f"crop {f:.1%}", img[top:top + h - ch, left:left + w - cw]))
-    return views
 
 
 # ---------------------------------------------------------------- reading both sets
@@ -466,7 +400,9 @@ def write_flags(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
     return Path(path)
 
 
-def _sheet(rows: Sequence[dict[str, Any]]) -> Any:
+def pairs_sheet(rows: Sequence[dict[str, Any]]) -> Any:
+    """A figure of the given pairs side by side (synthetic | nearest training image) with their scores, for a
+    reader to judge the most suspicious ones by eye."""
     import matplotlib.pyplot as plt
 
     from cxrcommon.imageio import read_image
@@ -524,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if result["per_prompt"]:
         sections["Per training prompt"] = markdown_table(result["per_prompt"][:50])
     result["report"] = write_report(out, "privacy", result, title="Privacy: copies and patient re-identification",
-                                    notes=notes, sections=sections, figures={"pairs": _sheet(top)})
+                                    notes=notes, sections=sections, figures={"pairs": pairs_sheet(top)})
     print(f"{result['n_flagged']} of {result['n_fake']} synthetic image(s) flagged ({result['method']}); "
           f"report {result['report']['markdown']}")
     return result

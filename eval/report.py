@@ -44,7 +44,7 @@ from .cache import default_cache_dir
 from .cli import parse, user_errors
 from .features import SPECS, Backbone, embed_paths, load_backbone
 from .fid import BY_KEYS, FidConfig, evaluate
-from .privacy import PrivacyConfig, build_scorer, input_paths, privacy, suspicion_order, write_flags
+from .privacy import PrivacyConfig, build_scorer, input_paths, pairs_sheet, privacy, suspicion_order, write_flags
 from .sources import list_images, subsample
 from .subgroups import check_by, sections, split_by
 
@@ -488,6 +488,8 @@ def write(cfg: ReportConfig, result: dict[str, Any]) -> dict[str, str]:
     figures["nearest_neighbour"] = _nn_figure(result["nearest_neighbour"], priv, rows)
     if priv is not None and priv.get("reid_threshold") is not None:
         figures["reid"] = _reid_figure(priv, rows)
+    if priv is not None and rows:
+        figures["suspicious_pairs"] = pairs_sheet(suspicion_order(rows)[:8])
     notes = [f"**Real:** {cfg.real} (N {result['n_real']})  ", f"**Synthetic:** {cfg.fake} (N {result['n_fake']})",
              f"**Backbones:** {result['backbones']}", *result["notes"]]
     if result["per_label"]["note"]:

@@ -17,6 +17,7 @@ from cxrcommon.imageio import read_image, write_png
 from cxrcommon.optional import MissingPackageError
 from eval import privacy as pv
 from eval import reid
+from eval.nearest import pixel_distance
 
 SIZE = 64
 
@@ -63,11 +64,11 @@ def test_pixel_distance_is_taken_in_float_not_wrapping_uint8():
     black, white = np.zeros((8, 8), np.uint8), np.full((8, 8), 255, np.uint8)
     dark, light = np.full((8, 8), 10, np.uint8), np.full((8, 8), 200, np.uint8)
     # uint8 subtraction wraps: 0 - 255 = 1 and 10 - 200 = 66, so the anchor's distances were 1/255 and 66/255
-    assert pv.pixel_distance(black, white, 8) == pytest.approx(1.0)
-    assert pv.pixel_distance(white, black, 8) == pytest.approx(1.0)
-    assert pv.pixel_distance(dark, light, 8) == pytest.approx(190 / 255)
-    assert pv.pixel_distance(light, dark, 8) == pytest.approx(190 / 255)
-    assert pv.pixel_distance(np.full((8, 8), 65535, np.uint16), black.astype(np.uint16), 8) == pytest.approx(1.0)
+    assert pixel_distance(black, white, 8) == pytest.approx(1.0)
+    assert pixel_distance(white, black, 8) == pytest.approx(1.0)
+    assert pixel_distance(dark, light, 8) == pytest.approx(190 / 255)
+    assert pixel_distance(light, dark, 8) == pytest.approx(190 / 255)
+    assert pixel_distance(np.full((8, 8), 65535, np.uint16), black.astype(np.uint16), 8) == pytest.approx(1.0)
 
 
 def test_each_image_is_scored_against_its_prompts_image_not_the_last_one(train_set, tmp_path):
@@ -84,7 +85,7 @@ def test_each_image_is_scored_against_its_prompts_image_not_the_last_one(train_s
     rows = {row["file"].rsplit("/", 1)[1]: row for row in r["rows"]}
     assert all(row["prompt_train"].endswith("train_03.png") for row in rows.values())
     d = [rows[f"gen_{i}.png"]["prompt_pixel_rmse"] for i in range(3)]
-    expected = [pv.pixel_distance(read_image(fake / f"gen_{i}.png"), read_image(train_set / "train_03.png"))
+    expected = [pixel_distance(read_image(fake / f"gen_{i}.png"), read_image(train_set / "train_03.png"))
                 for i in range(3)]
     assert d == pytest.approx(expected) and d[0] < 1e-6 and min(d[1:]) > 0.05 and d[1] != pytest.approx(d[2])
     (prompt,) = r["per_prompt"]

@@ -76,7 +76,7 @@ def test_report_has_every_section_chexgenbench_names_and_the_leaderboard(full):
         assert f"| {name} " in md or f" {name} |" in md
     assert "Sana 0.6B" in md and "54.23" in md and "arXiv 2505.10496" in md and "**this run**" in md
     assert result["reference"]["models"] == REFERENCE and result["reference"]["this_run"] == names["FID (RadDino)"]
-    for fig in ("prdc", "per_label_fid", "fid_reference", "nearest_neighbour"):
+    for fig in ("prdc", "per_label_fid", "fid_reference", "nearest_neighbour", "suspicious_pairs"):
         assert (out / f"report_{fig}.png").stat().st_size > 1000, fig
     assert not (out / "report_reid.png").exists()  # no re-id scorer given
     flags = list(csv.DictReader(open(out / "flags.csv")))
