@@ -39,7 +39,7 @@ from torch import nn
 from cxrcommon.optional import require
 
 from .cache import digest, weights_sha256
-from .features import Backbone, WeightsMismatchError, WeightsMissingError
+from .features import Backbone, WeightsMismatchError, WeightsMissingError, state_misfit
 
 log = logging.getLogger(__name__)
 
@@ -318,13 +318,7 @@ def xrv(weights: str | Path | None, device: torch.device) -> Backbone:
                                   f"--features xrv needs the file {XRV_SAFETENSORS}, made with: {XRV_CONVERT}")
     state = {k: v for k, v in read_state_dict(path).items() if k not in XRV_IGNORED}
     net = densenet121_xrv()
-    expected = net.state_dict()
-    wrong = sorted(k for k in expected if k in state and state[k].shape != expected[k].shape)
-    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if wrong or missing or extra:
-        detail = (f"{wrong[0]} is {list(state[wrong[0]].shape)}, expected {list(expected[wrong[0]].shape)}" if wrong
-                  else f"{len(missing)} missing (e.g. {', '.join(missing[:2])}), {len(extra)} unexpected "
-                       f"(e.g. {', '.join(extra[:2])})")
+    if detail := state_misfit(net, state):
         raise WeightsMismatchError(f"--weights {path}: not torchxrayvision's DenseNet-121 (1 input channel, "
                                    f"{XRV_CLASSES} outputs): {detail}. Pass {XRV_SAFETENSORS} (made with: "
                                    f"{XRV_CONVERT})")

@@ -44,7 +44,7 @@ from cxrcommon.optional import require
 from cxrcommon.provenance import file_sha256
 
 from .cli import parse, user_errors
-from .features import WeightsMismatchError, WeightsMissingError, to_square_tensor
+from .features import WeightsMismatchError, WeightsMissingError, state_misfit, to_square_tensor
 
 log = logging.getLogger(__name__)
 
@@ -138,13 +138,7 @@ class DemographicModels:
 
 def _strict(net: nn.Module, state: dict[str, torch.Tensor], path: Path, what: str) -> nn.Module:
     """Load `state` into `net` only if every name and shape fits; otherwise one line naming the first misfit."""
-    expected = net.state_dict()
-    wrong = sorted(k for k in expected if k in state and state[k].shape != expected[k].shape)
-    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if wrong or missing or extra:
-        detail = (f"{wrong[0]} is {list(state[wrong[0]].shape)}, expected {list(expected[wrong[0]].shape)}" if wrong
-                  else f"{len(missing)} weight(s) missing (e.g. {', '.join(missing[:2]) or '-'}), {len(extra)} "
-                       f"unexpected (e.g. {', '.join(extra[:2]) or '-'})")
+    if detail := state_misfit(net, state):
         raise WeightsMismatchError(f"--qc {path}: not {what}: {detail} — see `python -m eval.demographic_models "
                                    f"--help` for the formats a QC folder takes")
     net.load_state_dict(state, strict=True)

@@ -39,6 +39,20 @@ class WeightsMismatchError(UserError):
     """The weights given are of another architecture than the backbone asked for; nothing is computed."""
 
 
+def state_misfit(net: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """Why `state` does not load strictly into `net` (the first wrongly shaped weight, else how many are
+    missing and unexpected, with examples), or None when every name and shape fits."""
+    expected = net.state_dict()
+    wrong = sorted(k for k in expected if k in state and state[k].shape != expected[k].shape)
+    if wrong:
+        return f"{wrong[0]} is {list(state[wrong[0]].shape)}, expected {list(expected[wrong[0]].shape)}"
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        return (f"{len(missing)} weight(s) missing (e.g. {', '.join(missing[:2]) or '-'}), {len(extra)} unexpected "
+                f"(e.g. {', '.join(extra[:2]) or '-'})")
+    return None
+
+
 @dataclasses.dataclass
 class Backbone:
     """A feature extractor plus the preprocessing it expects."""
