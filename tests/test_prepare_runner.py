@@ -215,6 +215,10 @@ def test_16_bit_png_and_dicom_stay_16_bit(tmp_path):
     dcm = np.asarray(Image.open(tmp_path / "x.png")).astype(float)
     assert dcm[8:56, 20].mean() > dcm[8:56, 43].mean()  # MONOCHROME1: low stored values come out bright
     assert pydicom.dcmread(tmp_path / "x.dcm").PhotometricInterpretation == "MONOCHROME1"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 7
+    ds.PixelData = (arr // 256).astype(np.uint8).tobytes()
+    ds.save_as(tmp_path / "x8.dcm", enforce_file_format=True)
+    assert prepare_image(tmp_path / "x8.dcm", tmp_path / "x8.png", 64, "pad") == 8  # no more bits than the source
 
 
 def test_cli_help_and_one_line_errors(tmp_path):

@@ -30,7 +30,8 @@ def decode(path: Path, size: int, mode: str = "pad") -> np.ndarray:
     """Gray uint8 or uint16 pixels of a JPEG / PNG / TIFF / DICOM, JPEGs DCT-scaled to >= the needed size."""
     suffix = path.suffix.lower()
     if suffix in DICOM_SUFFIXES:
-        return to_uint(read_dicom(path)[0], 16)
+        pixels, ds = read_dicom(path)
+        return to_uint(pixels, 16 if int(ds.get("BitsStored", 16) or 16) > 8 else 8)
     with Image.open(path) as img:
         if suffix in JPEG_SUFFIXES and img.format == "JPEG":
             scale = target_scale(*img.size, size, mode)
