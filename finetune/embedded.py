@@ -290,6 +290,9 @@ loaded as fp32.
     f"min-SNR gamma {cfg.lateral_snr_gamma}) on the phantoms without a bilateral effusion, to teach left vs right."}
 {'' if base or not cfg.demographics_steps else f"- demographics: then {cfg.demographics_steps} steps with the same "
     f"settings and data{f', starting from {cfg.start_from}' if cfg.start_from else ''}, to teach the sex and age cues."}
+{'' if base or not cfg.start_from else f"- the stages before it are those of {cfg.start_from}, the release this one "
+    "continues: trained the same way, but on phantoms without sex or age cues and captions without "
+    "demographics; the wall time below is the demographics stage's."}
 - captions: the patient's demographics first, RoentGen-v2 form without race ("71 year old female. <report>"; each
   field left out with probability {cfg.demographics_dropout}); {cfg.long_caption_prob:.0%} of reports behind
   >= 80 tokens of report filler. Phantoms draw sex (breast shadows) and age-band cues (bone density, aortic knob

@@ -51,7 +51,7 @@ class Thresholds:
     # VAE (bench/bench_phantoms.py), whose decoder draws every generated image and softens the calcified rim
     breast: float = 0.01           # lateral minus central upper-abdomen brightness above this -> F
     knob: float = 0.13             # aortic knob width from the midline (u) above this -> 40 or over
-    calcification: float = 0.08    # knob rim brightness over the heart's, in heart-lung units, above this -> over 65
+    calcification: float = 0.09    # knob rim brightness over the heart's, in heart-lung units, above this -> over 65
 
 
 THRESHOLDS = Thresholds()
@@ -208,7 +208,7 @@ def measure_demographics(img) -> dict:
     widths = [(np.argmax(row) if row.any() else row.size) / n for row in dark]  # bright run out from the midline
     # an opening removes lines thinner than the calcified rim (a pacemaker lead, a central line)
     rim = cv2.GaussianBlur(cv2.morphologyEx(a, cv2.MORPH_OPEN, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))),
-                           (0, 0), 2.0)
+                           (0, 0), 1.0)
     calcium = float(np.percentile(_roi(rim, c + 0.03, c + 0.19, 0.20, 0.32), 75))
     return {"breast": float(breast), "knob": float(np.percentile(widths, 75)),
             "calcification": (calcium - heart) / max(heart - lung, 1e-3)}
