@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 
 from cxrcommon.optional import require
@@ -105,6 +106,10 @@ class ProcessorSteps(nn.Module):
         normalise = cfg.get("do_normalize", True)
         self.register_buffer("mean", torch.tensor(cfg["image_mean"] if normalise else [0.0] * 3).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(cfg["image_std"] if normalise else [1.0] * 3).view(1, 3, 1, 1))
+        sides = [*([self.side] if self.side else self.fixed or ()), *(self.crop or ())]
+        if not all(isinstance(n, int) and n > 0 for n in sides) or not bool((self.std > 0).all()):
+            raise ValueError(f"sizes must be whole numbers > 0 (got {sides}) and image_std > 0 (got "
+                             f"{self.std.flatten().tolist()})")
 
     def describe(self) -> str:
         size = f"shortest edge {self.side}" if self.side else f"{self.fixed}" if self.fixed else "no resize"
@@ -171,7 +176,7 @@ def _from_pretrained(cls: Any, folder: Path, spec: str) -> nn.Module:
     try:
         model, info = cls.from_pretrained(folder, local_files_only=True, use_safetensors=True,
                                           output_loading_info=True)
-    except (OSError, RuntimeError, ValueError) as exc:
+    except (OSError, RuntimeError, ValueError, SafetensorError) as exc:  # SafetensorError: truncated, empty, text
         why = ("weights of other shapes than its config.json describes" if "mismatched_sizes" in str(exc)
                else str(exc).splitlines()[0])
         raise WeightsMismatchError(f"--weights {folder}: its safetensors do not fit {cls.__name__} "
@@ -214,7 +219,11 @@ def rad_dino(weights: str | Path | None, device: torch.device) -> Backbone:
         log.warning("%s has no preprocessor_config.json; using microsoft/rad-dino's (518 px bicubic, mean 0.5307, "
                     "std 0.2583)", folder)
     from transformers import Dinov2Model
-    steps = ProcessorSteps(processor)
+    try:
+        steps = ProcessorSteps(processor)
+    except (AttributeError, KeyError, RuntimeError, TypeError, ValueError) as exc:  # a hand-edited file's values
+        raise WeightsMismatchError(f"{folder / 'preprocessor_config.json'}: not an image processor's settings "
+                                   f"({type(exc).__name__}: {exc}) — restore the file from {RAD_DINO_REPO}") from None
     module = _RadDino(_from_pretrained(Dinov2Model, folder, "rad-dino"), steps).to(device)
     note = f"rounded to uint8, {steps.describe()}; gray on 3 channels; CLS pooler output"
     sha = weights_sha256(folder)
@@ -299,8 +308,10 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             f"{XRV_CONVERT}, and pass {XRV_SAFETENSORS}") from exc
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsMismatchError(f"--weights {path}: holds {type(state).__name__}, not a state dict of tensors")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise WeightsMismatchError(f"--weights {path}: holds {type(state).__name__}, not a state dict of names to "
+                                   f"tensors")
     return state
 
 

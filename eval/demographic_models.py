@@ -37,7 +37,7 @@ from torch import nn
 
 from cxrcommon.cli import cli_entry
 from cxrcommon.config import field
-from cxrcommon.demographics import age_band, age_years, race_group, sex_code
+from cxrcommon.demographics import AGE_BANDS, RACES, age_band, age_years, race_group, sex_code
 from cxrcommon.errors import UserError
 from cxrcommon.logs import setup_logging
 from cxrcommon.optional import require
@@ -163,8 +163,9 @@ def _state_dict(path: Path, prefixes: tuple[str, ...] = ()) -> dict[str, torch.T
                                        f"loaded){hint}") from exc
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsMismatchError(f"--qc {path}: holds {type(state).__name__}, not a state dict of tensors")
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise WeightsMismatchError(f"--qc {path}: holds {type(state).__name__}, not a state dict of names to tensors")
     for prefix in prefixes:
         if state and all(k.startswith(prefix) for k in state):
             state = {k[len(prefix):]: v for k, v in state.items()}
@@ -237,12 +238,30 @@ def _trained(folder: Path, task: str) -> Classifier:
         raise WeightsMissingError(f"--qc {folder}: {meta_path.name} without {weights.name} — retrain or copy both")
     require("the QC classifiers trained by eval.demographic_models (torchvision models)", "torchvision")
     import torchvision
+    if problem := _meta_problem(meta, task, torchvision.models.list_models(module=torchvision.models)):
+        raise WeightsMismatchError(f"--qc {meta_path}: {problem} — retrain with `python -m eval.demographic_models "
+                                   f"train`, or restore the file it wrote")
     classes = tuple(meta["classes"])
     net = torchvision.models.get_model(meta["arch"], weights=None, num_classes=len(classes))
     net = _strict(net, _state_dict(weights), weights, f"{meta['arch']} with {len(classes)} classes as {meta_path.name} "
                   "says")
     return Classifier(task, weights.name, file_sha256(weights), int(meta["size"]), classes,
                       lambda x: x.expand(-1, 3, -1, -1), net)
+
+
+def _meta_problem(meta: dict[str, Any], task: str, archs: Sequence[str]) -> str:
+    """What is wrong with a <task>.json's arch, classes and size ("" if nothing): the file is read back as data,
+    so a hand-edited one must not reach get_model or the QC rules with a value `train` never writes."""
+    vocabulary = {"sex": ("M", "F"), "age": tuple(name for name, _, _ in AGE_BANDS), "race": RACES}[task]
+    classes, size = meta.get("classes"), meta.get("size")
+    if meta.get("arch") not in archs:
+        return f"arch {meta.get('arch')!r} is not a torchvision classifier"
+    if not (isinstance(classes, list) and len(set(classes)) == len(classes) >= 2
+            and all(isinstance(c, str) and c in vocabulary for c in classes)):
+        return f"classes {classes!r} are not two or more distinct {task} classes of {', '.join(vocabulary)}"
+    if not (isinstance(size, int) and not isinstance(size, bool) and 8 <= size <= 4096):
+        return f"size {size!r} is not a whole number of pixels from 8 to 4096"
+    return ""
 
 
 _ANCHOR_LOADERS: dict[str, Callable[[Path], Classifier]] = {"race": _race_emory, "age": _age_riken,

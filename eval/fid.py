@@ -33,6 +33,7 @@ from cxrcommon.cli import cli_entry
 from cxrcommon.config import field
 from cxrcommon.errors import UserError
 from cxrcommon.logs import setup_logging
+from cxrcommon.paths import check_out_dir
 
 from .cache import default_cache_dir
 from .cli import parse, user_errors
@@ -245,6 +246,8 @@ def evaluate(cfg: FidConfig, backbone: Backbone | None = None) -> dict[str, Any]
     backbone = backbone or load_backbone(cfg.features, weights=cfg.weights or None,
                                          inception_weights=cfg.inception_weights or None,
                                          input_size=cfg.input_size, device=cfg.device)
+    if cfg.out:  # its figures are PNGs: inside REAL or FAKE they would be read back as images next time
+        check_out_dir(cfg.out, (cfg.real, cfg.fake))
     real = _embed(cfg.real, cfg, backbone, "real")
     fake = _embed(cfg.fake, cfg, backbone, "fake")
     result: dict[str, Any] = {"real": str(cfg.real), "fake": str(cfg.fake), "n_real": len(real.paths),

@@ -33,6 +33,7 @@ from cxrcommon.config import field
 from cxrcommon.csv_cells import safe_row
 from cxrcommon.errors import UserError
 from cxrcommon.logs import setup_logging
+from cxrcommon.paths import check_out_dir
 
 from . import reid
 from .cli import parse, user_errors
@@ -239,7 +240,9 @@ def input_paths(cfg: PrivacyConfig) -> tuple[list[Path], list[Path]]:
         raise ValueError(f"{cfg.train}: {len(train_paths)} training image(s), fewer than --k + 1 = {cfg.k + 1}: each "
                          "training image's scale is its distance to its k-th nearest other one; add images or "
                          "lower --k")
-    return train_paths, list_images(cfg.fake, cfg.image_column)
+    fake_paths = list_images(cfg.fake, cfg.image_column)
+    check_out_dir(cfg.out, (cfg.train, cfg.fake))  # its pairs sheet is a PNG: not to be read back as an image
+    return train_paths, fake_paths
 
 
 def build_scorer(cfg: PrivacyConfig) -> tuple[reid.ReidScorer | None, dict[str, Any] | None]:

@@ -39,6 +39,7 @@ from cxrcommon.cli import cli_entry
 from cxrcommon.config import field
 from cxrcommon.errors import UserError
 from cxrcommon.logs import setup_logging
+from cxrcommon.paths import check_out_dir
 
 from .cache import default_cache_dir
 from .cli import parse, user_errors
@@ -145,6 +146,16 @@ def _count(source: str, cfg: ReportConfig, what: str) -> int:
     return n
 
 
+def _readable(result: dict[str, Any], k: int) -> None:
+    """`_count` counts the files listed; after embedding, the images that could be read must still be k + 1 a set
+    (else PRDC would quietly be left out of the report)."""
+    if min(result["n_real"], result["n_fake"]) < k + 1:
+        skipped = result["skipped"]
+        raise UserError(f"only {result['n_real']} real and {result['n_fake']} synthetic image(s) could be read "
+                        f"({len(skipped)} unreadable{', e.g. ' + skipped[0] if skipped else ''}), fewer than --k + 1 "
+                        f"= {k + 1} in a set — replace the unreadable files or lower --k")
+
+
 def _labels(cfg: ReportConfig, sources: dict[str, str]) -> tuple[bool, str]:
     """(run per-label metrics?, why not): --labels require refuses a set without a labels/label column."""
     if cfg.labels not in LABEL_MODES:
@@ -173,6 +184,7 @@ def plan(cfg: ReportConfig) -> Plan:
     specs, weights = backbone_specs(cfg)
     _count(cfg.real, cfg, "REAL")
     _count(cfg.fake, cfg, "FAKE")
+    check_out_dir(cfg.out, (cfg.real, cfg.fake))  # its plots are PNGs: inside REAL or FAKE they would be read back
     sources = {"REAL": cfg.real, "FAKE": cfg.fake}
     by = [c for c in split_by(cfg.by) if c != "label"]
     if by:
@@ -276,6 +288,7 @@ def report(cfg: ReportConfig, progress: Callable[[str], None] = log.info) -> dic
         progress(f"FID / KID / PRDC on {spec}" + (f", per {', '.join(p.by)}" if p.by else ""))
         fcfg = _fid_config(cfg, spec, p.weights[spec], p.by)
         metrics[spec] = evaluate(fcfg, backbone)
+        _readable(metrics[spec], cfg.k)
         if spec == p.nn_spec:
             progress("nearest neighbours")
             real = _features(cfg.real, fcfg, backbone, "real")
