@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import math
 import re
+import unicodedata
 from pathlib import Path
 
 import yaml
@@ -29,12 +30,15 @@ _RACE_KEYS = (("HISPANIC", "HISPANIC/LATINO"), ("LATINO", "HISPANIC/LATINO"), ("
               ("WHITE", "WHITE"), ("PORTUGUESE", "WHITE"), ("CAUCASIAN", "WHITE"), ("BLACK", "BLACK"),
               ("AFRICAN", "BLACK"), ("ASIAN", "ASIAN"), ("NATIVE", "OTHER"), ("PACIFIC", "OTHER"),
               ("MULTIPLE", "OTHER"), ("OTHER", "OTHER"))
-_RACE_UNKNOWN = ("UNKNOWN", "UNABLE", "DECLINED", "PATIENT DECLINED", "NAN", "NONE")
+_RACE_WORDS = [(re.compile(rf"\b{key}\b"), group) for key, group in _RACE_KEYS]  # whole words: not BLACKWELL
+_NOT_HISPANIC = re.compile(r"\bNO[NT][- ]?(?:HISPANIC|LATINO)(?:\s*(?:OR|/)\s*(?:NO[NT][- ]?)?LATINO)?\b")
+_NEGATION = re.compile(r"\bNO[NT]\b|\bNON-")  # "non-white", "not black": says only what the patient is not
+_RACE_UNKNOWN = re.compile(r"\b(?:UNKNOWN|UNABLE|DECLINED|REFUSED|NAN|NONE)\b")
 
 
 def sex_code(value: object) -> str:
     """M / F from the usual spellings (M, Male, f, FEMALE); anything else (O, U, blank) is unknown ("")."""
-    return _SEX.get(str(value or "").strip().upper(), "")
+    return _SEX.get(unicodedata.normalize("NFKC", str(value or "")).strip().upper(), "")  # NFKC: full-width Ｍ
 
 
 def age_years(value: object) -> int | None:
@@ -52,11 +56,22 @@ def age_years(value: object) -> int | None:
 
 def race_group(value: object) -> str:
     """A race string (MIMIC-IV's 33, CheXpert Plus's, or a group name) -> WHITE, BLACK, ASIAN,
-    HISPANIC/LATINO, OTHER, or "" when unknown or declined."""
-    v = re.sub(r"\bNON[- ]?HISPANIC|\bNOT HISPANIC", "", str(value or "").strip().upper())
-    if not v.strip(" ,/") or any(v.startswith(u) for u in _RACE_UNKNOWN):
+    HISPANIC/LATINO, OTHER, or "" when unknown, declined, or only a negation ("Non-Hispanic", "not white")."""
+    v = _NOT_HISPANIC.sub("", str(value or "").strip().upper())
+    if not v.strip(" ,/-") or _RACE_UNKNOWN.search(v) or _NEGATION.search(v):
         return ""
-    return next((group for key, group in _RACE_KEYS if key in v), "OTHER")
+    return _named_group(v) or "OTHER"
+
+
+def _named_group(v: str) -> str:
+    """The group an upper-case race string names in whole words, "" if none. Hispanic/Latino wins (CheXpert
+    Plus's "White, Hispanic"); a group with OTHER's words beside it keeps its own ("WHITE - OTHER EUROPEAN");
+    two groups ("Black and White") are OTHER, as MIMIC's "MULTIPLE RACE/ETHNICITY"."""
+    named = {group for word, group in _RACE_WORDS if word.search(v)}
+    if "HISPANIC/LATINO" in named:
+        return "HISPANIC/LATINO"
+    specific = named - {"OTHER"}
+    return specific.pop() if len(specific) == 1 else "OTHER" if named else ""
 
 
 def age_band(age: int | None) -> str:
@@ -93,7 +108,7 @@ def parse_demographics(sex: object = "", age: object = "", race: object = "", *,
     r = ""
     if str(race or "").strip():
         r = race_group(race)
-        if not any(key in str(race).upper() for key, _ in _RACE_KEYS):
+        if not r or not _named_group(_NOT_HISPANIC.sub("", str(race).upper())):
             raise UserError(f"{at}race {race!r} is not one the template knows — use one of {', '.join(RACES)} "
                             f"(or leave it empty)")
     return Demographics(s, a, r)
@@ -154,7 +169,8 @@ def card_template(folder: str | Path) -> str | None:
     """The demographics form a model or LoRA folder was trained with, from its model card (README.md front
     matter, written by finetune.card); the parent folder's card counts too (a LoRA saved in <run>/lora).
     "none" when the card says it was trained without them; None when no card says anything (then a base
-    model's card may)."""
+    model's card may). A card naming another form is a UserError: captions in a form the model never learnt
+    would fail only when the first prompt with a patient is reached, after other images were written."""
     for card in (Path(folder) / "README.md", Path(folder).parent / "README.md"):
         if card.is_file():
             text = card.read_text(encoding="utf-8", errors="replace")
@@ -163,7 +179,11 @@ def card_template(folder: str | Path) -> str | None:
                     front = yaml.safe_load(text.split("---", 2)[1]) or {}
                 except yaml.YAMLError:
                     continue
-                form = (front.get(CARD_KEY) or {}).get("demographics_template") if isinstance(front, dict) else None
+                block = front.get(CARD_KEY) if isinstance(front, dict) else None
+                form = block.get("demographics_template") if isinstance(block, dict) else None
+                if form and form not in (*FORMS, "none"):
+                    raise UserError(f"{card}: {CARD_KEY}.demographics_template {form!r} is not one of "
+                                    f"{', '.join(FORMS)}, none — fix the model card's front matter")
                 if form:
                     return str(form)
     return None

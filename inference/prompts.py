@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import re
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Iterator, Mapping, Sequence
@@ -31,6 +32,8 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ("prompt", "n", "seed", "label", "negative_prompt", "img_savename", "sex", "age", "race")
 SAVENAME = "img_savename"  # CheXGenBench's column: the image's path inside the output folder
+NAME_BYTES = 200  # longest part of an img_savename, in UTF-8: 255 on most file systems, less the temp name's tag
+DEVICE_NAMES = {"CON", "PRN", "AUX", "NUL", *(f"{d}{i}" for d in ("COM", "LPT") for i in range(1, 10))}  # Windows
 
 
 @dataclass
@@ -102,7 +105,8 @@ def make_row(record: dict[str, Any], index: int, default_n: int) -> PromptRow:
 def savename(value: Any) -> str:
     """A CheXGenBench img_savename as a clean relative POSIX path inside the output folder; ValueError for an
     absolute path, '..', a hidden part or a backslash (the images must land inside the folder, where eval finds
-    them)."""
+    them), and for a name no file system takes or that breaks on another one: control characters (NUL, newline),
+    a part over NAME_BYTES, a Windows device name (con.png) — refused here, not when the image is written."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"empty or missing '{SAVENAME}'")
     text = value.strip()
@@ -116,6 +120,12 @@ def savename(value: Any) -> str:
         raise ValueError(f"'{SAVENAME}' {text!r} contains '..' — give a path inside the output folder")
     if not parts or any(part.startswith(".") for part in parts):
         raise ValueError(f"'{SAVENAME}' {text!r} names a hidden file or folder — use a name without a leading dot")
+    if any(unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp") for c in text):
+        raise ValueError(f"'{SAVENAME}' {text!r} has a control character — use letters, digits, - _ . and /")
+    if any(len(part.encode("utf-8")) > NAME_BYTES for part in parts):
+        raise ValueError(f"'{SAVENAME}' {text[:40]!r}... has a part longer than {NAME_BYTES} bytes — shorten it")
+    if any(part.split(".")[0].upper() in DEVICE_NAMES for part in parts):
+        raise ValueError(f"'{SAVENAME}' {text!r} is a Windows device name (CON, NUL, COM1, ...) — rename it")
     return "/".join(parts)
 
 
@@ -129,8 +139,8 @@ def check_savenames(rows: Sequence[PromptRow], suffix: str, path: str | Path) ->
 
 
 def _savename_problems(rows: Sequence[PromptRow], path: Path, required: bool) -> list[str]:
-    """Rows without a name (where CheXGenBench's form is used) and names used twice (compared case-blind: one file
-    on macOS and Windows)."""
+    """Rows without a name (where CheXGenBench's form is used) and names used twice (compared case-blind and in
+    one Unicode normal form: one file on macOS and Windows)."""
     problems, first = [], {}
     for row in rows:
         if row.savename is None:
@@ -138,7 +148,7 @@ def _savename_problems(rows: Sequence[PromptRow], path: Path, required: bool) ->
                 problems.append(f"{path}:{row.index}: empty '{SAVENAME}' — CheXGenBench's prompt CSV names every "
                                 f"image; fill it in or delete that line")
             continue
-        seen = first.setdefault(row.savename.casefold(), row.index)
+        seen = first.setdefault(unicodedata.normalize("NFC", row.savename).casefold(), row.index)
         if seen != row.index:
             problems.append(f"{path}:{row.index}: '{SAVENAME}' {row.savename!r} is already used on line {seen} — "
                             f"give each row its own name")

@@ -92,13 +92,17 @@ def read_shares(path: Path) -> Target:
     """An explicit target: a CSV of sex, age_band and/or race and a share per cell, shares summing to 1."""
     header = _csv_header(path)
     with open(path, newline="", encoding="utf-8-sig") as fh:
-        rows = list(csv.DictReader(fh))
+        reader = csv.DictReader(fh, fieldnames=header)
+        rows = [(reader.line_num, row) for row in reader][1:]  # line_num: blank lines and quoted newlines count
     fields = tuple(f for f in FIELDS if f in header)
     if "share" not in header or not fields:
         raise UserError(f"--balance-target {path}: the header needs a 'share' column and at least one of "
                         f"{', '.join(FIELDS)} (got {','.join(header)})")
+    twice = sorted({h for h in header if h and header.count(h) > 1})
+    if twice:
+        raise UserError(f"--balance-target {path}: column(s) {', '.join(twice)} appear twice in the header — keep one")
     problems, shares = [], {}
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         try:
             cell, share = _share_row(row, fields)
         except ValueError as exc:
@@ -111,14 +115,18 @@ def read_shares(path: Path) -> Target:
         raise UserError("; ".join(problems))
     total = math.fsum(shares.values())
     if abs(total - 1) > SHARE_TOLERANCE:
-        raise UserError(f"--balance-target {path}: the shares sum to {total:.9g}, not 1 — make them add up to 1 "
+        hint = " (they look like percentages: divide each by 100)" if abs(total - 100) <= 100 * SHARE_TOLERANCE else ""
+        raise UserError(f"--balance-target {path}: the shares sum to {total:.9g}, not 1{hint} — make them add up to 1 "
                         f"(within {SHARE_TOLERANCE:g})")
     return Target(fields, shares, str(path))
 
 
 def _share_row(row: Mapping[str, str | None], fields: Sequence[str]) -> tuple[Cell, float]:
     """One row of a shares CSV; ValueError says what is wrong."""
-    values = {k.strip(): (v or "").strip() for k, v in row.items() if k}
+    if row.get(None):  # csv puts cells past the header under None: "F,0,5" is a decimal comma, not a share of 0
+        raise ValueError(f"more cells than the header has columns ({', '.join(row[None])} left over) — write "
+                         f"shares with a decimal point (0.5), and quote cells that hold a comma")
+    values = {k: (v or "").strip() for k, v in row.items() if k}
     cell = []
     for f in fields:
         v = values.get(f, "")
@@ -169,8 +177,15 @@ def _fields_or_refuse(fields: tuple[str, ...], where: str) -> tuple[str, ...]:
 
 
 def _csv_header(path: Path) -> list[str]:
-    with open(path, newline="", encoding="utf-8-sig") as fh:
-        return [h.strip() for h in next(csv.reader(fh), [])]
+    """The column names, trimmed and lower-cased ('Share' is 'share')."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            header = next(csv.reader(fh), [])
+            fh.read()  # the rest must decode too: a later row in Latin-1 is as unreadable as the header
+    except UnicodeDecodeError as exc:
+        raise UserError(f"--balance-target {path}: not UTF-8 text ({exc.reason} at byte {exc.start}) — save the "
+                        f"file as UTF-8") from None
+    return [h.strip().lower() for h in header]
 
 
 def _manifest_people(path: Path) -> list[Demographics]:
