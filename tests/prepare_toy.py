@@ -27,6 +27,9 @@ def find_root(root: Path, cfg) -> Path:
 
 def rows(root: Path, cfg) -> Iterator[SourceRow | Excluded]:
     for line, r in read_csv(root / "toy.csv", ("image", "patient", "view", "findings")):
+        if isinstance(r, Excluded):
+            yield r
+            continue
         if r.get("sex") is None:
             yield Excluded("malformed row", f"toy.csv:{line}", "too few cells")
             continue

@@ -9,6 +9,7 @@ import csv
 import functools
 import importlib
 import itertools
+import json
 import logging
 import multiprocessing
 import os
@@ -18,7 +19,7 @@ from typing import Iterator
 
 from tqdm import tqdm
 
-from cxrcommon.atomic import atomic_path, remove_stale_temps
+from cxrcommon.atomic import atomic_path, atomic_write_text, remove_stale_temps
 from cxrcommon.csv_cells import safe_cell
 from cxrcommon.errors import UserError
 from cxrcommon.paths import check_out_dir, file_kind
@@ -41,6 +42,9 @@ from .summary import Summary
 
 log = logging.getLogger(__name__)
 BLOCK = 256  # images handed to the workers at a time: bounded memory, ordered output
+MAX_SIZE = 8192  # --size: past any source film (MIMIC's are ~3000 px); larger only upsamples, at 128 MB a PNG
+SETTINGS = "settings.json"  # what the images in --out were made with: a rerun must match it
+OUTPUTS = ("manifest.csv", "excluded.csv", "summary.json", "summary.md", "images")
 
 
 def has_reports(module: ModuleType, cfg: PrepareConfig) -> bool:
@@ -57,8 +61,13 @@ def check(cfg: PrepareConfig) -> tuple[ModuleType, Path, Path]:
     if file_kind(root) != "a folder":
         raise UserError(f"--root {root} is not a folder ({file_kind(root)}) — pass the folder the download unpacked to")
     out = check_out_dir(cfg.out, [root])
-    if cfg.size < 8:
-        raise UserError(f"--size {cfg.size} is too small — use the training resolution, e.g. 512")
+    if not 8 <= cfg.size <= MAX_SIZE:
+        raise UserError(f"--size {cfg.size} is out of range (8 to {MAX_SIZE}) — use the training resolution, e.g. 512")
+    if cfg.workers < 0:
+        raise UserError(f"--workers {cfg.workers} — give 0 (one per CPU core), 1 (in this process) or more")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise UserError(f"--limit {cfg.limit} — give a number of rows of at least 1, or leave it out for all")
+    wanted_views(cfg.views)
     if cfg.resize_mode not in ("pad", "crop"):
         raise UserError(f"--resize-mode {cfg.resize_mode!r} — choose pad or crop")
     if cfg.readers not in ("majority", "any", "all"):
@@ -70,7 +79,44 @@ def check(cfg: PrepareConfig) -> tuple[ModuleType, Path, Path]:
         found = module.find_root(root, cfg)
     except UserError as exc:
         raise UserError(_which_dataset(root, cfg) or str(exc)) from None
+    check_settings(out, settings(module, found, cfg))
     return module, found, out
+
+
+def wanted_views(views: list[str]) -> set[str]:
+    """--views as view codes (`view_code`: "pa" and "posteroanterior" are PA, "lat" LATERAL; "PA,AP" is two),
+    UNKNOWN kept as it is; a UserError when none is left."""
+    names = [v.strip() for item in views for v in str(item).split(",") if v.strip()]
+    if not names:
+        raise UserError("--views names no view — give e.g. --views PA AP (LATERAL, FRONTAL, UNKNOWN, ...)")
+    return {"UNKNOWN" if n.upper() == "UNKNOWN" else view_code(n) for n in names}
+
+
+def settings(module: ModuleType, root: Path, cfg: PrepareConfig) -> dict:
+    """What the images in --out depend on: the same file names from another root, size or mode are other pixels."""
+    return {"dataset": module.NAME, "root": str(root.resolve()), "size": cfg.size, "resize_mode": cfg.resize_mode}
+
+
+def check_settings(out: Path, current: dict) -> None:
+    """A UserError when --out holds images made with other settings (a rerun would keep them and mix sizes or
+    sources in one manifest), or outputs of something other than finetune.prepare (they would be overwritten)."""
+    path = out / SETTINGS
+    if not path.is_file():
+        there = [name for name in OUTPUTS if (out / name).exists()]
+        if there:
+            raise UserError(f"--out {out} already holds {', '.join(there)} but no {SETTINGS}: not a finetune.prepare "
+                            f"folder, or one from an older version — choose a new --out (or empty this one)")
+        return
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        changed = [k for k in current if old.get(k) != current[k]]
+    except (OSError, ValueError, AttributeError) as exc:
+        raise UserError(f"{path} cannot be read ({exc}) — choose a new --out, or delete {path} and "
+                        f"{out / 'images'}") from None
+    if changed:
+        detail = "; ".join(f"{k}: {old.get(k)!r} -> {current[k]!r}" for k in changed)
+        raise UserError(f"--out {out} was made with other settings ({detail}); its images would not match — use "
+                        f"another --out, the same settings, or delete {out / 'images'} and {path}")
 
 
 def _which_dataset(root: Path, cfg: PrepareConfig) -> str | None:
@@ -99,17 +145,21 @@ def manifest_row(row: SourceRow, module: ModuleType, cfg: PrepareConfig, reports
             "split": split, "source": module.NAME, "uncertain": "|".join(unsure)}
 
 
-def _candidates(module: ModuleType, root: Path, cfg: PrepareConfig, summary: Summary, excluded: csv.writer,
-                ) -> Iterator[tuple[SourceRow, dict[str, str]]]:
-    """Rows that pass every filter before decoding; each one left out is counted and listed once."""
-    wanted = {v.strip().upper() for v in cfg.views}
+def _candidates(items: Iterator[SourceRow | Excluded], module: ModuleType, root: Path, cfg: PrepareConfig,
+                summary: Summary, excluded: csv.writer) -> Iterator[tuple[SourceRow, dict[str, str]]]:
+    """Rows that pass every filter before decoding; each one left out is counted and listed once. Each output
+    image is claimed once: a row listed again, or another source whose output name is the same (x.jpg beside
+    x.png), would point a second manifest row at the first one's image. (One dict of two hashes per row:
+    about 40 MB at MIMIC's 377k rows.)"""
+    wanted = wanted_views(cfg.views)
     reports = has_reports(module, cfg)
+    claimed: dict[int, int] = {}  # hash of the output's path -> hash of the source that made it
 
     def drop(reason: str, where: str, detail: str = "") -> None:
         summary.exclude(reason)
         excluded.writerow([safe_cell(reason), safe_cell(where), safe_cell(detail)])
 
-    for item in module.rows(root, cfg):
+    for item in items:
         summary.rows_read += 1
         if isinstance(item, Excluded):
             drop(item.reason, item.where, item.detail)
@@ -121,8 +171,20 @@ def _candidates(module: ModuleType, root: Path, cfg: PrepareConfig, summary: Sum
             drop("no findings/impression text", item.where, str(item.image))
         elif not item.image.is_file():
             drop("image file missing", item.where, str(item.image))
+        elif clash := _claim(claimed, _output(item.image, root), item.image):
+            drop(clash, item.where, f"{item.image} -> {_output(item.image, root)}")
         else:
             yield item, row
+
+
+def _claim(claimed: dict[int, int], output: Path, source: Path) -> str:
+    """"" when `output` is this row's to make (now claimed), else why not: the same source listed again, or
+    another source already makes that output (x.jpg and x.png both listed)."""
+    key, value = hash(output.as_posix()), hash(str(source))
+    if key not in claimed:
+        claimed[key] = value
+        return ""
+    return "image listed twice" if claimed[key] == value else "output name taken by another image"
 
 
 def _work(job: tuple[Path, Path], size: int, mode: str, module: str | None) -> tuple[int, str]:
@@ -139,7 +201,13 @@ def _work(job: tuple[Path, Path], size: int, mode: str, module: str | None) -> t
 def prepare(cfg: PrepareConfig) -> dict:
     """Prepare one dataset; returns the summary (also written as summary.json / summary.md)."""
     module, root, out = check(cfg)
+    # the module's first row comes before anything is written: a UserError it raises reading its files (a CSV
+    # without its columns, a label file in the wrong form) leaves no --out behind
+    items = module.rows(root, cfg)
+    first = next(items, None)
+    items = itertools.chain([] if first is None else [first], items)
     out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / SETTINGS, json.dumps(settings(module, root, cfg), indent=1) + "\n")
     remove_stale_temps(out)
     summary = Summary(module.NAME, str(root))
     workers = cfg.workers or os.cpu_count() or 1
@@ -155,13 +223,12 @@ def prepare(cfg: PrepareConfig) -> dict:
             manifest, excluded = csv.writer(mf), csv.writer(ef)
             manifest.writerow(MANIFEST_COLUMNS)
             excluded.writerow(["reason", "where", "detail"])
-            rows = _candidates(module, root, cfg, summary, excluded)
+            rows = _candidates(items, module, root, cfg, summary, excluded)
             if cfg.limit is not None:
                 rows = itertools.islice(rows, cfg.limit)
             bar = tqdm(desc=f"{module.NAME} images", unit=" img", disable=None)
             while block := list(itertools.islice(rows, BLOCK)):
-                jobs = [(item.image, out / "images" / _relative(item.image, root).with_suffix(".png"))
-                        for item, _ in block]
+                jobs = [(item.image, out / _output(item.image, root)) for item, _ in block]
                 results = pool.map(work, jobs, chunksize=8) if pool else map(work, jobs)
                 for (item, row), (src, dst), (bits, error) in zip(block, jobs, results):
                     if bits < 0:
@@ -184,6 +251,11 @@ def prepare(cfg: PrepareConfig) -> dict:
              module.NAME, summary.kept, summary.rows_read, summary.made,
              ", ".join(f"{n} {r}" for r, n in summary.excluded.most_common()) or "none", out / "summary.md")
     return summary.as_dict()
+
+
+def _output(image: Path, root: Path) -> Path:
+    """The output PNG's path under --out: images/ mirrors the dataset's tree."""
+    return Path("images") / _relative(image, root).with_suffix(".png")
 
 
 def _relative(image: Path, root: Path) -> Path:

@@ -93,6 +93,9 @@ def rows(root: Path, cfg: PrepareConfig) -> Iterator[SourceRow | Excluded]:
     test = _test_names(root)
     folders, index = _index_images(root)
     for line, row in read_csv(path, REQUIRED):
+        if isinstance(row, Excluded):
+            yield row
+            continue
         yield _row(row, f"{path.name}:{line}", folders, index, lambda name, patient: _split(name, patient, test, cfg))
 
 

@@ -155,6 +155,9 @@ def rows(root: Path, cfg: PrepareConfig | None = None) -> Iterator[SourceRow | E
         name = path.relative_to(found.root).as_posix()
         for line, r in read_csv(path, COLUMNS):
             where = f"{name}:{line}"
+            if isinstance(r, Excluded):
+                yield Excluded(r.reason, where, r.detail)
+                continue
             try:
                 yield _row(r, found.images, split, where)
             except ValueError as exc:

@@ -128,6 +128,9 @@ def rows(root: Path, cfg: PrepareConfig | None = None) -> Iterator[SourceRow | E
         yield from _read_labels(src.labels, src.labels.relative_to(root).as_posix(), table)
     for line, r in read_csv(src.csv, REQUIRED):
         where = f"{src.csv.name}:{line}"
+        if isinstance(r, Excluded):
+            yield r
+            continue
         try:
             yield _row(r, src, table, where)
         except ValueError as exc:

@@ -112,6 +112,9 @@ def rows(root: Path, cfg: PrepareConfig) -> Iterator[SourceRow | Excluded]:
     reports = _reports_root(root, cfg)
     last_study, last_report = None, None
     for line, row in read_csv(metadata, META_COLUMNS):
+        if isinstance(row, Excluded):
+            yield row
+            continue
         where = f"{metadata.name}:{line}"
         ids = _ids(row)
         if isinstance(ids, str):
@@ -179,6 +182,9 @@ def _splits(path: Path) -> tuple[dict[int, str], set[int]]:
     subjects: set[int] = set()
     bad = []
     for line, row in read_csv(path, ("dicom_id", "study_id", "subject_id", "split")):
+        if isinstance(row, Excluded):
+            bad.append(f"line {line}: {row.reason}")
+            continue
         study, subject, split = (row.get(c) or "" for c in ("study_id", "subject_id", "split"))
         if not (study.strip().isdigit() and subject.strip().isdigit() and split_code(split)):
             bad.append(f"line {line}: study {study!r}, subject {subject!r}, split {split!r}")
@@ -195,6 +201,9 @@ def _labels(path: Path) -> tuple[dict[int, str], dict[int, str]]:
     bad: dict[int, str] = {}
     unattributed = []
     for line, row in read_csv(path, ("subject_id", "study_id") + CHEXPERT_14):
+        if isinstance(row, Excluded):
+            unattributed.append(f"line {line}: {row.reason}")
+            continue
         study = (row.get("study_id") or "").strip()
         cells = [(row.get(name) or "").strip() for name in CHEXPERT_14]
         wrong = [f"{n}={c!r}" for n, c in zip(CHEXPERT_14, cells) if c not in _LABEL_CODE]
@@ -240,7 +249,7 @@ def _check_reports(root: Path, reports: Path, cfg: PrepareConfig) -> None:
     """A UserError when none of the first metadata rows' studies has a report file (the zip not unzipped)."""
     probed = []
     for _, row in read_csv(_csv(root, METADATA), META_COLUMNS):
-        ids = _ids(row)
+        ids = "unreadable" if isinstance(row, Excluded) else _ids(row)
         if isinstance(ids, str):
             continue
         path = _report_path(reports, ids[1], ids[2])
@@ -277,12 +286,16 @@ def _demographics(folder: Path, subjects: set[int]) -> dict[int, tuple[str, int 
     """subject -> (gender, anchor_age, anchor_year, race group) for the subjects of the split file."""
     patients, admissions = _mimic_iv_files(folder)
     races = _races(admissions, subjects)
-    people = {}
-    for _, row in read_csv(patients, ("subject_id", "gender", "anchor_age", "anchor_year")):
+    people, bad = {}, []
+    for line, row in read_csv(patients, ("subject_id", "gender", "anchor_age", "anchor_year")):
+        if isinstance(row, Excluded):
+            bad.append(f"line {line}: {row.reason}")
+            continue
         subject = _int(row["subject_id"])
         if subject in subjects:
             people[subject] = ((row["gender"] or "").strip(), _int(row["anchor_age"]), _int(row["anchor_year"]),
                                races.get(subject, ""))
+    _warn_bad(patients, bad)
     log.info("mimic-cxr: MIMIC-IV demographics for %d of %d patients (%d with a known race)", len(people),
              len(subjects), sum(1 for p in people.values() if p[3]))
     return people
@@ -296,12 +309,17 @@ def _races(path: Path, subjects: set[int]) -> dict[int, str]:
     if column is None:
         raise UserError(f"{path}: no race (or ethnicity) column — is this MIMIC-IV's admissions file?")
     seen: dict[int, dict[str, list]] = collections.defaultdict(dict)
-    for _, row in read_csv(path, ("subject_id", "admittime", column)):
+    bad = []
+    for line, row in read_csv(path, ("subject_id", "admittime", column)):
+        if isinstance(row, Excluded):
+            bad.append(f"line {line}: {row.reason}")
+            continue
         subject, group = _int(row["subject_id"]), race_group(row[column] or "")
         if subject in subjects and group:
             count = seen[subject].setdefault(group, [0, ""])
             count[0] += 1
             count[1] = max(count[1], (row["admittime"] or "").strip())
+    _warn_bad(path, bad)
     return {subject: max(groups, key=lambda g: tuple(groups[g])) for subject, groups in seen.items()}
 
 

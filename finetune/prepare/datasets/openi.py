@@ -145,6 +145,8 @@ def _projections(root: Path) -> dict[str, str]:
     is fine)."""
     found = {}
     for _, row in read_csv(root / PROJECTIONS_CSV, PROJECTION_COLUMNS):
+        if isinstance(row, Excluded):  # the Kaggle layout lists it; beside the NLM one only views come from here
+            continue
         if row.get("filename") and row.get("projection"):
             found[_stem(row["filename"].strip())] = row["projection"].strip()
     return found
@@ -198,7 +200,9 @@ def _kaggle_rows(root: Path) -> Iterator[SourceRow | Excluded]:
     reports: dict[str, tuple[str, dict[str, float]]] = {}
     for line, row in read_csv(root / REPORTS_CSV, REPORT_COLUMNS):
         where = f"{REPORTS_CSV}:{line}"
-        if any(row.get(c) is None for c in REPORT_COLUMNS) or None in row:
+        if isinstance(row, Excluded):
+            yield row
+        elif any(row.get(c) is None for c in REPORT_COLUMNS) or None in row:
             yield Excluded("malformed row", where, "wrong number of cells")
         elif not row["uid"].strip().isdigit():
             yield Excluded("malformed row", where, f"uid {row['uid'][:40]!r} is not a number")
@@ -208,6 +212,9 @@ def _kaggle_rows(root: Path) -> Iterator[SourceRow | Excluded]:
     folders = [root / d for d in KAGGLE_IMAGES if (root / d).is_dir()]
     for line, row in read_csv(root / PROJECTIONS_CSV, PROJECTION_COLUMNS):
         where = f"{PROJECTIONS_CSV}:{line}"
+        if isinstance(row, Excluded):
+            yield row
+            continue
         if any(row.get(c) is None for c in PROJECTION_COLUMNS) or None in row:
             yield Excluded("malformed row", where, "wrong number of cells")
             continue

@@ -114,7 +114,7 @@ def rows(root: Path, cfg: PrepareConfig) -> Iterator[SourceRow | Excluded]:
         raise UserError(f"{root}: {CSV_NAMES[0]} (or .csv.gz) not found — run with the folder find_root accepted")
     flat = [root / d for d in FLAT_DIRS if (root / d).is_dir()]
     for line, row in read_csv(path, REQUIRED):
-        yield _row(root, flat, row, f"{path.name}:{line}", cfg.padchest_report)
+        yield row if isinstance(row, Excluded) else _row(root, flat, row, f"{path.name}:{line}", cfg.padchest_report)
 
 
 def _row(root: Path, flat: list[Path], row: dict[str, str | None], where: str,

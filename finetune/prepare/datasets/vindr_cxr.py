@@ -137,6 +137,9 @@ def _physionet_votes(path: Path, images: dict[str, _Image]) -> Iterator[Excluded
     """Fill `images` from image_labels_*.csv (one row per reader); yield its malformed rows."""
     for line, row in read_csv(path, ("image_id",)):
         where = f"{path.name}:{line}"
+        if isinstance(row, Excluded):
+            yield row
+            continue
         if None in row or any(v is None for v in row.values()):
             yield Excluded("malformed row", where, "wrong number of cells")
             continue
@@ -168,6 +171,9 @@ def _kaggle_votes(path: Path, images: dict[str, _Image]) -> Iterator[Excluded]:
     """Fill `images` from the Kaggle train.csv (one row per box); yield its malformed rows."""
     for line, row in read_csv(path, KAGGLE_COLUMNS):
         where = f"{path.name}:{line}"
+        if isinstance(row, Excluded):
+            yield row
+            continue
         if None in row or any(row.get(c) is None for c in KAGGLE_COLUMNS):
             yield Excluded("malformed row", where, "wrong number of cells")
             continue
