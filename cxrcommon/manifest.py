@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 
 from tqdm import tqdm
 
+from .csv_cells import unescape
 from .errors import MissingFileError, UserError
 from .paths import file_kind
 
@@ -72,7 +73,8 @@ def _rows(path: Path, fatal: list[str]) -> Iterator[tuple[int, dict[str, Any] | 
 
 def table_rows(text: str, kind: str) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """Rows of CSV (header line first) or JSONL text as (line number, dict), or (line number, problem)
-    for a row that cannot be a dict. Line numbers are physical lines, so quoted newlines count."""
+    for a row that cannot be a dict. Line numbers are physical lines, so quoted newlines count. CSV cells come
+    back as `csv_cells.safe_cell` was given them (its leading quote, like a spreadsheet's, is not text)."""
     if kind == "csv":
         reader = csv.reader(text.splitlines(keepends=True))
         header = next(reader, None)
@@ -88,7 +90,7 @@ def table_rows(text: str, kind: str) -> Iterator[tuple[int, dict[str, Any] | str
                 yield start, (f"has {len(row)} fields but the header has {len(header)} — "
                               f"quote fields that contain commas or newlines")
                 continue
-            yield start, dict(zip(header, row))
+            yield start, dict(zip(header, map(unescape, row)))
     else:
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():

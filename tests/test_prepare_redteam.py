@@ -194,3 +194,61 @@ def test_exif_orientation_is_applied(tmp_path):
     assert out.shape == (64, 64) and out[0].max() == 0                       # landscape now: padded above
     column = out[:, 32]
     assert column[column > 0][-1] - column[column > 0][0] > 100               # the gradient runs top to bottom
+
+
+# --- a later file of a dataset without its columns: refused before the first row, not after the first file ---------
+
+def _chexpert_valid_without_sex(tmp_path: Path) -> tuple[Path, str]:
+    from test_prepare_chexpert import make_package
+    folder = make_package(tmp_path / "dl")
+    valid = folder / "valid.csv"
+    valid.write_text(valid.read_text().replace("Path,Sex,", "Path,Gender,", 1))
+    return tmp_path / "dl", "chexpert"
+
+
+def _openi_projections_without_column(tmp_path: Path) -> tuple[Path, str]:
+    from test_prepare_openi import _kaggle_tree
+    root = _kaggle_tree(tmp_path / "dl")          # its reports CSV starts with good rows, then a bad uid
+    path = root / "indiana_projections.csv"
+    path.write_text(path.read_text().replace("uid,filename,projection", "uid,filename,view", 1))
+    return root, "openi"
+
+
+def _vindr_test_file_without_image_id(tmp_path: Path) -> tuple[Path, str]:
+    from test_prepare_vindr_jsrt import _physionet
+    root = _physionet(tmp_path / "dl")
+    path = root / "annotations" / "image_labels_test.csv"
+    path.write_text(path.read_text().replace("image_id,", "image,", 1))
+    return root, "vindr-cxr"
+
+
+@pytest.mark.parametrize("make", [_chexpert_valid_without_sex, _openi_projections_without_column,
+                                  _vindr_test_file_without_image_id])
+def test_a_later_file_without_its_columns_is_refused_before_anything_is_written(tmp_path, make):
+    root, dataset = make(tmp_path)
+    with pytest.raises(UserError, match="no column"):
+        prepare(_cfg(root, tmp_path / "out", dataset=dataset, size=32))
+    assert not (tmp_path / "out").exists()
+
+
+# --- label names: the labels column's separator or a newline inside a source's finding name -----------------------
+
+def test_a_finding_name_with_the_separator_or_a_newline_stays_one_label():
+    from finetune.prepare.rows import apply_labels
+    labels, _, names = apply_labels({"pleural effusion|loculated": 1.0, "air\ntrapping": 1.0, " ": 1.0,
+                                     "Effusion": 1.0}, {"Effusion": "Pleural Effusion"}, "ignore")
+    assert labels == ["Pleural Effusion", "air trapping", "pleural effusion/loculated"]
+    assert names == ["pleural effusion/loculated", "air trapping", "Effusion"]
+
+
+# --- cells made spreadsheet-safe come back as they were in the training reader ------------------------------------
+
+def test_escaped_manifest_cells_read_back_as_written(toy, tmp_path):
+    from cxrcommon.manifest import Columns, read_manifest
+    _edit_csv(toy, b"img0.jpg,p0,", b"img0.jpg,=HYPERLINK(1),")
+    out = tmp_path / "out"
+    prepare(_cfg(toy, out, caption_template="- {findings}"))
+    raw = _manifest(out)
+    assert raw[0]["patient"] == "'=HYPERLINK(1)" and raw[0]["report"] == "'- Effusion"   # safe in a spreadsheet
+    records = read_manifest(out / "manifest.csv", Columns(text="report", patient="patient"))
+    assert (records[0].patient_id, records[0].text) == ("=HYPERLINK(1)", "- Effusion")   # trained on as written

@@ -73,9 +73,15 @@ def view_kept(view: str, wanted: set[str]) -> bool:
 
 
 def label_name(source_name: str, label_map: Mapping[str, str | None]) -> str:
-    """The vocabulary name of a source finding: its CheXpert class, or its own name tidied (underscores out)."""
+    """The vocabulary name of a source finding: its CheXpert class, or its own name tidied (`tidy_name`)."""
     mapped = label_map.get(source_name)
-    return mapped if mapped else source_name.replace("_", " ").strip()
+    return mapped if mapped else tidy_name(source_name)
+
+
+def tidy_name(name: str) -> str:
+    """A source's finding name as one label: underscores and runs of whitespace (newlines too) one space, and
+    "|" (the labels column's separator, so "a|b" would read as two labels) written "/"."""
+    return " ".join(name.replace("_", " ").replace("|", "/").split())
 
 
 def apply_labels(labels: Mapping[str, float], label_map: Mapping[str, str | None],
@@ -88,11 +94,11 @@ def apply_labels(labels: Mapping[str, float], label_map: Mapping[str, str | None
         raise UserError(f"--uncertain {uncertain!r} — choose ignore, zeros or ones")
     positive, unsure, source_names = [], [], []
     for name, value in labels.items():
-        if value is None or (isinstance(value, float) and math.isnan(value)):
+        if value is None or (isinstance(value, float) and math.isnan(value)) or not tidy_name(name):
             continue
         if value == POSITIVE or (value == UNCERTAIN and uncertain == "ones"):
             positive.append(label_name(name, label_map))
-            source_names.append(name.replace("_", " ").strip())
+            source_names.append(tidy_name(name))
         elif value == UNCERTAIN and uncertain == "ignore":
             unsure.append(label_name(name, label_map))
     return _ordered(positive), _ordered(set(unsure) - set(positive)), list(dict.fromkeys(source_names))
@@ -190,6 +196,16 @@ def read_csv(path: Path, required: tuple[str, ...] = (),
                                                 f"byte {ord(bad.group()) - 0xDC00:#04x} — save the file as UTF-8")
                 continue
             yield reader.line_num, row
+
+
+def check_columns(path: Path, required: tuple[str, ...]) -> None:
+    """`read_csv`'s refusals of a file (not gzip, cut off, a required column missing) now: for a file a module
+    reads after others, so they come before the run's first row, not midway."""
+    rows = read_csv(path, required)
+    try:
+        next(rows, None)
+    finally:
+        rows.close()
 
 
 def require_file(root: Path, relative: str, dataset: str, hint: str = "") -> Path:

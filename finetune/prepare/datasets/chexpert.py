@@ -58,6 +58,7 @@ from ..rows import (
     Excluded,
     SourceRow,
     age_years,
+    check_columns,
     open_text,
     read_csv,
     sex_code,
@@ -151,6 +152,8 @@ def _is_chexpert_csv(path: Path) -> bool:
 def rows(root: Path, cfg: PrepareConfig | None = None) -> Iterator[SourceRow | Excluded]:
     """One SourceRow per CSV row, train.csv then valid.csv; a row that cannot be read is an Excluded."""
     found = layout(root)
+    for path, _ in found.csvs:
+        check_columns(path, COLUMNS)
     for path, split in found.csvs:
         name = path.relative_to(found.root).as_posix()
         for line, r in read_csv(path, COLUMNS):

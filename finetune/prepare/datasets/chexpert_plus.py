@@ -53,6 +53,7 @@ from ..rows import (
     UNCERTAIN,
     Excluded,
     SourceRow,
+    check_columns,
     race_group,
     read_csv,
     sex_code,
@@ -123,6 +124,7 @@ def _png_tree(root: Path, bases: tuple[str, ...]) -> chexpert.Images | None:
 def rows(root: Path, cfg: PrepareConfig | None = None) -> Iterator[SourceRow | Excluded]:
     """The label file's unreadable lines (as Excluded), then one SourceRow per CSV row."""
     src = source(root)
+    check_columns(src.csv, REQUIRED)
     table: dict[str, str] = {}
     if src.labels:
         yield from _read_labels(src.labels, src.labels.relative_to(root).as_posix(), table)

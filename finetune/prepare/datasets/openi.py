@@ -51,7 +51,7 @@ from typing import Iterator
 from cxrcommon.errors import UserError
 
 from ..config import PrepareConfig
-from ..rows import POSITIVE, Excluded, SourceRow, read_csv
+from ..rows import POSITIVE, Excluded, SourceRow, check_columns, read_csv
 
 NAME = "openi"
 HAS_REPORTS = True
@@ -197,6 +197,7 @@ def _nlm_rows(root: Path, projections: dict[str, str]) -> Iterator[SourceRow | E
 
 def _kaggle_rows(root: Path) -> Iterator[SourceRow | Excluded]:
     """The reports (3,955 rows) are held by uid, then the projections CSV is streamed and joined on it."""
+    check_columns(root / PROJECTIONS_CSV, PROJECTION_COLUMNS)
     reports: dict[str, tuple[str, dict[str, float]]] = {}
     for line, row in read_csv(root / REPORTS_CSV, REPORT_COLUMNS):
         where = f"{REPORTS_CSV}:{line}"

@@ -51,7 +51,17 @@ import pydicom
 from cxrcommon.errors import UserError
 
 from ..config import PrepareConfig
-from ..rows import NEGATIVE, POSITIVE, Excluded, SourceRow, age_years, read_csv, seeded_split, sex_code
+from ..rows import (
+    NEGATIVE,
+    POSITIVE,
+    Excluded,
+    SourceRow,
+    age_years,
+    check_columns,
+    read_csv,
+    seeded_split,
+    sex_code,
+)
 
 NAME = "vindr-cxr"
 HAS_REPORTS = False
@@ -115,6 +125,8 @@ def rows(root: Path, cfg: PrepareConfig) -> Iterator[SourceRow | Excluded]:
     else:
         raise UserError(f"{root}: neither {PHYSIONET_TRAIN} nor a Kaggle {KAGGLE_CSV} — run with the folder find_root "
                         f"accepted")
+    for path, _, _ in sources:
+        check_columns(path, ("image_id",))
     for path, split, read in sources:
         images: dict[str, _Image] = {}
         for item in read(path, images):
