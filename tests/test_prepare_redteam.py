@@ -4,6 +4,7 @@ output, images that are no film, escaped manifest cells). Tiny fixtures: the toy
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import shutil
 from pathlib import Path
@@ -252,3 +253,54 @@ def test_escaped_manifest_cells_read_back_as_written(toy, tmp_path):
     assert raw[0]["patient"] == "'=HYPERLINK(1)" and raw[0]["report"] == "'- Effusion"   # safe in a spreadsheet
     records = read_manifest(out / "manifest.csv", Columns(text="report", patient="patient"))
     assert (records[0].patient_id, records[0].text) == ("=HYPERLINK(1)", "- Effusion")   # trained on as written
+
+
+# --- a file name from a CSV cell that the OS refuses (over 255 bytes): that row is missing, the run goes on ---------
+
+def _append_row(path: Path, edit) -> None:
+    """Append to a (gzipped) CSV a copy of its first data row, changed by `edit(row dict)`."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="") as f:
+        rows = list(csv.DictReader(f))
+    with opener(path, "at", newline="") as f:
+        csv.DictWriter(f, list(rows[0])).writerow(edit(dict(rows[0])))
+
+
+def _long_toy(tmp_path: Path) -> tuple[Path, str]:
+    root = tmp_path / "ds"
+    prepare_toy.make_tree(root)
+    _append_row(root / "toy.csv", lambda r: {**r, "image": "x" * 300 + ".jpg"})
+    return root, "toy"
+
+
+def _long_mimic(tmp_path: Path) -> tuple[Path, str]:
+    root = _mimic(tmp_path)
+    _append_row(root / "mimic-cxr-2.0.0-metadata.csv.gz", lambda r: {**r, "dicom_id": "d" * 300})
+    _append_row(root / "mimic-cxr-2.0.0-split.csv.gz", lambda r: {**r, "subject_id": "1" * 300, "study_id": "9" * 300})
+    _append_row(root / "mimic-cxr-2.0.0-metadata.csv.gz",
+                lambda r: {**r, "subject_id": "1" * 300, "study_id": "9" * 300})
+    return root, "mimic-cxr"
+
+
+def _long_padchest(tmp_path: Path) -> tuple[Path, str]:
+    from test_prepare_padchest import CSV_NAME, _tree
+    root = _tree(tmp_path / "ds")
+    _append_row(root / CSV_NAME, lambda r: {**r, "ImageID": "i" * 300 + ".png"})
+    return root, "padchest"
+
+
+def _long_openi(tmp_path: Path) -> tuple[Path, str]:
+    from test_prepare_openi import _kaggle_tree
+    root = _kaggle_tree(tmp_path / "ds")
+    _append_row(root / "indiana_projections.csv", lambda r: {**r, "filename": "f" * 300 + ".png"})
+    return root, "openi"
+
+
+@pytest.mark.parametrize("make", [_long_toy, _long_mimic, _long_padchest, _long_openi])
+def test_a_file_name_the_os_refuses_is_a_missing_file(toy, tmp_path, make):
+    root, dataset = make(tmp_path)
+    summary = prepare(_cfg(root, tmp_path / "out", dataset=dataset, size=32))
+    assert summary["kept"] >= 1
+    refused = [e for e in _excluded(tmp_path / "out") if len(e["detail"]) > 300 or "9" * 300 in e["detail"]]
+    assert refused and all(e["reason"] in ("image file missing", "no report file", "not in the split file")
+                           for e in refused)

@@ -198,6 +198,15 @@ def read_csv(path: Path, required: tuple[str, ...] = (),
             yield reader.line_num, row
 
 
+def is_file(path: Path) -> bool:
+    """Path.is_file for a path built from a CSV cell: False, not an OSError that ends the run, where the OS
+    refuses the name (a file name over 255 bytes)."""
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
 def check_columns(path: Path, required: tuple[str, ...]) -> None:
     """`read_csv`'s refusals of a file (not gzip, cut off, a required column missing) now: for a file a module
     reads after others, so they come before the run's first row, not midway."""

@@ -33,6 +33,7 @@ from .rows import (
     SourceRow,
     apply_labels,
     caption,
+    is_file,
     seeded_split,
     split_code,
     view_code,
@@ -169,7 +170,7 @@ def _candidates(items: Iterator[SourceRow | Excluded], module: ModuleType, root:
             drop(f"view {row['view'] or 'UNKNOWN'} (not in --views)", item.where, str(item.image))
         elif reports and cfg.require_report and not row["report"]:
             drop("no findings/impression text", item.where, str(item.image))
-        elif not item.image.is_file():
+        elif not is_file(item.image):
             drop("image file missing", item.where, str(item.image))
         elif clash := _claim(claimed, _output(item.image, root), item.image):
             drop(clash, item.where, f"{item.image} -> {_output(item.image, root)}")

@@ -57,7 +57,17 @@ from typing import Iterator
 from cxrcommon.errors import UserError
 
 from ..config import PrepareConfig
-from ..rows import CHEXPERT_14, Excluded, SourceRow, age_years, open_text, race_group, read_csv, split_code
+from ..rows import (
+    CHEXPERT_14,
+    Excluded,
+    SourceRow,
+    age_years,
+    is_file,
+    open_text,
+    race_group,
+    read_csv,
+    split_code,
+)
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +250,7 @@ def _report(path: Path) -> str | None:
     from cxrcommon.reports import extract_sections, normalize_report
     try:
         text = path.read_text(encoding="utf-8", errors="replace")
-    except (FileNotFoundError, NotADirectoryError):
+    except OSError:  # none there, or a name the OS refuses (an id hundreds of digits long)
         return None
     return normalize_report(extract_sections(text, ("findings", "impression"), untitled_lead=False))
 
@@ -253,7 +263,7 @@ def _check_reports(root: Path, reports: Path, cfg: PrepareConfig) -> None:
         if isinstance(ids, str):
             continue
         path = _report_path(reports, ids[1], ids[2])
-        if path.is_file():
+        if is_file(path):
             return
         probed.append(path)
         if len(probed) >= REPORT_PROBE:

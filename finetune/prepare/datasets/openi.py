@@ -51,7 +51,7 @@ from typing import Iterator
 from cxrcommon.errors import UserError
 
 from ..config import PrepareConfig
-from ..rows import POSITIVE, Excluded, SourceRow, check_columns, read_csv
+from ..rows import POSITIVE, Excluded, SourceRow, check_columns, is_file, read_csv
 
 NAME = "openi"
 HAS_REPORTS = True
@@ -191,7 +191,7 @@ def _nlm_rows(root: Path, projections: dict[str, str]) -> Iterator[SourceRow | E
                 continue
             png, dcm = png_dir / f"{image_id}.png", dicoms.get(_stem(image_id))
             view = projections.get(_stem(image_id)) or (_dicom_view(dcm) if dcm else "")
-            yield SourceRow(image=dcm if dcm and not png.is_file() else png, patient=uid.group(1),
+            yield SourceRow(image=dcm if dcm and not is_file(png) else png, patient=uid.group(1),
                             study=uid.group(1), view=view, report=text, labels=dict(labels), where=where)
 
 
@@ -228,6 +228,6 @@ def _kaggle_rows(root: Path) -> Iterator[SourceRow | Excluded]:
             yield Excluded("no report row", where, f"uid {uid} is not in {REPORTS_CSV}")
             continue
         text, labels = reports[uid]
-        image = next((d / filename for d in folders if (d / filename).is_file()), root / KAGGLE_IMAGES[0] / filename)
+        image = next((d / filename for d in folders if is_file(d / filename)), root / KAGGLE_IMAGES[0] / filename)
         yield SourceRow(image=image, patient=uid, study=uid, view=row["projection"].strip(), report=text,
                         labels=dict(labels), where=where)

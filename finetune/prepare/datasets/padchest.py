@@ -42,7 +42,7 @@ from typing import Iterator
 from cxrcommon.errors import UserError
 
 from ..config import PrepareConfig
-from ..rows import POSITIVE, Excluded, SourceRow, age_years, read_csv, sex_code
+from ..rows import POSITIVE, Excluded, SourceRow, age_years, is_file, read_csv, sex_code
 
 NAME = "padchest"
 HAS_REPORTS = False  # the default; with --padchest-report the Spanish report is used: see has_reports(cfg)
@@ -149,9 +149,9 @@ def _image_path(root: Path, flat: list[Path], image_dir: str, image_id: str) -> 
             nested = root / str(int(float(image_dir))) / image_id
         except (ValueError, OverflowError):
             return None
-    if nested is not None and nested.is_file():
+    if nested is not None and is_file(nested):
         return nested
-    found = next((d / image_id for d in flat if (d / image_id).is_file()), None)
+    found = next((d / image_id for d in flat if is_file(d / image_id)), None)
     return found or nested or root / image_id
 
 
