@@ -20,7 +20,8 @@ class PrepareConfig:
                                        "hosp/admissions.csv.gz, for sex, age at the study and race")
     size: int = field(512, "output image side in pixels (square)")
     resize_mode: str = field("pad", "make images square by pad (keep the whole film, as finetune does) or crop")
-    views: list[str] = field(["PA", "AP"], "views kept (PA, AP, LATERAL, ...); FRONTAL (a frontal film whose "
+    views: list[str] = field(["PA", "AP"], "views kept (PA, AP, LATERAL, ...; any case, 'PA,AP' too); FRONTAL (a "
+                                           "frontal film whose "
                                            "PA/AP is not recorded) passes when PA or AP is kept; add UNKNOWN to "
                                            "keep films whose view the source does not record")
     uncertain: str = field("ignore", "uncertain labels (-1): ignore (listed in the 'uncertain' column, neither "
