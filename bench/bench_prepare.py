@@ -5,7 +5,8 @@
 Builds a MIMIC-CXR-JPG tree (metadata, split, CheXpert labels, reports, files/pXX/...) whose JPEGs are real
 films from ../shared/data/realcxr upscaled to 2544x3056 with light grain, JPEG quality 95 (as MIMIC-CXR-JPG).
 Then, in one run:
-- the stock way: PIL full decode + Lanczos resize to 512 (then the same padding and PNG writer), one process;
+- the stock way: PIL full decode + Lanczos resize to 512, the same padding, PIL's PNG save, one process,
+  timed image by image alternating with prepare's per-image path (so other load falls on both alike);
 - `python -m finetune.prepare mimic-cxr --workers 1` end to end (CSV reading and the manifest included), and
   `--workers 2`;
 - PSNR of every prepared image against the stock way's;
@@ -97,25 +98,32 @@ def to_square_fit(im: Image.Image, size: tuple[int, int]) -> Image.Image:
     return big.crop((left, top, left + size[0], top + size[1]))
 
 
-def stock(jpgs: list[Path], out: Path, size: int) -> float:
-    """The stock way: PIL full decode + Lanczos to the target, the same padding, PIL's PNG save with its
-    defaults; returns seconds."""
-    t = time.perf_counter()
-    for jpg in jpgs:
-        with Image.open(jpg) as im:
-            gray = im.convert("L")
-            scale = size / max(gray.size)
-            small = gray.resize((round(gray.width * scale), round(gray.height * scale)), Image.LANCZOS)
-        Image.fromarray(to_square(np.asarray(small), size)).save(out / (jpg.stem + ".png"))
-    return time.perf_counter() - t
+def stock(jpg: Path, out: Path, size: int) -> None:
+    """The stock way: PIL full decode + Lanczos to the target, the same padding, PIL's PNG save with its defaults."""
+    with Image.open(jpg) as im:
+        gray = im.convert("L")
+        scale = size / max(gray.size)
+        small = gray.resize((round(gray.width * scale), round(gray.height * scale)), Image.LANCZOS)
+    Image.fromarray(to_square(np.asarray(small), size)).save(out / (jpg.stem + ".png"))
 
 
-def fast(jpgs: list[Path], out: Path, size: int) -> float:
-    """What each prepare worker runs per image (DCT-scaled decode, area resize, pad, PNG); returns seconds."""
-    t = time.perf_counter()
+def fast(jpg: Path, out: Path, size: int) -> None:
+    """What each prepare worker runs per image (DCT-scaled decode, area resize, pad, PNG)."""
+    prepare_image(jpg, out / (jpg.stem + ".png"), size, "pad")
+
+
+def interleaved(jpgs: list[Path], work: Path, size: int) -> tuple[float, float]:
+    """(stock seconds, prepare seconds) over the same films, the two ways alternating image by image so that
+    load from other processes falls on both alike."""
+    t_stock = t_fast = 0.0
     for jpg in jpgs:
-        prepare_image(jpg, out / (jpg.stem + ".png"), size, "pad")
-    return time.perf_counter() - t
+        t = time.perf_counter()
+        stock(jpg, work / "stock", size)
+        t_stock += time.perf_counter() - t
+        t = time.perf_counter()
+        fast(jpg, work / "fast", size)
+        t_fast += time.perf_counter() - t
+    return t_stock, t_fast
 
 
 def run_prepare(root: Path, out: Path, workers: int, size: int) -> tuple[float, float]:
@@ -152,8 +160,7 @@ def main() -> None:
     for name in ("stock", "fast"):
         shutil.rmtree(work / name, ignore_errors=True)
         (work / name).mkdir(parents=True)
-    t_stock = stock(jpgs, work / "stock", args.size)
-    t_fast = fast(jpgs, work / "fast", args.size)
+    t_stock, t_fast = interleaved(jpgs, work, args.size)
     t_one, rss_one = run_prepare(root, work / "one", 1, args.size)
     t_two, rss_two = run_prepare(root, work / "two", 2, args.size)
     values = []
