@@ -9,8 +9,12 @@ product working and prove that our trainer learns. The recipe, each stage skippe
   4. base: UNet + text encoder trained in full with finetune.train on the phantoms WITHOUT effusion;
   5. main: the base trained further (finetune.train again) on all phantoms, effusions included;
   6. lateral: then on the phantoms without a bilateral effusion, min-SNR weighted, to teach left vs right;
-  7. export: both pipelines in fp16 safetensors, with model cards, to `out` and `base_out`.
-Stages 4 to 6 are `finetune.train.train` runs (--train unet+text_encoder); `finetune.train --config
+  7. demographics: more steps the same way, to teach the sex and age cues (captions carry sex and age first,
+     from the manifests' columns through finetune's demographics template); `start_from` runs only this stage,
+     from an exported model;
+  8. export: both pipelines in fp16 safetensors, with model cards (effusion adherence; sex and age band for the
+     main model), to `out` and `base_out`.
+Stages 4 to 7 are `finetune.train.train` runs (--train unet+text_encoder); `finetune.train --config
 configs/embedded.yaml` dispatches here through the YAML's `recipe: embedded` key (its keys are the recipe's,
 not TrainConfig's).
 The base never saw a pleural effusion in any of its parts; it is the starting point of the LoRA proof
