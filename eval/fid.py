@@ -10,7 +10,8 @@ names (`comparable_names`): CheXGenBench's "FID", "KID" (inception) and "FID (Ra
 and fake rows are split by the same column (a generated manifest's requested demographics), every group is
 subsampled to one N (FID's bias depends on N), and FID/KID get a bootstrap interval from resampling the group's
 images (re-centred on the estimate: see eval.subgroups.bootstrap_ci). A resample's FID uses `frechet_distance`
-(an N x N SVD when N < D: 0.25 s at N 500, 2048-d, vs 8 s for torchmetrics' D x D eigvals, on 2 CPU cores) and
+(an N x N SVD when N < D: 0.06 s at N 500, 2048-d, vs 1.56 s for torchmetrics' D x D eigvals on 2 CPU
+cores; docs/BENCHMARKS.md) and
 its KID one unbiased MMD over the whole resample: ~0.7 s a draw on a busy 2-core CPU, so `--by-n-boot 50` over 5
 groups adds ~3 minutes. Each group's point estimates are torchmetrics' (one `distances` call each, as costly as
 the pooled one: ~45 s at N 500, 2048-d there). PRDC per group has no interval (resampling with replacement
